@@ -1,0 +1,3 @@
+"""swarmloco: DiLoCo training across the internet on volunteers' machines."""
+
+__version__ = "0.1.0"

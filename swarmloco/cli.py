@@ -1,0 +1,145 @@
+"""Command line: ``swarmloco demo | run | monitor | keygen | bootstrap``.
+
+The CLI picks a config file (or preset) and a few overrides; everything else lives in the TOML.
+Logging is configured here and only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from swarmloco import __version__
+from swarmloco.config import load_config
+
+log = logging.getLogger("swarmloco")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("hivemind").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+
+
+def _load(path: str | None, overrides: dict[str, Any]) -> Any:
+    try:
+        return load_config(path, {k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:
+        print(f"swarmloco: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _swarm_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "swarm.initial_peers": args.initial_peers or None,
+        "swarm.host_maddrs": args.host_maddrs or None,
+        "swarm.announce_maddrs": args.announce_maddrs or None,
+        "swarm.client_mode": True if args.client_mode else None,
+        "swarm.use_auto_relay": True if args.auto_relay else None,
+        "swarm.identity_path": args.identity,
+    }
+
+
+def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network (libp2p)")
+    g.add_argument("--initial-peers", action="append", metavar="MADDR",
+                   help="multiaddr of a live peer to join through (repeatable)")
+    g.add_argument("--host-maddrs", action="append", metavar="MADDR",
+                   help="listen multiaddr, e.g. /ip4/0.0.0.0/tcp/31337 or /ip4/0.0.0.0/udp/31337/quic (repeatable)")
+    g.add_argument("--announce-maddrs", action="append", metavar="MADDR",
+                   help="public multiaddr to announce (port forwarding)")
+    g.add_argument("--client-mode", action="store_true",
+                   help="behind NAT without port forwarding: outgoing connections only")
+    g.add_argument("--auto-relay", action="store_true", help="find and use libp2p relays automatically")
+    g.add_argument("--identity", metavar="PATH", help="persistent libp2p identity key file (keeps the peer id)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from swarmloco.node.launcher import run_peer
+    from swarmloco.node.peer import PeerOptions
+
+    overrides = _swarm_overrides(args)
+    overrides["checkpoint.dir"] = args.checkpoint_dir
+    overrides["status.port"] = args.status_port
+    overrides["swarm.min_peers"] = args.min_peers
+    cfg = _load(args.config, overrides)
+    options = PeerOptions(shard=args.shard, device=args.device, max_outer_steps=args.max_outer_steps,
+                          resume=args.resume, inner_steps=args.inner_steps)
+    if args.shard is not None and not 0 <= args.shard < cfg.data.num_shards:
+        print(f"swarmloco: --shard {args.shard} is out of range [0, {cfg.data.num_shards})", file=sys.stderr)
+        return 2
+    return run_peer(cfg, options, json_events=args.json_events, maddrs_file=args.maddrs_file,
+                    status_server_factory=_status_server_factory())
+
+
+def _status_server_factory():
+    try:
+        from swarmloco.node.status_server import StatusServer
+    except ImportError:
+        return None
+
+    def make(get_status, port):
+        server = StatusServer(get_status, port)
+        server.start()
+        return server
+
+    return make
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from swarmloco.node.demo import run_demo
+
+    cfg = _load(args.config, {"run_id": args.run_id})
+    if args.peers < 1 or args.outer_steps < 1 or (args.inner_steps is not None and args.inner_steps < 1):
+        print("swarmloco: --peers, --outer-steps and --inner-steps must be >= 1", file=sys.stderr)
+        return 2
+    return run_demo(cfg, peers=args.peers, outer_steps=args.outer_steps, inner_steps=args.inner_steps,
+                    workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarmloco", description="DiLoCo training over a volunteer swarm")
+    parser.add_argument("--version", action="version", version=f"swarmloco {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: debug, hivemind too)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run a local swarm of N peer processes on loopback")
+    p.add_argument("--peers", type=int, default=4, help="number of peer processes (default 4)")
+    p.add_argument("--outer-steps", type=int, default=10, help="outer steps to run (default 10)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps per outer step (default: config's)")
+    p.add_argument("--config", default=None, help="TOML config (default: built-in defaults)")
+    p.add_argument("--run-id", default="demo", help="run name (default demo)")
+    p.add_argument("--workdir", default=None, help="keep peers' configs and logs here")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="start one peer from a config file")
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--shard", type=int, default=None, help="data shard of this peer (default: from the peer id)")
+    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (overrides checkpoint.dir)")
+    p.add_argument("--max-outer-steps", type=int, default=None, help="exit 0 after this many outer steps")
+    p.add_argument("--inner-steps", type=int, default=None, help="override inner.steps locally (H)")
+    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in checkpoint.dir")
+    p.add_argument("--min-peers", type=int, default=None, help="wait for this many peers before the first round")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--status-port", type=int, default=None, help="serve status on 127.0.0.1:PORT (0: off)")
+    p.add_argument("--json-events", action="store_true", help="print machine-readable round lines on stdout")
+    p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
+    _add_swarm_flags(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

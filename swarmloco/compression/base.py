@@ -1,0 +1,63 @@
+"""The one tiny interface every pseudo-gradient codec implements (after hivemind's compression/base.py).
+
+A codec turns a float32 tensor into bytes and back. ``decode`` receives bytes from the network:
+it must never trust them. Anything malformed (truncated, oversized, wrong header, NaN/Inf scales)
+raises :class:`CodecError` with a one-line reason; the caller treats it as a failed contribution.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+class CodecError(ValueError):
+    """A payload could not be decoded: the sender is faulty or hostile."""
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """What a codec is, for logs, status and the manifest."""
+
+    name: str
+    """Registry name, e.g. ``int8``."""
+    bits_per_value: float
+    """Average bits on the wire per encoded value, scales and headers included (large tensors)."""
+    lossy: bool
+    """Whether decode(encode(x)) may differ from x."""
+    summable: bool
+    """Dense codecs can be averaged part by part in an all-reduce; sparse ones need an all-gather."""
+
+
+class Codec(ABC):
+    """Encode float32 tensors to bytes and back. Stateless and deterministic."""
+
+    info: CodecInfo
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        """Encode a float32 CPU tensor (any shape; it is flattened)."""
+
+    @abstractmethod
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        """Decode exactly ``numel`` float32 values (1-D) or raise CodecError."""
+
+    def expected_ratio(self) -> float:
+        """Wire bytes divided by fp32 bytes, for large tensors."""
+        return self.info.bits_per_value / 32.0
+
+    def roundtrip(self, tensor: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) in x's shape: what a receiver of ``tensor`` sees."""
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        return self.decode(self.encode(flat), flat.numel()).reshape(tensor.shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.info.name})"
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise CodecError if a decoded tensor holds NaN or Inf."""
+    if tensor.numel() and not bool(torch.isfinite(torch.maximum(tensor.amax(), tensor.amin().neg()))):
+        raise CodecError(f"{what}: decoded values contain NaN or Inf")

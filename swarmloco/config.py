@@ -1,0 +1,386 @@
+"""Run configuration: one frozen dataclass per component, loaded from TOML and validated at the edge.
+
+The ``model``, ``data``, ``inner``, ``outer`` and ``codec`` sections (plus ``run_id`` and ``seed``) are the
+*run manifest*: every peer of a swarm must hold exactly the same values (their hash keys every DHT entry).
+The ``swarm``, ``checkpoint`` and ``status`` sections are local to one peer and may differ between peers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "InnerConfig",
+    "OuterConfig",
+    "CodecConfig",
+    "SwarmConfig",
+    "CheckpointConfig",
+    "StatusConfig",
+    "RunConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "MANIFEST_SECTIONS",
+]
+
+
+def _check(cond: bool, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"config: {name}={value!r} is invalid: {why}")
+
+
+def _positive(name: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, value, "must be > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A nanoGPT-style decoder over byte tokens."""
+
+    vocab_size: int = 256
+    """Token vocabulary; 256 for raw bytes."""
+    block_size: int = 64
+    """Context length in tokens."""
+    n_layer: int = 2
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block."""
+    n_embd: int = 128
+    """Width of the residual stream; must divide by n_head."""
+    dropout: float = 0.0
+    """Dropout probability inside blocks."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"model.{name}", value, "must be a positive integer")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd, f"must divide by n_head={self.n_head}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """A byte-level text corpus split into a held-out part and disjoint training shards."""
+
+    path: str = ""
+    """A text file or a directory of them; empty means the Python standard library's own sources."""
+    max_bytes: int = 16_000_000
+    """Read at most this many bytes of the corpus (files in sorted order)."""
+    holdout_fraction: float = 0.02
+    """Tail fraction of the corpus kept for held-out evaluation."""
+    num_shards: int = 64
+    """The training part is cut into this many contiguous shards; each peer trains on one."""
+    batch_size: int = 16
+    """Sequences per inner step on one peer."""
+    eval_batches: int = 8
+    """Held-out batches evaluated after each outer step (fixed, identical on every peer)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.path, str), "data.path", self.path, "must be a string")
+        for name in ("max_bytes", "num_shards", "batch_size", "eval_batches"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"data.{name}", value, "must be a positive integer")
+        _check(0.0 < self.holdout_fraction < 0.5, "data.holdout_fraction", self.holdout_fraction, "must be in (0, 0.5)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InnerConfig:
+    """The local AdamW optimizer (defaults from the DiLoCo paper, scaled to small models)."""
+
+    steps: int = 50
+    """H: inner steps between two outer steps."""
+    lr: float = 1e-3
+    """Peak inner learning rate."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    warmup_steps: int = 50
+    """Linear warmup of the inner lr over this many inner steps."""
+    total_steps: int = 10_000
+    """Cosine decay of the inner lr to min_lr_ratio*lr over this many inner steps."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine schedule, as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.steps, int) and self.steps > 0, "inner.steps", self.steps, "must be a positive integer")
+        _positive("inner.lr", self.lr)
+        _non_negative("inner.weight_decay", self.weight_decay)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"inner.{name}", value, "must be in [0, 1)")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "inner.warmup_steps",
+               self.warmup_steps, "must be a non-negative integer")
+        _check(isinstance(self.total_steps, int) and self.total_steps > 0, "inner.total_steps",
+               self.total_steps, "must be a positive integer")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "inner.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _non_negative("inner.grad_clip", self.grad_clip)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterConfig:
+    """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradient."""
+
+    lr: float = 0.7
+    """Outer learning rate (DiLoCo: 0.7). lr=1, momentum=0 is plain parameter averaging."""
+    momentum: float = 0.9
+    """Outer momentum (DiLoCo: 0.9)."""
+    nesterov: bool = True
+    """Nesterov momentum (DiLoCo) rather than heavy-ball."""
+
+    def __post_init__(self) -> None:
+        _positive("outer.lr", self.lr)
+        _check(0.0 <= self.momentum < 1.0, "outer.momentum", self.momentum, "must be in [0, 1)")
+        _check(isinstance(self.nesterov, bool), "outer.nesterov", self.nesterov, "must be true or false")
+        _check(not self.nesterov or self.momentum > 0, "outer.nesterov", self.nesterov, "needs momentum > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodecConfig:
+    """How pseudo-gradients are encoded on the wire."""
+
+    name: str = "none"
+    """Codec name: none (fp32), fp16, bf16, int8, int4, topk (see swarmloco.compression)."""
+    block_size: int = 256
+    """Values per scale block for the blockwise quantizers."""
+    topk_fraction: float = 0.02
+    """Fraction of values kept per chunk by the sparse codec."""
+    error_feedback: bool = True
+    """Carry what compression dropped from a peer's pseudo-gradient into its next one."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name != "", "codec.name", self.name, "must be a codec name")
+        _check(isinstance(self.block_size, int) and self.block_size > 0, "codec.block_size", self.block_size,
+               "must be a positive integer")
+        _check(0.0 < self.topk_fraction <= 1.0, "codec.topk_fraction", self.topk_fraction, "must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwarmConfig:
+    """Networking of this peer (local: not part of the manifest)."""
+
+    initial_peers: tuple[str, ...] = ()
+    """Multiaddrs of any live peers of the swarm; empty starts a new swarm."""
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    """Multiaddrs to listen on (port 0 picks a free one)."""
+    announce_maddrs: tuple[str, ...] = ()
+    """Public multiaddrs to announce instead of the listening ones (behind port forwarding)."""
+    client_mode: bool = False
+    """Behind NAT with no port forwarding: make only outgoing connections."""
+    use_relay: bool = True
+    """Let libp2p relays carry traffic to and from peers behind NAT."""
+    use_auto_relay: bool = False
+    """Find and use relays automatically (libp2p AutoRelay)."""
+    min_peers: int = 1
+    """Wait for at least this many ready peers before the first round (up to ready_timeout)."""
+    ready_timeout: float = 30.0
+    """Seconds to wait for the expected peers to be ready for a round before averaging with those that are."""
+    max_group_size: int = 64
+    """Largest all-reduce group."""
+    matchmaking_time: float = 2.0
+    """Seconds a group leader waits for followers after the ready barrier."""
+    request_timeout: float = 3.0
+    """Seconds to wait for one matchmaking RPC."""
+    allreduce_timeout: float = 60.0
+    """Whole all-reduce deadline, seconds."""
+    next_chunk_timeout: float = 10.0
+    """A peer that sends no chunk for this many seconds is dropped from the all-reduce."""
+    heartbeat_period: float = 2.0
+    """Seconds between progress heartbeats in the DHT."""
+    heartbeat_ttl: float = 10.0
+    """A peer whose last heartbeat is older than this is considered gone."""
+    identity_path: str = ""
+    """Ed25519 identity file; empty makes a fresh identity each start."""
+
+    def __post_init__(self) -> None:
+        for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
+            value = getattr(self, name)
+            _check(isinstance(value, tuple) and all(isinstance(v, str) and v.startswith("/") for v in value),
+                   f"swarm.{name}", value, "must be a list of multiaddr strings like /ip4/1.2.3.4/tcp/31337")
+        _check(isinstance(self.min_peers, int) and self.min_peers >= 1, "swarm.min_peers", self.min_peers,
+               "must be an integer >= 1")
+        _check(isinstance(self.max_group_size, int) and self.max_group_size >= 2, "swarm.max_group_size",
+               self.max_group_size, "must be an integer >= 2")
+        for name in ("ready_timeout", "matchmaking_time", "request_timeout", "allreduce_timeout",
+                     "next_chunk_timeout", "heartbeat_period", "heartbeat_ttl"):
+            _positive(f"swarm.{name}", getattr(self, name))
+        _check(self.heartbeat_ttl > self.heartbeat_period, "swarm.heartbeat_ttl", self.heartbeat_ttl,
+               "must exceed heartbeat_period")
+        _check(self.allreduce_timeout > self.next_chunk_timeout, "swarm.allreduce_timeout",
+               self.allreduce_timeout, "must exceed next_chunk_timeout")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Local checkpoints (atomic: temp file + rename)."""
+
+    dir: str = ""
+    """Directory for checkpoints; empty disables them."""
+    every: int = 1
+    """Write a checkpoint every this many outer steps (and on exit)."""
+    keep: int = 2
+    """Checkpoints kept on disk."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.dir, str), "checkpoint.dir", self.dir, "must be a string")
+        _check(isinstance(self.every, int) and self.every >= 1, "checkpoint.every", self.every, "must be >= 1")
+        _check(isinstance(self.keep, int) and self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusConfig:
+    """The node's local status endpoint (JSON and Prometheus), bound to 127.0.0.1 only."""
+
+    port: int = 0
+    """TCP port on 127.0.0.1; 0 disables the endpoint."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.port, int) and 0 <= self.port < 65536, "status.port", self.port,
+               "must be an integer in [0, 65535]")
+
+
+MANIFEST_SECTIONS = ("model", "data", "inner", "outer", "codec")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one peer needs. See README.md for a commented example."""
+
+    run_id: str = "swarmloco"
+    """Name of the run; peers of one swarm share it."""
+    seed: int = 0
+    """Seed for model initialization and data order."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.run_id, str) and self.run_id.replace("-", "").replace("_", "").isalnum()
+               and len(self.run_id) <= 64, "run_id", self.run_id,
+               "must be 1-64 letters, digits, '-' or '_'")
+        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be a non-negative integer")
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """Copy with some top-level fields or whole sections replaced."""
+        return dataclasses.replace(self, **sections)
+
+    def manifest_dict(self) -> dict[str, Any]:
+        """The part of the config every peer of the swarm must share."""
+        full = config_to_dict(self)
+        return {"run_id": full["run_id"], "seed": full["seed"], **{s: full[s] for s in MANIFEST_SECTIONS}}
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "inner": InnerConfig,
+    "outer": OuterConfig,
+    "codec": CodecConfig,
+    "swarm": SwarmConfig,
+    "checkpoint": CheckpointConfig,
+    "status": StatusConfig,
+}
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config: [{name}] must be a table, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"config: unknown field(s) in [{name}]: {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for key, value in values.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        default = known[key].default
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"config: [{name}]: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from nested plain values (as parsed from TOML)."""
+    top = {k: v for k, v in data.items() if k not in _SECTIONS}
+    unknown = sorted(set(top) - {"run_id", "seed"})
+    if unknown:
+        raise ValueError(f"config: unknown top-level field(s): {', '.join(unknown)}")
+    sections = {name: _build_section(name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
+    return RunConfig(**top, **sections)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Nested plain values (lists for tuples), suitable for TOML, msgpack or JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a TOML file (None: all defaults) and apply dotted overrides like {"swarm.min_peers": 3}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"config: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config: {path} is not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config_from_dict(data)
+
+
+def dump_toml(config: RunConfig) -> str:
+    """Render a config as TOML (used by the demo to hand each peer its file)."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return repr(value)
+
+    data = config_to_dict(config)
+    lines = [f"{k} = {fmt(data[k])}" for k in ("run_id", "seed")]
+    for name in _SECTIONS:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {fmt(v)}" for k, v in data[name].items())
+    return "\n".join(lines) + "\n"

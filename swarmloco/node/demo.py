@@ -1,0 +1,173 @@
+"""``swarmloco demo``: a local swarm of N peers, each its own OS process, on loopback.
+
+The first peer starts the swarm and writes its multiaddrs to a file; the others join through it.
+Each peer trains on its own shard of the corpus (shard i for peer i) and prints machine-readable
+round summaries that this launcher folds into one line per outer step. Ctrl-C sends SIGTERM to
+every peer, waits for their clean exit, and kills whatever is left of their process groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from swarmloco.config import RunConfig, dump_toml
+from swarmloco.node.status import JsonLinesReporter
+
+STARTUP_TIMEOUT = 90.0
+
+
+def demo_config(base: RunConfig, peers: int) -> RunConfig:
+    """The demo's swarm section: loopback, wait for all peers before the first round."""
+    swarm = base.swarm.__class__(**{**base.swarm.__dict__, "host_maddrs": ("/ip4/127.0.0.1/tcp/0",),
+                                    "min_peers": peers, "initial_peers": ()})
+    return base.replace(swarm=swarm)
+
+
+class _PeerProc:
+    def __init__(self, index: int, args: list[str], log_path: Path, events: queue.Queue):
+        self.index, self.log_path = index, log_path
+        self.log = open(log_path, "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                     start_new_session=True)
+        self.reader = threading.Thread(target=self._read, args=(events,), daemon=True)
+        self.reader.start()
+
+    def _read(self, events: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(JsonLinesReporter.PREFIX):
+                try:
+                    events.put((self.index, json.loads(line[len(JsonLinesReporter.PREFIX):])))
+                except json.JSONDecodeError:
+                    pass
+        events.put((self.index, {"type": "exit"}))
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def reap(self, timeout: float) -> int | None:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        try:  # hivemind helpers and p2pd live in the peer's session: none may outlive it
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if code is None:
+            code = self.proc.wait(10)
+        self.log.close()
+        return code
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_step_line(step: int, reports: list[dict], n_peers: int) -> str:
+    ok = [r for r in reports if r.get("ok")]
+    use = ok or reports
+    mean = lambda key: sum(float(r.get(key) or 0.0) for r in use) / max(1, len(use))  # noqa: E731
+    digests = {r.get("digest") for r in ok}
+    sync = "in sync" if len(digests) == 1 else f"{len(digests)} distinct models!"
+    return (f"outer {step:3d} | train {mean('train_loss'):.4f} | eval {mean('eval_loss'):.4f} | "
+            f"peers {max((r.get('peers') or 1) for r in use)}/{n_peers} | "
+            f"{sum(float(r.get('samples_per_second') or 0) for r in use):7.0f} samples/s | "
+            f"sent {_fmt_bytes(mean('bytes_sent'))} recv {_fmt_bytes(mean('bytes_received'))} per peer | "
+            f"round {mean('round_time'):.1f}s | {sync}")
+
+
+def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int | None = None,
+             workdir: str | None = None, out=sys.stdout, extra_args: tuple[str, ...] = ()) -> int:
+    """Run the local swarm to completion; returns 0 when every peer exited cleanly."""
+    cfg = demo_config(base, peers)
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="swarmloco-demo-") if workdir is None else None
+    root = Path(workdir or tmp_ctx.name)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / "demo.toml"
+    cfg_path.write_text(dump_toml(cfg))
+    events: queue.Queue = queue.Queue()
+    procs: list[_PeerProc] = []
+    stop = threading.Event()
+    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def peer_args(i: int, initial: list[str]) -> list[str]:
+        args = [sys.executable, "-m", "swarmloco", "run", str(cfg_path), "--shard", str(i),
+                "--max-outer-steps", str(outer_steps), "--json-events", *extra_args]
+        if inner_steps:
+            args += ["--inner-steps", str(inner_steps)]
+        for m in initial:
+            args += ["--initial-peers", m]
+        if i == 0:
+            args += ["--maddrs-file", str(root / "peer0.maddrs")]
+        return args
+
+    print(f"swarmloco demo: {peers} peers, {outer_steps} outer steps of "
+          f"{inner_steps or cfg.inner.steps} inner steps; logs in {root}", file=out, flush=True)
+    exit_codes: list[int | None] = []
+    try:
+        procs.append(_PeerProc(0, peer_args(0, []), root / "peer0.log", events))
+        maddr_file, deadline = root / "peer0.maddrs", time.monotonic() + STARTUP_TIMEOUT
+        while not maddr_file.exists():
+            if procs[0].proc.poll() is not None or time.monotonic() > deadline or stop.is_set():
+                print(f"swarmloco demo: the first peer did not start; see {procs[0].log_path}", file=out)
+                return 1
+            time.sleep(0.1)
+        initial = [m for m in maddr_file.read_text().split() if m][:1]
+        for i in range(1, peers):
+            procs.append(_PeerProc(i, peer_args(i, initial), root / f"peer{i}.log", events))
+
+        reports: dict[int, list[dict]] = defaultdict(list)
+        alive, printed = set(range(peers)), 0
+        while alive and not stop.is_set():
+            try:
+                index, ev = events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if ev.get("type") == "exit":
+                alive.discard(index)
+            elif ev.get("type") == "round":
+                reports[int(ev["outer_step"]) if ev.get("ok") else -1].append(ev)
+                if not ev.get("ok"):
+                    print(f"  peer {index}: round failed: {ev.get('error')}", file=out, flush=True)
+            while printed + 1 in reports and len(reports[printed + 1]) >= max(1, len(alive)):
+                printed += 1
+                print(format_step_line(printed, reports[printed], peers), file=out, flush=True)
+        for step in sorted(k for k in reports if k > printed):
+            print(format_step_line(step, reports[step], peers), file=out, flush=True)
+    finally:
+        if stop.is_set():
+            print("swarmloco demo: stopping all peers", file=out, flush=True)
+        for p in procs:
+            if stop.is_set():
+                p.terminate()
+        for p in procs:
+            code = p.reap(timeout=30.0 if not stop.is_set() else 15.0)
+            exit_codes.append(code)
+        for s, h in old.items():
+            signal.signal(s, h)
+    bad = [(i, c) for i, c in enumerate(exit_codes) if c != 0]
+    if bad and not stop.is_set():
+        print(f"swarmloco demo: peers exited with errors {bad}; logs kept in {root}", file=out, flush=True)
+        return 1
+    if tmp_ctx is not None:
+        tmp_ctx.cleanup()
+    return 130 if stop.is_set() else 0

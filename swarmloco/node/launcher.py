@@ -1,0 +1,98 @@
+"""Start one peer process: signals, transport, peer, clean shutdown.
+
+Ctrl-C / SIGTERM set a stop flag: the peer finishes (or abandons) its current inner step, leaves the
+swarm, writes its checkpoint and shuts hivemind's DHT, averager and p2pd down. SIGINT is ignored
+while hivemind starts its helper processes, so a terminal's Ctrl-C (sent to the whole process
+group) reaches only this process, which then stops its children in order instead of leaving them
+half-dead. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from swarmloco.compression import get_codec
+from swarmloco.config import RunConfig
+from swarmloco.node.model import GPT
+from swarmloco.node.peer import Peer, PeerOptions
+from swarmloco.node.status import JsonLinesReporter, NullReporter, StatusBoard
+from swarmloco.protocol.manifest import ManifestMismatch, RunManifest
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_MANIFEST = 0, 1, 2, 3
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def handler(signum, frame):
+        if stop.is_set():
+            print("swarmloco: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(130)
+        print(f"swarmloco: {signal.Signals(signum).name} received, stopping cleanly "
+              "(leaving the swarm, writing the checkpoint)", file=sys.stderr, flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
+             maddrs_file: str | None = None, status_server_factory=None) -> int:
+    """Run one peer until it stops; returns the process exit code."""
+    from swarmloco.protocol.transport import SwarmTransport, route_hivemind_logs
+
+    route_hivemind_logs()
+    stop = threading.Event()
+    manifest = RunManifest.from_config(cfg)
+    codec = get_codec(cfg.codec)
+    templates = [p.detach() for p in GPT(cfg.model, seed=cfg.seed).parameters()]
+
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children (and p2pd) inherit "ignore"
+    try:
+        transport = SwarmTransport(cfg.swarm, prefix=manifest.key_prefix, templates=templates, codec=codec,
+                                   identity_path=cfg.swarm.identity_path or None)
+    except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
+        signal.signal(signal.SIGINT, old_int)
+        print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    _install_stop_handlers(stop)
+
+    status_server = None
+    try:
+        maddrs = transport.visible_maddrs()
+        print(f"swarmloco: peer {transport.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})",
+              file=sys.stderr, flush=True)
+        for m in maddrs:
+            print(f"swarmloco: listening on {m}", file=sys.stderr, flush=True)
+        if maddrs and not cfg.swarm.initial_peers:
+            print(f"swarmloco: others join with: --initial-peers {maddrs[0]}", file=sys.stderr, flush=True)
+        if maddrs_file:
+            tmp = Path(maddrs_file).with_suffix(".tmp")
+            tmp.write_text("\n".join(maddrs) + "\n")
+            os.replace(tmp, maddrs_file)
+
+        board = StatusBoard(reporter=JsonLinesReporter() if json_events else NullReporter())
+        try:
+            peer = Peer(cfg, transport, options, board=board, stop=stop)
+        except ValueError as e:  # config that only shows up once the model and data exist
+            print(f"swarmloco: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        if cfg.status.port and status_server_factory is not None:
+            status_server = status_server_factory(board.snapshot, cfg.status.port)
+            print(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status", file=sys.stderr, flush=True)
+        try:
+            steps = peer.run()
+        except ManifestMismatch as e:
+            print(f"swarmloco: refused: {e}", file=sys.stderr, flush=True)
+            return EXIT_MANIFEST
+        logger.info("stopped after %d outer steps (now at outer step %d)", steps, peer.outer_step)
+        return EXIT_OK
+    finally:
+        if status_server is not None:
+            status_server.close()
+        transport.shutdown()

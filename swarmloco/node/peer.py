@@ -1,0 +1,320 @@
+"""The peer process: inner training, sync rounds, outer steps, checkpoints, status.
+
+State a peer keeps (DiLoCo, arXiv:2311.08105):
+
+* ``global_params``: the last agreed model, fp32 on the CPU, identical bit for bit on every peer that
+  took part in the same rounds; the outer optimizer (Nesterov momentum) steps on them.
+* the local model on the training device (CUDA if present) with its AdamW state, which stays local.
+
+One outer step: H inner steps -> pseudo-gradient ``global - local`` -> averaged over the round's
+peers (weighted by samples) -> outer step on ``global_params`` -> local model := global params.
+A failed round changes nothing global: the local model keeps its inner progress and the next
+round's pseudo-gradient carries it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from swarmloco.compression import get_codec
+from swarmloco.compression.error_feedback import ErrorFeedback
+from swarmloco.config import RunConfig
+from swarmloco.node.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from swarmloco.node.data import Corpus, shard_for_peer
+from swarmloco.node.inner_loop import InnerTrainer, evaluate
+from swarmloco.node.model import GPT, num_params
+from swarmloco.node.status import StatusBoard
+from swarmloco.node.sync import Synchronizer
+from swarmloco.outer_optim import OuterNesterov, apply_outer_step
+from swarmloco.protocol.manifest import RunManifest, check_against_swarm, manifest_from_bytes
+from swarmloco.protocol.progress import PeerProgress, ProgressTracker
+from swarmloco.protocol.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def params_digest(params: list[torch.Tensor]) -> str:
+    """sha256 of the exact bytes of a parameter list (replicas in sync have equal digests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class PeerOptions:
+    """Per-process choices that are not part of the config file."""
+
+    shard: int | None = None
+    device: str = "auto"
+    max_outer_steps: int | None = None
+    resume: bool = False
+    inner_steps: int | None = None
+    extra_status: dict[str, Any] = field(default_factory=dict)
+
+
+class Peer:
+    """One swarm member. Build with a started transport; call :meth:`run`."""
+
+    def __init__(self, cfg: RunConfig, transport: Transport, options: PeerOptions | None = None,
+                 board: StatusBoard | None = None, stop: threading.Event | None = None,
+                 corpus: Corpus | None = None):
+        self.cfg, self.transport = cfg, transport
+        self.options = options or PeerOptions()
+        self.board = board or StatusBoard()
+        self.stop = stop or threading.Event()
+        self.manifest = RunManifest.from_config(cfg)
+        self.device = pick_device(self.options.device)
+        self.H = self.options.inner_steps or cfg.inner.steps
+
+        self.model = GPT(cfg.model, seed=cfg.seed).to(self.device)
+        self.global_params = [p.detach().to("cpu", torch.float32).clone() for p in self.model.parameters()]
+        self.outer_opt = OuterNesterov(self.global_params, lr=cfg.outer.lr, momentum=cfg.outer.momentum,
+                                       nesterov=cfg.outer.nesterov)
+        self.inner = InnerTrainer(self.model, cfg.inner, self.device)
+        self.outer_step = 0
+
+        self.corpus = corpus or Corpus(cfg.data, cfg.model.block_size, cfg.seed)
+        self.shard = self.options.shard if self.options.shard is not None else shard_for_peer(
+            transport.peer_id, cfg.data.num_shards)
+        self.batches = self.corpus.train_batches(self.shard, stream_seed=0)
+        self.eval_set = self.corpus.eval_batches()
+
+        self.tracker = ProgressTracker(transport, f"{self.manifest.key_prefix}_progress", cfg.swarm.heartbeat_ttl)
+        self.sync = Synchronizer(transport, self.tracker, cfg.swarm, heartbeat=self._progress, stop=self.stop)
+        self.codec = get_codec(cfg.codec)
+        if not self.codec.info.summable:
+            raise ValueError(f"config: codec.name={cfg.codec.name!r} is sparse and needs the all-gather exchange, "
+                             "which the swarm does not run yet; use none, fp16, bf16, int8 or int4")
+        self.error_feedback = ErrorFeedback() if (cfg.codec.error_feedback and self.codec.info.lossy) else None
+        self._pseudo = [torch.zeros_like(p) for p in self.global_params]
+        self._averaged = [torch.zeros_like(p) for p in self.global_params]
+        self._samples_since_sync = 0
+        self._last_sps = 0.0
+        self._state = "joining"
+        self._heartbeat_thread: threading.Thread | None = None
+        self.board.update(
+            peer_id=transport.peer_id, run_id=self.manifest.run_id, manifest_hash=self.manifest.hash,
+            device=str(self.device), inner_steps_per_round=self.H, shard=self.shard, outer_step=0, inner_step=0,
+            num_params=num_params(self.model), codec=self.codec.info.name, **self.options.extra_status,
+        )
+
+    # ----- swarm membership ---------------------------------------------------------------------
+    def _progress(self) -> PeerProgress:
+        return PeerProgress(
+            peer_id=self.transport.peer_id, outer_step=self.outer_step, state=self._state, time=time.time(),
+            samples=self._samples_since_sync, samples_per_second=self._last_sps,
+            maddrs=tuple(self.transport.visible_maddrs()[:4]),
+            round_time=self.board.get("last_round_time"),
+        )
+
+    def announce(self) -> None:
+        """Check our manifest against the swarm's (ManifestMismatch if it differs), then publish ours."""
+        published = [m for m in map(manifest_from_bytes, self.transport.get(self.manifest.run_key).values()) if m]
+        check_against_swarm(self.manifest, published)
+        self._publish_manifest()
+        self.tracker.publish(self._progress())
+
+    def _publish_manifest(self) -> None:
+        ttl = max(60.0, 3 * self.cfg.swarm.heartbeat_ttl)
+        self.transport.store(self.manifest.run_key, self.transport.peer_id, self.manifest.to_bytes(), time.time() + ttl)
+
+    def _heartbeat_loop(self) -> None:
+        beats = 0
+        while not self.stop.wait(self.cfg.swarm.heartbeat_period):
+            if self._state in ("training", "joining"):
+                self.tracker.publish(self._progress())
+            beats += 1
+            if beats % 10 == 0:
+                self._publish_manifest()
+            try:
+                peers = self.tracker.fetch()
+                self.board.update(peers_online=len(peers), swarm=[p.to_dict() for p in peers])
+            except Exception as e:  # noqa: BLE001
+                logger.debug("progress fetch failed: %s", e)
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.board.update(state=state)
+
+    # ----- state ---------------------------------------------------------------------------------
+    def _copy_global_into_model(self) -> None:
+        with torch.no_grad():
+            for p, g in zip(self.model.parameters(), self.global_params):
+                p.copy_(g.to(p.device, p.dtype))
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Adopt a checkpoint (or a downloaded state) as this peer's global state."""
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for g, p in zip(self.global_params, self.model.parameters()):
+                g.copy_(p.detach().cpu().float())
+        self.outer_opt.load_state_dict(state["outer_optimizer"])
+        if state.get("inner_optimizer"):
+            try:
+                self.inner.optimizer.load_state_dict(state["inner_optimizer"])
+            except (ValueError, KeyError) as e:
+                logger.warning("ignoring the checkpoint's inner optimizer state: %s", e)
+        if state.get("error_feedback") and self.error_feedback is not None:
+            self.error_feedback.load_state_dict(state["error_feedback"])
+        self.outer_step = int(state["outer_step"])
+        self.board.update(outer_step=self.outer_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._copy_global_into_model()
+        return {
+            "outer_step": self.outer_step,
+            "manifest_hash": self.manifest.hash,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "outer_optimizer": self.outer_opt.state_dict(),
+            "inner_optimizer": self.inner.optimizer.state_dict(),
+            "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
+        }
+
+    def maybe_resume(self) -> None:
+        if not (self.options.resume and self.cfg.checkpoint.dir):
+            return
+        state = latest_checkpoint(self.cfg.checkpoint.dir, self.manifest.hash)
+        if state is None:
+            logger.info("no checkpoint to resume from in %s; starting at outer step 0", self.cfg.checkpoint.dir)
+            return
+        self.load_state(state)
+        self.board.event("checkpoint", f"resumed from outer step {self.outer_step}")
+
+    def write_checkpoint(self) -> None:
+        if not self.cfg.checkpoint.dir:
+            return
+        try:
+            path = save_checkpoint(self.cfg.checkpoint.dir, self.state_dict(), keep=self.cfg.checkpoint.keep)
+        except CheckpointError as e:  # a full disk is survived: training goes on
+            logger.error("%s", e)
+            self.board.event("checkpoint", f"FAILED: {e}")
+            return
+        self.board.event("checkpoint", f"wrote {path}")
+
+    # ----- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train until max_outer_steps or stop; returns the number of outer steps this run took."""
+        self.maybe_resume()
+        self.announce()
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+        start_step = self.outer_step
+        initial_eval = evaluate(self.model, self.eval_set, self.device)
+        self.initial_eval_loss = initial_eval
+        self.board.update(eval_loss=initial_eval, initial_eval_loss=initial_eval)
+        logger.info("peer %s: %d params, shard %d, device %s, manifest %s, initial eval loss %.4f",
+                    self.transport.peer_id[-8:], num_params(self.model), self.shard, self.device,
+                    self.manifest.short, initial_eval)
+        try:
+            while not self.stop.is_set():
+                if self.options.max_outer_steps is not None and self.outer_step - start_step >= self.options.max_outer_steps:
+                    break
+                self.one_outer_step()
+        finally:
+            self._set_state("stopped")
+            self.stop.set()
+            self.tracker.publish(self._progress())
+            self.write_checkpoint()
+        return self.outer_step - start_step
+
+    def one_outer_step(self) -> None:
+        t0 = time.perf_counter()
+        self._set_state("training")
+        self.tracker.publish(self._progress())
+        result = self.inner.train(self.batches, self.H, should_stop=self.stop.is_set)
+        self._samples_since_sync += result.samples
+        if result.seconds > 0 and result.steps:
+            self._last_sps = result.samples / result.seconds
+        self.board.update(inner_step=self.inner.step_count, train_loss=result.mean_loss,
+                          samples_per_second=self._last_sps)
+        if self.stop.is_set():
+            return
+        compute_s = time.perf_counter() - t0
+
+        with torch.no_grad():
+            for buf, g, p in zip(self._pseudo, self.global_params, self.model.parameters()):
+                torch.sub(g, p.detach().to("cpu", torch.float32), out=buf)
+        finite = all(bool(torch.isfinite(b).all()) for b in self._pseudo)
+        if not finite:
+            raise FloatingPointError("pseudo-gradient holds NaN/Inf: the local model diverged")
+        to_send = self._pseudo
+        if self.error_feedback is not None:  # what compression drops now is added to the next round's
+            to_send = [self.error_feedback.compensate(i, g) for i, g in enumerate(self._pseudo)]
+
+        self._set_state("ready")
+        t1 = time.perf_counter()
+        handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged, self._samples_since_sync)
+        logger.info("outer step %d: %d peer(s) ready after %.1fs%s", self.outer_step, len(barrier.ready),
+                    barrier.waited_s, " (timed out)" if barrier.timed_out else "")
+        self._set_state("averaging")
+        outcome = self.sync.decide(handle.result(), self.outer_step)
+        sync_s = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        if outcome.ok:
+            if self.error_feedback is not None:
+                for i, sent in enumerate(to_send):
+                    self.error_feedback.update(i, sent, self.codec.roundtrip(sent))
+            apply_outer_step(self.outer_opt, self.global_params, self._averaged)
+            self._copy_global_into_model()
+            self.outer_step += 1
+            self._samples_since_sync = 0
+            self.board.add(rounds_ok=1)
+        else:
+            self.board.add(rounds_failed=1)
+            self.board.event("round_failed", f"outer step {self.outer_step}: {outcome.error}")
+            logger.warning("round for outer step %d failed: %s", self.outer_step, outcome.error)
+        outer_s = time.perf_counter() - t2
+
+        eval_loss = evaluate(self.model, self.eval_set, self.device) if outcome.ok else float("nan")
+        round_time = time.perf_counter() - t0
+        self.board.add(bytes_sent_total=outcome.bytes_sent, bytes_received_total=outcome.bytes_received)
+        fp32_bytes = 4 * sum(p.numel() for p in self.global_params)
+        last_round = {
+            "outer_step": self.outer_step, "ok": outcome.ok, "peers": max(1, outcome.group_size),
+            "compute_s": compute_s, "barrier_s": barrier.waited_s, "matchmaking_s": outcome.matchmaking_s,
+            "allreduce_s": outcome.allreduce_s, "outer_step_s": outer_s, "bytes_sent": outcome.bytes_sent,
+            "bytes_received": outcome.bytes_received, "compression_ratio": 1.0 / self.codec.expected_ratio(),
+            "error": outcome.error,
+        }
+        self.board.update(outer_step=self.outer_step, eval_loss=eval_loss, last_round=last_round,
+                          last_round_time=round_time, rss_bytes=_rss_bytes(),
+                          cuda_allocated_bytes=torch.cuda.memory_allocated() if self.device.type == "cuda" else None)
+        self.board.round_done({
+            "peer_id": self.transport.peer_id, "outer_step": self.outer_step, "ok": outcome.ok,
+            "train_loss": result.mean_loss, "eval_loss": eval_loss, "peers": max(1, outcome.group_size),
+            "samples_per_second": self._last_sps, "bytes_sent": outcome.bytes_sent,
+            "bytes_received": outcome.bytes_received, "round_time": round_time, "sync_s": sync_s,
+            "digest": params_digest(self.global_params), "error": outcome.error, "fp32_bytes": fp32_bytes,
+            "initial_eval_loss": self.initial_eval_loss,
+        })
+        if outcome.ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
+            self.write_checkpoint()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+__all__ = ["Peer", "PeerOptions", "params_digest", "pick_device"]

@@ -1,0 +1,202 @@
+"""In-process simulations of multi-worker training, for quality benchmarks and tests.
+
+Two ways of training ``workers`` replicas on disjoint data shards, both on one device and one
+process, with workers simulated one after the other (deterministic, no networking):
+
+* :func:`run_data_parallel` -- synchronous data parallelism: every step each worker computes the
+  gradient of its own shard's batch, the gradients are averaged (as an all-reduce would), and one
+  AdamW step is taken. Implemented as ``workers`` micro-batches with gradient accumulation, i.e.
+  exactly one AdamW on a ``workers``-times larger batch. ``workers=1`` is a plain single worker.
+* :func:`run_diloco` -- DiLoCo (Douillard et al. 2023, arXiv:2311.08105): each worker owns an
+  :class:`~swarmloco.node.inner_loop.InnerTrainer` (its AdamW state is kept across rounds) and runs
+  ``H`` inner steps on its shard; the pseudo-gradients ``global - local`` are averaged with equal
+  weights, :class:`~swarmloco.outer_optim.nesterov.OuterNesterov` steps the global parameters, and
+  every worker is reset to the new global parameters.
+
+A pseudo-gradient codec can be simulated by passing ``transform(worker, tensors) -> tensors`` to
+:func:`run_diloco` (applied to each worker's pseudo-gradient before averaging, e.g. an
+encode/decode round trip), together with the codec's ``bytes_per_value`` for the traffic count.
+
+Both return a JSON-serialisable dict: ``final_eval_loss``, ``curve`` (one point per evaluation:
+``step``, ``eval_loss``, ``train_loss`` = mean training loss since the previous point),
+``wall_s``, ``tokens`` (trained on, all workers), ``num_params`` and ``bytes_sent_per_worker``
+(ring all-reduce model: each worker sends ``2(n-1)/n`` times the payload per synchronisation).
+The inner lr schedule follows ``inner_cfg`` as given: set ``inner_cfg.total_steps = steps`` for a
+cosine decay over the whole run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from swarmloco.config import InnerConfig, ModelConfig, OuterConfig
+from swarmloco.node.data import Corpus
+from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
+from swarmloco.node.model import GPT, num_params
+from swarmloco.outer_optim.nesterov import OuterNesterov, apply_outer_step
+
+__all__ = ["allreduce_bytes_per_worker", "run_data_parallel", "run_diloco", "PseudoGradTransform"]
+
+logger = logging.getLogger(__name__)
+
+PseudoGradTransform = Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
+"""``transform(worker_index, pseudo_grad_tensors) -> tensors`` of the same shapes."""
+
+CPU = torch.device("cpu")
+
+
+def allreduce_bytes_per_worker(payload_values: int, workers: int, bytes_per_value: float = 4.0) -> float:
+    """Bytes one worker sends in one ring all-reduce of ``payload_values`` values (0 for one worker)."""
+    if workers <= 1:
+        return 0.0
+    return 2.0 * (workers - 1) / workers * payload_values * bytes_per_value
+
+
+class _Curve:
+    """Collects evaluation points; decides when an evaluation is due."""
+
+    def __init__(self, model: torch.nn.Module, eval_batches, device: torch.device, eval_every: int,
+                 steps: int, name: str):
+        self.model, self.batches, self.device = model, eval_batches, device
+        self.eval_every, self.steps, self.name = eval_every, steps, name
+        self.points: list[dict] = []
+        self.train_losses: list[float] = []
+        self.last = 0
+        self.record(0)
+
+    def record(self, step: int) -> None:
+        loss = evaluate(self.model, self.batches, self.device)
+        train = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
+        self.points.append({"step": step, "eval_loss": loss, "train_loss": train})
+        self.train_losses = []
+        self.last = step
+        logger.info("%s step %d: eval %.4f train %s", self.name, step, loss,
+                    "-" if train is None else f"{train:.4f}")
+
+    def maybe_record(self, step: int) -> None:
+        """Evaluate if ``step`` crossed a multiple of ``eval_every`` since the last point, or is the end."""
+        if step == self.steps or step // self.eval_every > self.last // self.eval_every:
+            self.record(step)
+
+
+def _result(curve: _Curve, start: float, tokens: int, params: int, bytes_sent: float, **extra) -> dict:
+    return {
+        "final_eval_loss": curve.points[-1]["eval_loss"],
+        "curve": curve.points,
+        "wall_s": time.perf_counter() - start,
+        "tokens": tokens,
+        "num_params": params,
+        "bytes_sent_per_worker": bytes_sent,
+        **extra,
+    }
+
+
+def run_data_parallel(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, *, workers: int,
+                      steps: int, seed: int = 0, shards: Sequence[int] | None = None, eval_every: int = 100,
+                      device: torch.device = CPU, keep_model: bool = False) -> dict:
+    """Synchronous data parallelism over ``workers`` shards for ``steps`` AdamW steps.
+
+    The model is initialised with ``seed`` and worker ``i`` draws batches from shard ``shards[i]``
+    (default ``i``) with stream seed ``seed`` -- the same batches worker ``i`` sees in
+    :func:`run_diloco` with the same seed. Gradient clipping applies to the averaged gradient.
+    """
+    shards = list(range(workers)) if shards is None else list(shards)
+    if len(shards) != workers:
+        raise ValueError(f"{workers} workers but {len(shards)} shards")
+    start = time.perf_counter()
+    model = GPT(model_cfg, seed=seed).to(device)
+    trainer = InnerTrainer(model, inner_cfg, device)
+    streams = [corpus.train_batches(s, stream_seed=seed) for s in shards]
+    curve = _Curve(model, corpus.eval_batches(), device, eval_every, steps, f"dp{workers}")
+    tokens = 0
+    model.train()
+    for step in range(steps):
+        lr = inner_lr(inner_cfg, trainer.step_count)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
+        trainer.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for stream in streams:
+            x, y = next(stream)
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
+                _, loss = model(x, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            (loss / workers).backward()
+            step_loss += float(loss.detach()) / workers
+            tokens += y.numel()
+        if inner_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), inner_cfg.grad_clip)
+        trainer.optimizer.step()
+        trainer.step_count += 1
+        curve.train_losses.append(step_loss)
+        curve.maybe_record(step + 1)
+    params = num_params(model)
+    bytes_sent = steps * allreduce_bytes_per_worker(params, workers)
+    extra = {"model": model} if keep_model else {}
+    return _result(curve, start, tokens, params, bytes_sent, method="data_parallel", workers=workers,
+                   steps=steps, seed=seed, syncs=steps if workers > 1 else 0, **extra)
+
+
+def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, outer_cfg: OuterConfig, *,
+               workers: int, steps: int, H: int, seed: int = 0, shards: Sequence[int] | None = None,
+               eval_every: int | None = None, transform: PseudoGradTransform | None = None,
+               bytes_per_value: float = 4.0, device: torch.device = CPU, keep_model: bool = False) -> dict:
+    """DiLoCo with ``workers`` simulated workers, ``steps`` inner steps each, an outer step every ``H``.
+
+    If ``steps`` is not a multiple of ``H`` the last round is shorter. The global model is evaluated
+    at step 0, whenever a round ends past a multiple of ``eval_every`` (default ``H``), and at the end.
+    ``transform`` (see :data:`PseudoGradTransform`) is applied to each worker's pseudo-gradient
+    before averaging; ``bytes_per_value`` is what one transmitted value costs (4 for fp32).
+    """
+    shards = list(range(workers)) if shards is None else list(shards)
+    if len(shards) != workers:
+        raise ValueError(f"{workers} workers but {len(shards)} shards")
+    if H <= 0:
+        raise ValueError(f"H must be > 0, got {H}")
+    start = time.perf_counter()
+    global_model = GPT(model_cfg, seed=seed).to(device)
+    global_params = list(global_model.parameters())
+    outer = OuterNesterov(global_params, lr=outer_cfg.lr, momentum=outer_cfg.momentum,
+                          nesterov=outer_cfg.nesterov)
+    local_models = [copy.deepcopy(global_model) for _ in range(workers)]
+    trainers = [InnerTrainer(m, inner_cfg, device) for m in local_models]
+    streams = [corpus.train_batches(s, stream_seed=seed) for s in shards]
+    curve = _Curve(global_model, corpus.eval_batches(), device, eval_every or H, steps, f"diloco{workers}-H{H}")
+    done, rounds, tokens = 0, 0, 0
+    while done < steps:
+        n = min(H, steps - done)
+        summed: list[torch.Tensor] | None = None
+        round_losses = []
+        for w, (model, trainer, stream) in enumerate(zip(local_models, trainers, streams)):
+            result = trainer.train(stream, n)
+            round_losses.append(result.mean_loss)
+            tokens += result.samples * model_cfg.block_size
+            with torch.no_grad():
+                pseudo = [g.detach() - p.detach() for g, p in zip(global_params, model.parameters())]
+            if transform is not None:
+                pseudo = transform(w, pseudo)
+            summed = ([t.clone() for t in pseudo] if summed is None
+                      else [a.add_(b) for a, b in zip(summed, pseudo)])
+        averaged = [t.div_(workers) for t in summed] if workers > 1 else summed
+        apply_outer_step(outer, global_params, averaged)
+        with torch.no_grad():
+            for model in local_models:
+                for p, g in zip(model.parameters(), global_params):
+                    p.copy_(g)
+        done += n
+        rounds += 1
+        curve.train_losses.extend([sum(round_losses) / workers] * n)
+        curve.maybe_record(done)
+    params = num_params(global_model)
+    bytes_sent = rounds * allreduce_bytes_per_worker(params, workers, bytes_per_value)
+    extra = {"model": global_model} if keep_model else {}
+    return _result(curve, start, tokens, params, bytes_sent, method="diloco", workers=workers, steps=steps,
+                   seed=seed, H=H, syncs=rounds, outer_lr=outer_cfg.lr, outer_momentum=outer_cfg.momentum,
+                   **extra)

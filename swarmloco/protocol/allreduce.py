@@ -1,0 +1,227 @@
+"""hivemind's butterfly all-reduce, made exact, strict and observable.
+
+Three changes to hivemind's ``AllReduceRunner`` / ``DecentralizedAverager`` (1.1.12):
+
+1. **Bit-identical results.** hivemind's reducers send back ``average - part`` and each peer adds
+   that delta to its own tensor: ``x + (avg - x)`` differs from ``avg`` in the last bits, and from
+   peer to peer. Our reducers send the averaged part itself (encoded once with the run's codec) and
+   every peer, the reducer included, takes the decoded bytes as they are. Every member of a group
+   therefore ends the round with the same bits.
+2. **Partial results are failures.** When a reducer dies, hivemind keeps each peer's own slice of
+   that part, logs "received 62% results" and reports success: replicas silently diverge. We count
+   the failed parts and fail the round instead (:class:`PartialAllReduce`).
+3. **Our codecs, checked.** Parts are decoded with :func:`swarmloco.compression.hivemind_bridge.decode_part`
+   (tag, size, finite values) instead of hivemind's enum-dispatched deserializer, and the bytes sent
+   and received are counted and returned with the round's gathered metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import BannedException, TensorPartContainer
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
+
+from swarmloco.compression.base import Codec, CodecError
+from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
+
+
+async def _numbered(stream):
+    """Pair each message with its index, so decoding (prefetched in threads) knows which part it is."""
+    index = 0
+    async for item in stream:
+        yield index, item
+        index += 1
+
+
+class PartialAllReduce(AllreduceException):
+    """Some parts of the vector were not averaged (a reducer failed)."""
+
+
+class ExactAllReduceRunner(AllReduceRunner):
+    """Butterfly all-reduce whose outputs are the averaged values themselves, identical on every peer."""
+
+    def __init__(self, *, codec: Codec, tensors: Sequence[torch.Tensor], peer_fractions, **kwargs):
+        part_kwargs = {k: kwargs[k] for k in ("compression", "part_size_bytes", "tensor_infos", "prefetch") if k in kwargs}
+        super().__init__(tensors=tensors, peer_fractions=peer_fractions, **kwargs)
+        self.codec = codec
+        # rebuild the container so that it returns averaged values rather than deltas
+        self.tensor_part_container = TensorPartContainer(tensors, peer_fractions, return_deltas=False, **part_kwargs)
+        self.parts_for_local_averaging = self.tensor_part_container.get_raw_input_parts(
+            self.ordered_peer_ids.index(self.peer_id)
+        )
+        self._part_shapes = [
+            [part.shape for part, _ in self.tensor_part_container._input_parts_by_peer[i]]
+            for i in range(len(self.ordered_peer_ids))
+        ]  # input parts are freed as they are sent: keep their shapes to check what comes back
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _decode(self, message, expected_numel: int) -> torch.Tensor:
+        self.bytes_received += len(message.buffer)
+        return decode_part(message, self.codec, expected_numel)
+
+    async def _communicate_with_peer(self, peer_id):
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        shapes = self._part_shapes[peer_index]
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+                # what the other peers receive for this part: the same codec round trip
+                result = self.codec.roundtrip(averaged_part).reshape(tensor_part.shape)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, result)
+            return
+        try:
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            part_index = 0
+
+            def _try_deserialize(index_and_msg):
+                index, msg = index_and_msg
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                if index >= len(shapes):
+                    raise AllreduceException(f"{peer_id} sent more parts than expected")
+                return self._decode(msg.tensor_part, shapes[index].numel()).reshape(shapes[index])
+
+            async for averaged in amap_in_executor(
+                _try_deserialize, _numbered(aiter_with_timeout(stream, self.reducer_timeout)), max_prefetch=1
+            ):
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(
+                    f"peer {peer_id} sent {part_index} parts, expected {self.tensor_part_container.num_parts_by_peer[peer_index]}"
+                )
+        except BaseException:
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self.bytes_sent += len(message.tensor_part.buffer)
+            yield message
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        shapes = self.tensor_part_reducer.part_shapes
+        try:
+            loop = asyncio.get_event_loop()
+
+            def _decode_msg(index_and_msg):
+                index, msg = index_and_msg
+                if index >= len(shapes):
+                    raise AllreduceException("sender sent more parts than expected")
+                return self._decode(msg.tensor_part, shapes[index].numel()).reshape(shapes[index]), msg.weight
+
+            async for tensor_part, weight in amap_in_executor(_decode_msg, _numbered(stream), max_prefetch=1):
+                if not (weight >= 0 and weight < float("inf")):
+                    raise AllreduceException(f"sender sent invalid weight {weight}")
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                    part_index += 1
+                except BannedException:
+                    break
+                payload = await loop.run_in_executor(None, self.codec.encode, averaged_part)
+                self.bytes_sent += len(payload)
+                yield averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART,
+                    tensor_part=HivemindCodec(self.codec).compress_payload(payload, averaged_part.shape),
+                )
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    @property
+    def failed_size(self) -> int:
+        return self.tensor_part_container.failed_size
+
+
+class SwarmAverager(DecentralizedAverager):
+    """DecentralizedAverager running :class:`ExactAllReduceRunner`; a round's result carries metadata.
+
+    ``step()`` returns ``{"gathered": {peer_id_b58: data}, "bytes_sent": int, "bytes_received": int,
+    "allreduce_s": float, "group_size": int}`` on success and raises on any failure, partial results
+    included.
+    """
+
+    def __init__(self, *args, codec: Codec, **kwargs):
+        self._codec = codec
+        super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
+
+    def set_target_group_size(self, size: int, timeout: float = 10.0) -> None:
+        """Let the next round start as soon as ``size`` peers joined (they passed the ready barrier)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_target_group_size", [], dict(size=int(size), future=future)))
+        future.result(timeout)
+
+    async def _set_target_group_size(self, size: int, future: MPFuture) -> None:
+        try:
+            matchmaking = self._matchmaking
+            matchmaking.target_group_size = size
+            matchmaking.group_key_manager.target_group_size = size
+            matchmaking.potential_leaders.target_group_size = size
+            future.set_result(None)
+        except Exception as e:  # noqa: BLE001
+            if not future.done():
+                future.set_exception(e)
+
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs) -> Any:
+        self._round_stats = {}
+        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        return {
+            "gathered": {peer.to_base58(): data for peer, data in gathered.items()},
+            "group_size": len(group_info.peer_ids),
+            **self._round_stats,
+        }
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        start = time.perf_counter()
+        runner = ExactAllReduceRunner(
+            codec=self._codec,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        if group_id not in self._running_groups:
+            raise AllreduceException(f"group {group_id!r} was not registered")
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+            return
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged.reshape(tensor.shape))
+        if runner.failed_size:
+            total = sum(t.numel() for t in tensors)
+            raise PartialAllReduce(
+                f"only {100 * (1 - runner.failed_size / total):.1f}% of values were averaged: a reducer failed"
+            )
+        self._round_stats = {
+            "bytes_sent": runner.bytes_sent,
+            "bytes_received": runner.bytes_received,
+            "allreduce_s": time.perf_counter() - start,
+        }
+
+
+__all__ = ["ExactAllReduceRunner", "SwarmAverager", "PartialAllReduce", "CodecError"]

@@ -1,0 +1,218 @@
+"""The one adapter around hivemind: DHT, averager and their processes behind a small synchronous API.
+
+Everything hivemind-specific (``DHT``, ``DecentralizedAverager``, ``MPFuture``, ``StepControl``,
+PeerID objects) stays in this module and :mod:`swarmloco.protocol.allreduce`. The node sees:
+
+* :meth:`SwarmTransport.store` / :meth:`SwarmTransport.get`: bytes values under (key, subkey);
+* :meth:`SwarmTransport.start_round`: begins averaging in the background and returns a
+  :class:`RoundHandle`, so a round can run beside training (overlapped outer steps);
+* :class:`RoundOutcome`: a failed round is a value with an ``error`` string, never an exception.
+
+A fake with the same interface lives in ``tests/fakes.py`` for node tests without processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from swarmloco.compression.base import Codec
+from swarmloco.config import SwarmConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one averaging round produced. ``ok`` False means: discard the round, keep the global params."""
+
+    ok: bool
+    error: str | None = None
+    gathered: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each group member's metadata (peer id -> what it passed as ``gather``), identical on all members."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    matchmaking_s: float = 0.0
+    allreduce_s: float = 0.0
+
+    @property
+    def group_size(self) -> int:
+        return len(self.gathered)
+
+
+class RoundHandle(Protocol):
+    def done(self) -> bool: ...
+
+    def result(self) -> RoundOutcome:
+        """Block until the round ends (bounded by the round's own deadlines); write results into outputs."""
+
+
+class Transport(Protocol):
+    """What the node needs from the network (implemented by SwarmTransport and tests' FakeTransport)."""
+
+    peer_id: str
+
+    def visible_maddrs(self) -> list[str]: ...
+
+    def store(self, key: str, subkey: str, value: bytes, expiration_time: float) -> bool: ...
+
+    def get(self, key: str) -> dict[str, bytes]: ...
+
+    def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
+                    gather: dict[str, Any], scheduled_time: float, timeout: float,
+                    expected_group_size: int | None = None) -> RoundHandle: ...
+
+    def shutdown(self) -> None: ...
+
+
+def dht_time() -> float:
+    from hivemind.utils import get_dht_time
+
+    return get_dht_time()
+
+
+class _HivemindRound:
+    def __init__(self, transport: SwarmTransport, control, outputs: Sequence[torch.Tensor], started: float):
+        self._transport, self._control, self._outputs, self._started = transport, control, outputs, started
+
+    def done(self) -> bool:
+        return self._control.done()
+
+    def result(self) -> RoundOutcome:
+        try:
+            info = self._control.result()
+        except BaseException as e:  # noqa: BLE001 - every failure of a round is a value
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            return RoundOutcome(ok=False, error=reason)
+        if not isinstance(info, dict):
+            return RoundOutcome(ok=False, error="averager returned no result")
+        with self._transport.averager.get_tensors() as averaged:
+            for out, avg in zip(self._outputs, averaged):
+                out.copy_(avg)
+        total = time.perf_counter() - self._started
+        allreduce_s = float(info.get("allreduce_s", 0.0))
+        return RoundOutcome(
+            ok=True,
+            gathered={k: v if isinstance(v, dict) else {} for k, v in info["gathered"].items()},
+            bytes_sent=int(info.get("bytes_sent", 0)),
+            bytes_received=int(info.get("bytes_received", 0)),
+            matchmaking_s=max(0.0, total - allreduce_s),
+            allreduce_s=allreduce_s,
+        )
+
+
+class SwarmTransport:
+    """A hivemind DHT node plus a :class:`SwarmAverager` for the run's pseudo-gradients."""
+
+    def __init__(self, cfg: SwarmConfig, *, prefix: str, templates: Sequence[torch.Tensor], codec: Codec,
+                 record_validators: Sequence[Any] = (), identity_path: str | None = None):
+        import hivemind
+
+        from swarmloco.protocol.allreduce import SwarmAverager
+
+        self.cfg = cfg
+        dht_kwargs: dict[str, Any] = dict(
+            initial_peers=list(cfg.initial_peers),
+            host_maddrs=list(cfg.host_maddrs),
+            client_mode=cfg.client_mode,
+            use_relay=cfg.use_relay,
+            use_auto_relay=cfg.use_auto_relay,
+            record_validators=list(record_validators),
+            start=True,
+            startup_timeout=30,
+        )
+        if cfg.announce_maddrs:
+            dht_kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
+        if identity_path:
+            dht_kwargs["identity_path"] = identity_path
+        self.dht = hivemind.DHT(**dht_kwargs)
+        try:
+            self.averager = SwarmAverager(
+                [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates],
+                self.dht,
+                codec=codec,
+                prefix=prefix,
+                start=True,
+                target_group_size=cfg.max_group_size,
+                min_group_size=2,
+                min_matchmaking_time=cfg.matchmaking_time,
+                request_timeout=cfg.request_timeout,
+                allreduce_timeout=cfg.allreduce_timeout,
+                next_chunk_timeout=cfg.next_chunk_timeout,
+                client_mode=cfg.client_mode,
+                shutdown_timeout=5,
+            )
+        except BaseException:
+            self.dht.shutdown()
+            raise
+        self.peer_id = self.dht.peer_id.to_base58()
+        self._target_group_size = cfg.max_group_size
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def store(self, key: str, subkey: str, value: bytes, expiration_time: float) -> bool:
+        try:
+            return bool(self.dht.store(key, value, expiration_time, subkey=subkey))
+        except Exception as e:  # noqa: BLE001 - a DHT hiccup is logged, not fatal
+            logger.warning("DHT store of %s failed: %s", key, e)
+            return False
+
+    def get(self, key: str) -> dict[str, bytes]:
+        """Latest values under a dictionary key, as {subkey: value bytes}; empty when none or on error."""
+        try:
+            found = self.dht.get(key, latest=True)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("DHT get of %s failed: %s", key, e)
+            return {}
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        out = {}
+        for subkey, item in found.value.items():
+            value = getattr(item, "value", None)
+            if isinstance(subkey, str) and isinstance(value, bytes):
+                out[subkey] = value
+        return out
+
+    def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
+                    gather: dict[str, Any], scheduled_time: float, timeout: float,
+                    expected_group_size: int | None = None) -> RoundHandle:
+        target = min(self.cfg.max_group_size, expected_group_size or self.cfg.max_group_size)
+        if target != self._target_group_size:
+            try:
+                self.averager.set_target_group_size(max(2, target))
+                self._target_group_size = target
+            except Exception as e:  # noqa: BLE001 - the round then waits for scheduled_time instead
+                logger.warning("could not set the target group size: %s", e)
+        with self.averager.get_tensors() as buffers:
+            for buf, t in zip(buffers, tensors):
+                buf.copy_(t)
+        started = time.perf_counter()
+        control = self.averager.step(
+            gather=gather, weight=float(weight), scheduled_time=scheduled_time, timeout=timeout,
+            allow_retries=False, wait=False,
+        )
+        return _HivemindRound(self, control, outputs, started)
+
+    def shutdown(self) -> None:
+        """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time."""
+        for part, proc in (("averager", self.averager), ("dht", self.dht)):
+            try:
+                proc.shutdown()
+            except Exception as e:  # noqa: BLE001
+                logger.warning("shutting down the %s failed: %s", part, e)
+            if proc.is_alive():
+                logger.warning("the %s process did not stop in time; killing it", part)
+                proc.kill()
+                proc.join(5)
+
+
+def route_hivemind_logs() -> None:
+    """Send hivemind's log records through the root logger (ours) instead of its own handler."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")

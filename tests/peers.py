@@ -1,0 +1,108 @@
+"""Real peer processes for tests: start, read their round events, stop, and always reap them."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PREFIX = "@@swarmloco "
+
+
+class PeerProcess:
+    """`python -m swarmloco run ...` in its own session, with its JSON events in a queue."""
+
+    def __init__(self, name: str, config: Path, workdir: Path, *args: str, initial_peers: list[str] = ()):
+        self.name = name
+        self.maddrs_file = workdir / f"{name}.maddrs"
+        self.log_path = workdir / f"{name}.log"
+        cmd = [sys.executable, "-m", "swarmloco", "run", str(config), "--json-events",
+               "--maddrs-file", str(self.maddrs_file), *args]
+        for m in initial_peers:
+            cmd += ["--initial-peers", m]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+                                     start_new_session=True)
+        self.events: queue.Queue = queue.Queue()
+        self.rounds: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                try:
+                    self.events.put(json.loads(line[len(PREFIX):]))
+                except json.JSONDecodeError:
+                    pass
+        self.events.put({"type": "exit"})
+
+    def maddrs(self, timeout: float = 60.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while not self.maddrs_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not publish its address in {timeout}s:\n{self.log_text()}")
+            time.sleep(0.05)
+        return [m for m in self.maddrs_file.read_text().split() if m]
+
+    def next_round(self, timeout: float = 120.0) -> dict:
+        """The next round summary this peer reports (raises on exit or timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name}: no round in {timeout}s:\n{self.log_text()}")
+            try:
+                ev = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if ev.get("type") == "exit":
+                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before its next round:\n{self.log_text()}")
+            if ev.get("type") == "round":
+                self.rounds.append(ev)
+                return ev
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-4000:]
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def session_processes(self) -> list[int]:
+        """PIDs still alive in this peer's session (the peer, hivemind's helpers, p2pd)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.getsid(int(entry)) == self.proc.pid:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if f.read().split(")")[-1].split()[0] != "Z":
+                            pids.append(int(entry))
+            except (ProcessLookupError, PermissionError, FileNotFoundError, OSError):
+                continue
+        return pids
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()

@@ -1,0 +1,97 @@
+"""Property tests of the codecs: random shapes, dtypes and block sizes round-trip within bounds;
+random and mutated payloads raise CodecError and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from swarmloco.compression import CodecError, get_codec
+from swarmloco.config import CodecConfig
+
+NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk"]
+LEVELS = {"int8": 127, "int4": 7}
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def tensors(draw):
+    shape = draw(st.lists(st.integers(0, 40), min_size=0, max_size=3))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([0.0, 1e-30, 1e-6, 1.0, 1e4]))
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(int(np.prod(shape, dtype=np.int64))) * scale
+    if draw(st.booleans()):
+        values = values * np.exp(3 * rng.standard_normal(values.shape))  # heavy tails
+    limit = 6e4 if dtype == torch.float16 else 1e30
+    return torch.from_numpy(np.clip(values, -limit, limit)).to(torch.float32).reshape(shape).to(dtype)
+
+
+def make(name: str, block_size: int, fraction: float):
+    return get_codec(CodecConfig(name=name, block_size=block_size, topk_fraction=fraction))
+
+
+@FUZZ
+@given(tensors(), st.sampled_from(NAMES), st.integers(1, 300), st.sampled_from([0.01, 0.3, 1.0]))
+def test_roundtrip_property(x, name, block_size, fraction):
+    c = make(name, block_size, fraction)
+    ref = x.to(torch.float32).reshape(-1)
+    payload = c.encode(x)
+    assert payload == c.encode(x.clone())
+    y = c.decode(payload, ref.numel())
+    assert y.shape == (ref.numel(),) and y.dtype == torch.float32 and bool(torch.isfinite(y).all())
+    if name == "none":
+        assert torch.equal(y, ref)
+    elif name in ("fp16", "bf16"):
+        tol = 2**-11 if name == "fp16" else 2**-8
+        clamped = ref.clamp(-65504, 65504) if name == "fp16" else ref  # fp16 clamps to its range
+        assert bool(((y - clamped).abs() <= clamped.abs() * tol + 6e-8).all())  # 6e-8: fp16 subnormal spacing
+    elif name in LEVELS:
+        pad = (-ref.numel()) % block_size
+        absmax = torch.cat([ref, ref.new_zeros(pad)]).view(-1, block_size).abs().amax(1) if ref.numel() else ref
+        bound = (absmax / (2 * LEVELS[name])).repeat_interleave(block_size)[: ref.numel()]
+        assert bool(((y - ref).abs() <= bound * (1 + 1e-5) + 1e-37).all())
+    elif ref.numel():  # topk: at most the kept count per chunk is nonzero; sent values are close
+        nonzero = y != 0
+        assert bool(((y - ref).abs()[nonzero] <= ref.abs().max() / 254 * (1 + 1e-5) + 1e-37).all())
+        kept = sum(c.keep(min(block_size, ref.numel() - s)) for s in range(0, ref.numel(), block_size))
+        assert int(nonzero.sum()) <= kept
+
+
+@FUZZ
+@given(st.sampled_from(NAMES), st.integers(0, 600), st.binary(max_size=1200), st.integers(1, 300))
+def test_random_bytes_raise_codec_error_only(name, numel, payload, block_size):
+    c = make(name, block_size, 0.05)
+    try:
+        y = c.decode(payload, numel)
+    except CodecError:
+        return
+    assert y.shape == (numel,) and bool(torch.isfinite(y).all())
+
+
+@FUZZ
+@given(st.sampled_from(NAMES), st.integers(0, 700), st.data())
+def test_mutated_payloads_raise_codec_error_only(name, numel, data):
+    block_size = data.draw(st.sampled_from([1, 5, 64, 256, 300]))
+    c = make(name, block_size, data.draw(st.sampled_from([0.02, 0.5])))
+    payload = bytearray(c.encode(torch.randn(numel, generator=torch.Generator().manual_seed(numel))))
+    edit = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
+    if edit == "flip" and payload:
+        for _ in range(data.draw(st.integers(1, 4))):
+            i = data.draw(st.integers(0, len(payload) - 1))
+            payload[i] = data.draw(st.integers(0, 255))
+    elif edit == "truncate":
+        payload = payload[: data.draw(st.integers(0, max(0, len(payload) - 1)))]
+    elif edit == "extend":
+        payload += data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        i = data.draw(st.integers(0, len(payload)))
+        payload[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    try:
+        y = c.decode(bytes(payload), numel)
+    except CodecError:
+        return
+    assert y.shape == (numel,) and bool(torch.isfinite(y).all())

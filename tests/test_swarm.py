@@ -1,0 +1,82 @@
+"""Real peer processes on loopback: the DiLoCo swarm trains one model, bit-identical on every peer."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _start_swarm(spawn, config, n: int, *args: str):
+    first = spawn("peer0", config, "--shard", "0", "--min-peers", str(n), *args)
+    maddrs = first.maddrs()
+    others = [spawn(f"peer{i}", config, "--shard", str(i), "--min-peers", str(n), *args, initial_peers=maddrs[:1])
+              for i in range(1, n)]
+    return [first, *others]
+
+
+def test_three_peers_train_one_model_bit_identically(spawn, write_config) -> None:
+    config = write_config()
+    peers = _start_swarm(spawn, config, 3, "--max-outer-steps", "3")
+    for step in range(1, 4):
+        rounds = [p.next_round(timeout=120) for p in peers]
+        assert all(r["ok"] for r in rounds), [r["error"] for r in rounds]
+        assert [r["outer_step"] for r in rounds] == [step] * 3
+        assert all(r["peers"] == 3 for r in rounds), [r["peers"] for r in rounds]
+        digests = {r["digest"] for r in rounds}
+        assert len(digests) == 1, f"global params diverged after outer step {step}: {digests}"
+        assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in rounds)
+    final = rounds[0]
+    assert math.isfinite(final["eval_loss"]) and final["eval_loss"] < final["initial_eval_loss"]
+    for p in peers:
+        assert p.wait(timeout=60) == 0, p.log_text()
+
+
+def test_peer_with_another_manifest_is_refused_and_swarm_goes_on(spawn, write_config) -> None:
+    good = write_config("good.toml")
+    bad = write_config("bad.toml", inner={"lr": 1e-4})
+    host = spawn("host", good, "--shard", "0", "--max-outer-steps", "1000")
+    maddrs = host.maddrs()
+    assert host.next_round()["ok"]
+    intruder = spawn("intruder", bad, "--shard", "1", initial_peers=maddrs[:1])
+    assert intruder.wait(timeout=90) == 3, intruder.log_text()
+    log = intruder.log_text()
+    assert "refused" in log and "inner.lr" in log, log
+    rounds = [host.next_round(), host.next_round()]
+    assert all(r["ok"] and r["peers"] == 1 for r in rounds)
+    assert host.proc.poll() is None, "the host must not be disturbed"
+    host.signal(signal.SIGTERM)
+    assert host.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_peer_cleanly_with_checkpoint_and_no_orphans(spawn, write_config, tmp_path, sig) -> None:
+    config = write_config()
+    ckpt = tmp_path / "ckpt"
+    peer = spawn("peer", config, "--checkpoint-dir", str(ckpt))
+    peer.maddrs()
+    assert peer.next_round()["ok"]
+    assert len(peer.session_processes()) >= 2, "expected hivemind helper processes beside the peer"
+    t0 = time.monotonic()
+    peer.signal(sig)
+    assert peer.wait(timeout=20) == 0, peer.log_text()
+    assert time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 10
+    while peer.session_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert peer.session_processes() == [], "processes outlived the peer"
+    assert sorted(p.name for p in ckpt.iterdir() if p.suffix == ".pt"), "no checkpoint written on exit"
+
+
+def test_demo_cli_smoke() -> None:
+    proc = subprocess.run([sys.executable, "-m", "swarmloco", "demo", "--peers", "2", "--outer-steps", "2"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("outer")]
+    assert len(lines) == 2 and all("peers 2/2" in line and "in sync" in line for line in lines), proc.stdout

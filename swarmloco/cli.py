@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from swarmloco import __version__
@@ -17,9 +21,13 @@ from swarmloco.config import load_config
 log = logging.getLogger("swarmloco")
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, log_file: str | None = None) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if log_file:
+        logging.basicConfig(level=level, format=fmt, filename=log_file)
+    else:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     logging.getLogger("hivemind").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 
@@ -71,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"swarmloco: --shard {args.shard} is out of range [0, {cfg.data.num_shards})", file=sys.stderr)
         return 2
     return run_peer(cfg, options, json_events=args.json_events, maddrs_file=args.maddrs_file,
-                    status_server_factory=_status_server_factory())
+                    status_server_factory=_status_server_factory(), tui=args.tui)
 
 
 def _status_server_factory():
@@ -96,7 +104,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("swarmloco: --peers, --outer-steps and --inner-steps must be >= 1", file=sys.stderr)
         return 2
     return run_demo(cfg, peers=args.peers, outer_steps=args.outer_steps, inner_steps=args.inner_steps,
-                    workdir=args.workdir)
+                    workdir=args.workdir, tui=args.tui)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from swarmloco.tui import MonitorApp, NodeSource, RecordedSource
+
+    node = swarm = None
+    dht = None
+    if args.replay:
+        node = RecordedSource.from_file(args.replay, key="status", loop=True)
+        swarm = RecordedSource.from_file(args.replay, key="peers", loop=True, clock=time.time)
+    if args.node is not None:
+        node = NodeSource(_port_of(args.node))
+    if args.initial_peers:
+        from swarmloco.protocol.progress import SwarmWatcher
+        from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+
+        route_hivemind_logs()
+        cfg = _load(None, {**_swarm_overrides(args), "swarm.client_mode": True,
+                           "swarm.host_maddrs": args.host_maddrs or ["/ip4/0.0.0.0/tcp/0"]})
+        try:
+            dht = DhtClient(cfg.swarm)
+        except Exception as e:  # noqa: BLE001
+            print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
+            return 1
+        swarm = SwarmWatcher(dht, args.run, ttl=cfg.swarm.heartbeat_ttl)
+    if node is None and swarm is None:
+        print("swarmloco: monitor needs --node PORT, --initial-peers MADDR or --replay FILE", file=sys.stderr)
+        return 2
+    try:
+        MonitorApp(node, swarm).run()
+    finally:
+        if dht is not None:
+            dht.shutdown()
+    return 0
+
+
+def _port_of(value: str) -> int:
+    """--node takes a port or a URL like http://127.0.0.1:8000/status."""
+    text = value.rsplit(":", 1)[-1].split("/")[0] if ":" in value else value
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise SystemExit(f"swarmloco: --node {value!r}: give a port or http://127.0.0.1:PORT")
+    return int(text)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from swarmloco.protocol.identity import Identity
+
+    if Path(args.path).exists() and not args.force:
+        print(f"swarmloco: {args.path} exists (use --force to overwrite)", file=sys.stderr)
+        return 2
+    identity = Identity.generate()
+    identity.write_libp2p_key(args.path)
+    print(f"peer id {identity.libp2p_peer_id()}\npublic key {identity.public_hex}\nwritten to {args.path} (mode 0600)")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    """A DHT-only peer with a stable address: no model, no GPU."""
+    from swarmloco.node.launcher import _install_stop_handlers
+    from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+
+    route_hivemind_logs()
+    overrides = _swarm_overrides(args)
+    overrides["swarm.host_maddrs"] = args.host_maddrs or ["/ip4/0.0.0.0/tcp/31337"]
+    cfg = _load(None, overrides)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        dht = DhtClient(cfg.swarm, identity_path=cfg.swarm.identity_path or None)
+    except Exception as e:  # noqa: BLE001
+        print(f"swarmloco: could not start the bootstrap peer: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        for m in dht.visible_maddrs():
+            print(f"swarmloco: bootstrap peer listening on {m}", file=sys.stderr, flush=True)
+        print("swarmloco: peers join with --initial-peers <one of the addresses above>", file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        dht.shutdown()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML config (default: built-in defaults)")
     p.add_argument("--run-id", default="demo", help="run name (default demo)")
     p.add_argument("--workdir", default=None, help="keep peers' configs and logs here")
+    p.add_argument("--tui", action="store_true", help="watch the local swarm in the terminal monitor")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="start one peer from a config file")
@@ -125,16 +215,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--status-port", type=int, default=None, help="serve status on 127.0.0.1:PORT (0: off)")
     p.add_argument("--json-events", action="store_true", help="print machine-readable round lines on stdout")
+    p.add_argument("--tui", action="store_true", help="show this node in the terminal monitor (logs: --log-file)")
+    p.add_argument("--log-file", default=None, help="write logs here instead of stderr (default with --tui: swarmloco.log)")
     p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
     _add_swarm_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("monitor", help="terminal UI of a node and of the swarm")
+    p.add_argument("--node", default=None, metavar="PORT|URL", help="a node's status endpoint on 127.0.0.1")
+    p.add_argument("--run", default="demo", help="run id whose peers to list (default demo)")
+    p.add_argument("--replay", default=None, metavar="FILE", help="replay a recorded status stream (JSON/JSONL)")
+    _add_swarm_flags(p)
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("keygen", help="make a persistent Ed25519 libp2p identity")
+    p.add_argument("path", help="key file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("bootstrap", help="run a DHT-only peer with a stable address for others to join through")
+    _add_swarm_flags(p)
+    p.set_defaults(func=cmd_bootstrap)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    log_file = getattr(args, "log_file", None) or ("swarmloco.log" if getattr(args, "tui", False)
+                                                  and args.command == "run" else None)
+    _setup_logging(args.verbose, log_file)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,19 +96,34 @@ def format_step_line(step: int, reports: list[dict], n_peers: int) -> str:
             f"round {mean('round_time'):.1f}s | {sync}")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int | None = None,
-             workdir: str | None = None, out=sys.stdout, extra_args: tuple[str, ...] = ()) -> int:
-    """Run the local swarm to completion; returns 0 when every peer exited cleanly."""
+             workdir: str | None = None, out=sys.stdout, extra_args: tuple[str, ...] = (), tui: bool = False) -> int:
+    """Run the local swarm to completion; returns 0 when every peer exited cleanly.
+
+    With ``tui``, peer 0 serves its status on a free local port and ``swarmloco monitor`` takes the
+    terminal; the per-step lines go to ``demo.out`` in the work directory; quitting the monitor
+    stops the swarm.
+    """
     cfg = demo_config(base, peers)
     tmp_ctx = tempfile.TemporaryDirectory(prefix="swarmloco-demo-") if workdir is None else None
     root = Path(workdir or tmp_ctx.name)
     root.mkdir(parents=True, exist_ok=True)
     cfg_path = root / "demo.toml"
     cfg_path.write_text(dump_toml(cfg))
+    status_port = _free_port() if tui else 0
+    monitor = None
+    if tui:
+        out = open(root / "demo.out", "w")
     events: queue.Queue = queue.Queue()
     procs: list[_PeerProc] = []
     stop = threading.Event()
-    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def peer_args(i: int, initial: list[str]) -> list[str]:
         args = [sys.executable, "-m", "swarmloco", "run", str(cfg_path), "--shard", str(i),
@@ -118,6 +134,8 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
             args += ["--initial-peers", m]
         if i == 0:
             args += ["--maddrs-file", str(root / "peer0.maddrs")]
+            if status_port:
+                args += ["--status-port", str(status_port)]
         return args
 
     print(f"swarmloco demo: {peers} peers, {outer_steps} outer steps of "
@@ -134,6 +152,11 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
         initial = [m for m in maddr_file.read_text().split() if m][:1]
         for i in range(1, peers):
             procs.append(_PeerProc(i, peer_args(i, initial), root / f"peer{i}.log", events))
+        if tui:
+            from swarmloco.node.launcher import _stop_when_monitor_quits, start_monitor
+
+            monitor = start_monitor(status_port, initial, cfg.run_id)
+            _stop_when_monitor_quits(monitor, stop)
 
         reports: dict[int, list[dict]] = defaultdict(list)
         alive, printed = set(range(peers)), 0
@@ -154,6 +177,9 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
         for step in sorted(k for k in reports if k > printed):
             print(format_step_line(step, reports[step], peers), file=out, flush=True)
     finally:
+        if monitor is not None and monitor.poll() is None:
+            monitor.terminate()
+            monitor.wait(10)
         if stop.is_set():
             print("swarmloco demo: stopping all peers", file=out, flush=True)
         for p in procs:

@@ -51,7 +51,7 @@ class InnerTrainer:
         self.autocast = device.type == "cuda"
 
     def train(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], max_steps: int,
-              should_stop=lambda: False) -> InnerResult:
+              should_stop=lambda: False, on_step=lambda step: None) -> InnerResult:
         """Run up to ``max_steps`` inner steps (fewer if ``should_stop()`` turns true)."""
         self.model.train()
         start, losses, samples, steps = time.perf_counter(), [], 0, 0
@@ -77,6 +77,7 @@ class InnerTrainer:
             samples += x.shape[0]
             steps += 1
             self.step_count += 1
+            on_step(steps)
         mean = float(torch.stack(losses).float().mean()) if losses else float("nan")
         return InnerResult(steps=steps, samples=samples, mean_loss=mean, seconds=time.perf_counter() - start)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -37,12 +38,28 @@ def _install_stop_handlers(stop: threading.Event) -> None:
               "(leaving the swarm, writing the checkpoint)", file=sys.stderr, flush=True)
         stop.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or SSH session closed
+        signal.signal(sig, handler)
+
+
+def start_monitor(port: int, initial_peers: list[str], run_id: str) -> subprocess.Popen:
+    """``swarmloco monitor`` in the foreground of this terminal, watching a node and its swarm."""
+    args = [sys.executable, "-m", "swarmloco", "monitor", "--node", str(port), "--run", run_id]
+    for m in initial_peers[:1]:
+        args += ["--initial-peers", m]
+    return subprocess.Popen(args)
+
+
+def _stop_when_monitor_quits(monitor: subprocess.Popen, stop: threading.Event) -> None:
+    def watch() -> None:
+        monitor.wait()
+        stop.set()
+
+    threading.Thread(target=watch, name="monitor-watch", daemon=True).start()
 
 
 def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
-             maddrs_file: str | None = None, status_server_factory=None) -> int:
+             maddrs_file: str | None = None, status_server_factory=None, tui: bool = False) -> int:
     """Run one peer until it stops; returns the process exit code."""
     from swarmloco.protocol.transport import SwarmTransport, route_hivemind_logs
 
@@ -62,7 +79,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         return EXIT_ERROR
     _install_stop_handlers(stop)
 
-    status_server = None
+    status_server = monitor = None
     try:
         maddrs = transport.visible_maddrs()
         print(f"swarmloco: peer {transport.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})",
@@ -82,9 +99,12 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         except ValueError as e:  # config that only shows up once the model and data exist
             print(f"swarmloco: {e}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
-        if cfg.status.port and status_server_factory is not None:
+        if (cfg.status.port or tui) and status_server_factory is not None:
             status_server = status_server_factory(board.snapshot, cfg.status.port)
             print(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status", file=sys.stderr, flush=True)
+        if tui and status_server is not None:
+            monitor = start_monitor(status_server.port, maddrs, manifest.run_id)
+            _stop_when_monitor_quits(monitor, stop)
         try:
             steps = peer.run()
         except ManifestMismatch as e:
@@ -93,6 +113,9 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         logger.info("stopped after %d outer steps (now at outer step %d)", steps, peer.outer_step)
         return EXIT_OK
     finally:
+        if monitor is not None and monitor.poll() is None:
+            monitor.terminate()
+            monitor.wait(10)
         if status_server is not None:
             status_server.close()
         transport.shutdown()

@@ -107,6 +107,8 @@ class Peer:
         self._averaged = [torch.zeros_like(p) for p in self.global_params]
         self._samples_since_sync = 0
         self._last_sps = 0.0
+        self._last_round_bytes: int | None = None
+        self._known_peers: set[str] = set()
         self._state = "joining"
         self._heartbeat_thread: threading.Thread | None = None
         self.board.update(
@@ -122,6 +124,7 @@ class Peer:
             samples=self._samples_since_sync, samples_per_second=self._last_sps,
             maddrs=tuple(self.transport.visible_maddrs()[:4]),
             round_time=self.board.get("last_round_time"),
+            bytes_per_round=self._last_round_bytes,
         )
 
     def announce(self) -> None:
@@ -145,9 +148,18 @@ class Peer:
                 self._publish_manifest()
             try:
                 peers = self.tracker.fetch()
-                self.board.update(peers_online=len(peers), swarm=[p.to_dict() for p in peers])
             except Exception as e:  # noqa: BLE001
                 logger.debug("progress fetch failed: %s", e)
+                continue
+            self.board.update(peers_online=len(peers), swarm=[p.to_dict() for p in peers])
+            self._note_membership({p.peer_id for p in peers} - {self.transport.peer_id})
+
+    def _note_membership(self, others: set[str]) -> None:
+        for peer_id in sorted(others - self._known_peers):
+            self.board.event("peer_joined", f"peer {peer_id[-8:]} joined")
+        for peer_id in sorted(self._known_peers - others):
+            self.board.event("peer_left", f"peer {peer_id[-8:]} left (no heartbeat for {self.cfg.swarm.heartbeat_ttl:.0f}s)")
+        self._known_peers = others
 
     def _set_state(self, state: str) -> None:
         self._state = state
@@ -238,11 +250,12 @@ class Peer:
         t0 = time.perf_counter()
         self._set_state("training")
         self.tracker.publish(self._progress())
-        result = self.inner.train(self.batches, self.H, should_stop=self.stop.is_set)
+        result = self.inner.train(self.batches, self.H, should_stop=self.stop.is_set,
+                                  on_step=lambda i: self.board.update(inner_step=i))
         self._samples_since_sync += result.samples
         if result.seconds > 0 and result.steps:
             self._last_sps = result.samples / result.seconds
-        self.board.update(inner_step=self.inner.step_count, train_loss=result.mean_loss,
+        self.board.update(inner_steps_total=self.inner.step_count, train_loss=result.mean_loss,
                           samples_per_second=self._last_sps)
         if self.stop.is_set():
             return
@@ -286,6 +299,7 @@ class Peer:
         eval_loss = evaluate(self.model, self.eval_set, self.device) if outcome.ok else float("nan")
         round_time = time.perf_counter() - t0
         self.board.add(bytes_sent_total=outcome.bytes_sent, bytes_received_total=outcome.bytes_received)
+        self._last_round_bytes = outcome.bytes_sent + outcome.bytes_received
         fp32_bytes = 4 * sum(p.numel() for p in self.global_params)
         last_round = {
             "outer_step": self.outer_step, "ok": outcome.ok, "peers": max(1, outcome.group_size),

@@ -66,11 +66,15 @@ class RunManifest:
 
     @property
     def run_key(self) -> str:
-        """Where peers publish the manifest itself, under the run's name only."""
-        return f"sl_{self.run_id}_manifest"
+        return run_key(self.run_id)
 
     def to_bytes(self) -> bytes:
         return canonical_bytes({"v": SCHEMA_VERSION, "hash": self.hash, "manifest": self.data})
+
+
+def run_key(run_id: str) -> str:
+    """Where peers publish the manifest itself, under the run's name only."""
+    return f"sl_{run_id}_manifest"
 
 
 def manifest_from_bytes(raw: bytes) -> RunManifest | None:

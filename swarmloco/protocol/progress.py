@@ -98,3 +98,24 @@ class ProgressTracker:
             if now - rec.time <= self.ttl and rec.state != "stopped":
                 out.append(rec)
         return sorted(out, key=lambda r: r.peer_id)
+
+
+class SwarmWatcher:
+    """Everyone's heartbeats for a run, whatever manifests its peers use (for the monitor)."""
+
+    def __init__(self, transport: Transport, run_id: str, ttl: float = 10.0, clock: Callable[[], float] = time.time):
+        from swarmloco.protocol.manifest import run_key
+
+        self.transport, self.ttl, self.clock = transport, ttl, clock
+        self.run_key = run_key(run_id)
+
+    def fetch(self) -> list[dict]:
+        from swarmloco.protocol.manifest import manifest_from_bytes
+
+        manifests = {m.hash: m for m in map(manifest_from_bytes, self.transport.get(self.run_key).values()) if m}
+        peers: list[dict] = []
+        for manifest in manifests.values():
+            tracker = ProgressTracker(self.transport, f"{manifest.key_prefix}_progress", self.ttl, self.clock)
+            for rec in tracker.fetch():
+                peers.append({**rec.to_dict(), "manifest": manifest.short})
+        return peers

@@ -127,8 +127,8 @@ class SwarmTransport:
         )
         if cfg.announce_maddrs:
             dht_kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
-        if identity_path:
-            dht_kwargs["identity_path"] = identity_path
+        if identity_path:  # hivemind's "identity taken?" probe only parses RSA keys: ours are Ed25519
+            dht_kwargs.update(identity_path=identity_path, check_if_identity_free=False)
         self.dht = hivemind.DHT(**dht_kwargs)
         try:
             self.averager = SwarmAverager(
@@ -209,6 +209,37 @@ class SwarmTransport:
                 logger.warning("the %s process did not stop in time; killing it", part)
                 proc.kill()
                 proc.join(5)
+
+
+class DhtClient:
+    """A DHT-only hivemind node (no averager): for the monitor (client mode) and bootstrap peers."""
+
+    def __init__(self, cfg: SwarmConfig, *, identity_path: str | None = None):
+        import hivemind
+
+        kwargs: dict[str, Any] = dict(
+            initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.host_maddrs), client_mode=cfg.client_mode,
+            use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay, start=True, startup_timeout=30,
+        )
+        if cfg.announce_maddrs:
+            kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
+        if identity_path:
+            kwargs.update(identity_path=identity_path, check_if_identity_free=False)
+        self.dht = hivemind.DHT(**kwargs)
+        self.peer_id = self.dht.peer_id.to_base58()
+
+    visible_maddrs = SwarmTransport.visible_maddrs
+    store = SwarmTransport.store
+    get = SwarmTransport.get
+
+    def shutdown(self) -> None:
+        try:
+            self.dht.shutdown()
+        except Exception as e:  # noqa: BLE001
+            logger.warning("shutting down the dht failed: %s", e)
+        if self.dht.is_alive():
+            self.dht.kill()
+            self.dht.join(5)
 
 
 def route_hivemind_logs() -> None:

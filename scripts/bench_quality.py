@@ -4,6 +4,8 @@ Arms (all on the same corpus, same inner AdamW hyperparameters, cosine schedule 
 
 * ``dp-k{K}-s{seed}``  -- synchronous data parallel, K workers (one AdamW on a K-times batch), per seed;
 * ``diloco-k{K}-H{H}-olr{lr}`` -- DiLoCo, K simulated workers, outer Nesterov(lr, momentum 0.9);
+* ``diloco-k{K}-H{H}-olr{lr}-{codec}`` -- the same with each pseudo-gradient sent through a codec
+  (``--codecs``; error feedback per worker for lossy codecs; 'none' is the plain fp32 arm above);
 * ``single-s{seed}``   -- one worker, same steps as DP: K times fewer tokens (a reference only).
 
 Each worker of an arm trains on its own shard; DP and DiLoCo see the same batches. The held-out loss
@@ -13,6 +15,7 @@ sends (ring all-reduce of fp32 values: DP every step, DiLoCo every H steps).
     python scripts/bench_quality.py                 # full run (~13 min on one x86 CPU core)
     python scripts/bench_quality.py --quick         # smoke run, < 60 s
     python scripts/bench_quality.py --H 100 --outer-lr 0.7 0.5 --reuse   # add arms to an existing JSON
+    python scripts/bench_quality.py --H 100 --codecs int8 int4 --reuse --no-single   # codec arms
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from swarmloco.config import DataConfig, InnerConfig, ModelConfig, OuterConfig
+from swarmloco.compression.registry import codec_names, get_codec
+from swarmloco.config import CodecConfig, DataConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.node.data import Corpus
-from swarmloco.node.simulate import run_data_parallel, run_diloco
+from swarmloco.node.simulate import codec_transform, run_data_parallel, run_diloco
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--H", type=int, nargs="+", default=[25, 100], help="DiLoCo inner steps per round")
     ap.add_argument("--outer-lr", type=float, nargs="+", default=[0.7], help="DiLoCo outer lr(s)")
+    ap.add_argument("--codecs", nargs="+", default=["none"], choices=codec_names(),
+                    help="pseudo-gradient codec(s) for the DiLoCo arms ('none' = fp32, no suffix)")
+    ap.add_argument("--no-error-feedback", action="store_true", help="lossy codecs without error feedback")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                     help="DP seeds (init + data stream); DiLoCo and single use the first")
     ap.add_argument("--eval-batches", type=int, default=32)
@@ -123,8 +130,15 @@ def main(argv=None) -> int:
         arm(dp_names[-1], run_data_parallel, corpus, model_cfg, inner_cfg, workers=k, seed=seed, **common)
     for H in args.H:
         for olr in args.outer_lr:
-            arm(f"diloco-k{k}-H{H}-olr{olr:g}", run_diloco, corpus, model_cfg, inner_cfg,
-                OuterConfig(lr=olr, momentum=0.9), workers=k, H=H, seed=args.seeds[0], **common)
+            for name in args.codecs:
+                codec = get_codec(CodecConfig(name=name))
+                suffix = "" if name == "none" else f"-{name}" + ("-noef" if args.no_error_feedback else "")
+                arm_name = f"diloco-k{k}-H{H}-olr{olr:g}{suffix}"
+                arm(arm_name, run_diloco, corpus, model_cfg, inner_cfg,
+                    OuterConfig(lr=olr, momentum=0.9), workers=k, H=H, seed=args.seeds[0],
+                    transform=None if name == "none" else codec_transform(codec, k, not args.no_error_feedback),
+                    bytes_per_value=codec.info.bits_per_value / 8, **common)
+                results[arm_name].setdefault("codec", name)
     if not args.no_single:
         arm(f"single-s{args.seeds[0]}", run_data_parallel, corpus, model_cfg, inner_cfg, workers=1,
             seed=args.seeds[0], **common)

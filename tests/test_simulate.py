@@ -8,7 +8,9 @@ from swarmloco.config import DataConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.node.data import Corpus
 from swarmloco.node.inner_loop import InnerTrainer
 from swarmloco.node.model import GPT
-from swarmloco.node.simulate import allreduce_bytes_per_worker, run_data_parallel, run_diloco
+from swarmloco.compression.registry import get_codec
+from swarmloco.config import CodecConfig
+from swarmloco.node.simulate import allreduce_bytes_per_worker, codec_transform, run_data_parallel, run_diloco
 
 MODEL = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 DATA = DataConfig(num_shards=4, batch_size=8, eval_batches=4)
@@ -83,3 +85,27 @@ def test_data_parallel_runs_and_counts_bytes():
     assert [p["step"] for p in res["curve"]] == [0, 5, 10]
     assert res["final_eval_loss"] < res["curve"][0]["eval_loss"]
     assert res["bytes_sent_per_worker"] == steps * 2 * (2 - 1) / 2 * res["num_params"] * 4
+
+
+def test_codec_transform_none_is_exactly_no_transform():
+    """The 'none' (fp32) codec through codec_transform reproduces the untransformed run bit for bit;
+    a lossy codec (int4, with error feedback) still trains and is counted at its bits per value."""
+    torch.set_num_threads(1)
+    corpus, steps, H, k = _corpus(), 6, 2, 2
+    inner = InnerConfig(warmup_steps=1, total_steps=steps)
+    outer = OuterConfig(lr=0.7, momentum=0.9)
+    common = dict(workers=k, steps=steps, H=H, seed=1, keep_model=True)
+    plain = run_diloco(corpus, MODEL, inner, outer, **common)
+    codec = get_codec(CodecConfig(name="none"))
+    coded = run_diloco(corpus, MODEL, inner, outer, transform=codec_transform(codec, k),
+                       bytes_per_value=codec.info.bits_per_value / 8, **common)
+    assert coded["final_eval_loss"] == plain["final_eval_loss"]
+    assert coded["bytes_sent_per_worker"] == plain["bytes_sent_per_worker"]
+    for a, b in zip(coded["model"].parameters(), plain["model"].parameters()):
+        assert torch.equal(a, b)
+
+    int4 = get_codec(CodecConfig(name="int4"))
+    lossy = run_diloco(corpus, MODEL, inner, outer, transform=codec_transform(int4, k),
+                       bytes_per_value=int4.info.bits_per_value / 8, **common)
+    assert lossy["final_eval_loss"] < lossy["curve"][0]["eval_loss"]
+    assert lossy["bytes_sent_per_worker"] == plain["bytes_sent_per_worker"] * int4.info.bits_per_value / 32

@@ -21,8 +21,9 @@ def _start_swarm(spawn, config, n: int, *args: str):
     return [first, *others]
 
 
-def test_three_peers_train_one_model_bit_identically(spawn, write_config) -> None:
-    config = write_config()
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_three_peers_train_one_model_bit_identically(spawn, write_config, codec) -> None:
+    config = write_config(codec={"name": codec})
     peers = _start_swarm(spawn, config, 3, "--max-outer-steps", "3")
     for step in range(1, 4):
         rounds = [p.next_round(timeout=120) for p in peers]

@@ -103,7 +103,8 @@ def _free_port() -> int:
 
 
 def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int | None = None,
-             workdir: str | None = None, out=sys.stdout, extra_args: tuple[str, ...] = (), tui: bool = False) -> int:
+             workdir: str | None = None, out=sys.stdout, extra_args: tuple[str, ...] = (), tui: bool = False,
+             collect: list[dict] | None = None) -> int:
     """Run the local swarm to completion; returns 0 when every peer exited cleanly.
 
     With ``tui``, peer 0 serves its status on a free local port and ``swarmloco monitor`` takes the
@@ -168,6 +169,8 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
             if ev.get("type") == "exit":
                 alive.discard(index)
             elif ev.get("type") == "round":
+                if collect is not None:
+                    collect.append({"peer": index, **ev})
                 reports[int(ev["outer_step"]) if ev.get("ok") else -1].append(ev)
                 if not ev.get("ok"):
                     print(f"  peer {index}: round failed: {ev.get('error')}", file=out, flush=True)

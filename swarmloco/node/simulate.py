@@ -40,7 +40,9 @@ from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
 from swarmloco.node.model import GPT, num_params
 from swarmloco.outer_optim.nesterov import OuterNesterov, apply_outer_step
 
-__all__ = ["allreduce_bytes_per_worker", "run_data_parallel", "run_diloco", "PseudoGradTransform"]
+__all__ = [
+    "allreduce_bytes_per_worker", "codec_transform", "run_data_parallel", "run_diloco", "PseudoGradTransform",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,32 @@ PseudoGradTransform = Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
 """``transform(worker_index, pseudo_grad_tensors) -> tensors`` of the same shapes."""
 
 CPU = torch.device("cpu")
+
+
+def codec_transform(codec, workers: int, error_feedback: bool = True) -> PseudoGradTransform:
+    """A :data:`PseudoGradTransform` sending each pseudo-gradient tensor through ``codec``.
+
+    Per worker and tensor: error-feedback compensate -> ``codec.roundtrip`` -> error-feedback update
+    (one :class:`~swarmloco.compression.error_feedback.ErrorFeedback` per worker). Feedback is used only
+    if ``error_feedback`` and the codec is lossy; a lossless codec returns its input values unchanged.
+    Pair it with ``bytes_per_value=codec.info.bits_per_value / 8`` in :func:`run_diloco`.
+    """
+    from swarmloco.compression.error_feedback import ErrorFeedback
+
+    use_ef = error_feedback and codec.info.lossy
+    feedback = [ErrorFeedback() for _ in range(workers)] if use_ef else None
+
+    def transform(worker: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, t in enumerate(tensors):
+            x = feedback[worker].compensate(i, t) if use_ef else t.detach().to(torch.float32)
+            sent = codec.roundtrip(x.cpu()).to(device=t.device, dtype=t.dtype)
+            if use_ef:
+                feedback[worker].update(i, x, sent)
+            out.append(sent)
+        return out
+
+    return transform
 
 
 def allreduce_bytes_per_worker(payload_values: int, workers: int, bytes_per_value: float = 4.0) -> float:

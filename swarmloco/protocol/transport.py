@@ -69,12 +69,6 @@ class Transport(Protocol):
     def shutdown(self) -> None: ...
 
 
-def dht_time() -> float:
-    from hivemind.utils import get_dht_time
-
-    return get_dht_time()
-
-
 class _HivemindRound:
     def __init__(self, transport: SwarmTransport, control, outputs: Sequence[torch.Tensor], started: float):
         self._transport, self._control, self._outputs, self._started = transport, control, outputs, started

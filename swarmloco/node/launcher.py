@@ -110,6 +110,9 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         except ManifestMismatch as e:
             print(f"swarmloco: refused: {e}", file=sys.stderr, flush=True)
             return EXIT_MANIFEST
+        except FloatingPointError as e:  # the local model diverged: say so in one line, leave cleanly
+            print(f"swarmloco: stopping: {e}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
         logger.info("stopped after %d outer steps (now at outer step %d)", steps, peer.outer_step)
         return EXIT_OK
     finally:

@@ -282,7 +282,7 @@ class Peer:
 
         t2 = time.perf_counter()
         if outcome.ok:
-            if self.error_feedback is not None:
+            if self.error_feedback is not None and outcome.group_size > 1:  # alone, nothing was compressed
                 for i, sent in enumerate(to_send):
                     self.error_feedback.update(i, sent, self.codec.roundtrip(sent))
             apply_outer_step(self.outer_opt, self.global_params, self._averaged)

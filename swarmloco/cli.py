@@ -163,7 +163,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """A DHT-only peer with a stable address: no model, no GPU."""
-    from swarmloco.node.launcher import _install_stop_handlers
+    from swarmloco.node.launcher import install_stop_handlers
     from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
 
     route_hivemind_logs()
@@ -177,7 +177,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print(f"swarmloco: could not start the bootstrap peer: {e}", file=sys.stderr)
         return 1
     stop = threading.Event()
-    _install_stop_handlers(stop)
+    install_stop_handlers(stop)
     try:
         for m in dht.visible_maddrs():
             print(f"swarmloco: bootstrap peer listening on {m}", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from swarmloco.config import RunConfig, dump_toml
+from swarmloco.node.launcher import start_monitor, stop_monitor
 from swarmloco.node.status import JsonLinesReporter
 
 STARTUP_TIMEOUT = 90.0
@@ -154,10 +155,7 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
         for i in range(1, peers):
             procs.append(_PeerProc(i, peer_args(i, initial), root / f"peer{i}.log", events))
         if tui:
-            from swarmloco.node.launcher import _stop_when_monitor_quits, start_monitor
-
-            monitor = start_monitor(status_port, initial, cfg.run_id)
-            _stop_when_monitor_quits(monitor, stop)
+            monitor = start_monitor(status_port, initial, cfg.run_id, stop)
 
         reports: dict[int, list[dict]] = defaultdict(list)
         alive, printed = set(range(peers)), 0
@@ -180,9 +178,7 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
         for step in sorted(k for k in reports if k > printed):
             print(format_step_line(step, reports[step], peers), file=out, flush=True)
     finally:
-        if monitor is not None and monitor.poll() is None:
-            monitor.terminate()
-            monitor.wait(10)
+        stop_monitor(monitor)
         if stop.is_set():
             print("swarmloco demo: stopping all peers", file=out, flush=True)
         for p in procs:

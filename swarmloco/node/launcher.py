@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_MANIFEST = 0, 1, 2, 3
 
 
-def _install_stop_handlers(stop: threading.Event) -> None:
+def install_stop_handlers(stop: threading.Event) -> None:
     def handler(signum, frame):
         if stop.is_set():
             print("swarmloco: second signal, exiting now", file=sys.stderr, flush=True)
@@ -42,20 +42,25 @@ def _install_stop_handlers(stop: threading.Event) -> None:
         signal.signal(sig, handler)
 
 
-def start_monitor(port: int, initial_peers: list[str], run_id: str) -> subprocess.Popen:
-    """``swarmloco monitor`` in the foreground of this terminal, watching a node and its swarm."""
+def start_monitor(port: int, initial_peers: list[str], run_id: str, stop: threading.Event) -> subprocess.Popen:
+    """``swarmloco monitor`` in the foreground of this terminal; quitting it sets ``stop``."""
     args = [sys.executable, "-m", "swarmloco", "monitor", "--node", str(port), "--run", run_id]
     for m in initial_peers[:1]:
         args += ["--initial-peers", m]
-    return subprocess.Popen(args)
+    monitor = subprocess.Popen(args)
 
-
-def _stop_when_monitor_quits(monitor: subprocess.Popen, stop: threading.Event) -> None:
     def watch() -> None:
         monitor.wait()
         stop.set()
 
     threading.Thread(target=watch, name="monitor-watch", daemon=True).start()
+    return monitor
+
+
+def stop_monitor(monitor: subprocess.Popen | None) -> None:
+    if monitor is not None and monitor.poll() is None:
+        monitor.terminate()
+        monitor.wait(10)
 
 
 def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
@@ -77,7 +82,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         signal.signal(signal.SIGINT, old_int)
         print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr)
         return EXIT_ERROR
-    _install_stop_handlers(stop)
+    install_stop_handlers(stop)
 
     status_server = monitor = None
     try:
@@ -103,8 +108,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
             status_server = status_server_factory(board.snapshot, cfg.status.port)
             print(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status", file=sys.stderr, flush=True)
         if tui and status_server is not None:
-            monitor = start_monitor(status_server.port, maddrs, manifest.run_id)
-            _stop_when_monitor_quits(monitor, stop)
+            monitor = start_monitor(status_server.port, maddrs, manifest.run_id, stop)
         try:
             steps = peer.run()
         except ManifestMismatch as e:
@@ -116,9 +120,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         logger.info("stopped after %d outer steps (now at outer step %d)", steps, peer.outer_step)
         return EXIT_OK
     finally:
-        if monitor is not None and monitor.poll() is None:
-            monitor.terminate()
-            monitor.wait(10)
+        stop_monitor(monitor)
         if status_server is not None:
             status_server.close()
         transport.shutdown()

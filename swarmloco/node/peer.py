@@ -109,6 +109,7 @@ class Peer:
         self._last_sps = 0.0
         self._last_round_bytes: int | None = None
         self._known_peers: set[str] = set()
+        self._maddrs = tuple(transport.visible_maddrs()[:4])  # asked once: each call is an RPC to the DHT process
         self._state = "joining"
         self._heartbeat_thread: threading.Thread | None = None
         self.board.update(
@@ -122,7 +123,7 @@ class Peer:
         return PeerProgress(
             peer_id=self.transport.peer_id, outer_step=self.outer_step, state=self._state, time=time.time(),
             samples=self._samples_since_sync, samples_per_second=self._last_sps,
-            maddrs=tuple(self.transport.visible_maddrs()[:4]),
+            maddrs=self._maddrs,
             round_time=self.board.get("last_round_time"),
             bytes_per_round=self._last_round_bytes,
         )

@@ -8,7 +8,7 @@ PeerID objects) stays in this module and :mod:`swarmloco.protocol.allreduce`. Th
   :class:`RoundHandle`, so a round can run beside training (overlapped outer steps);
 * :class:`RoundOutcome`: a failed round is a value with an ``error`` string, never an exception.
 
-A fake with the same interface lives in ``tests/fakes.py`` for node tests without processes.
+The node depends only on the :class:`Transport` protocol, so an in-memory fake can stand in for it.
 """
 
 from __future__ import annotations

@@ -142,9 +142,15 @@ class OuterConfig:
     """Outer momentum (DiLoCo: 0.9)."""
     nesterov: bool = True
     """Nesterov momentum (DiLoCo) rather than heavy-ball."""
+    target_samples: int = 0
+    """Swarm-wide samples per outer step: a round starts when the live peers together processed this
+    many since the last one (each weighted by its own samples), so slow peers contribute fewer inner
+    steps instead of making everyone wait. 0: every peer runs inner.steps steps per round."""
 
     def __post_init__(self) -> None:
         _positive("outer.lr", self.lr)
+        _check(isinstance(self.target_samples, int) and self.target_samples >= 0, "outer.target_samples",
+               self.target_samples, "must be an integer >= 0")
         _check(0.0 <= self.momentum < 1.0, "outer.momentum", self.momentum, "must be in [0, 1)")
         _check(isinstance(self.nesterov, bool), "outer.nesterov", self.nesterov, "must be true or false")
         _check(not self.nesterov or self.momentum > 0, "outer.nesterov", self.nesterov, "needs momentum > 0")
@@ -206,6 +212,12 @@ class SwarmConfig:
     """A peer whose last heartbeat is older than this is considered gone."""
     identity_path: str = ""
     """Ed25519 identity file; empty makes a fresh identity each start."""
+    round_retries: int = 2
+    """Times a failed round (a peer died mid-all-reduce) is re-run at once among the survivors."""
+    retry_grace: float = 1.0
+    """Seconds a re-run waits for round members that have not reported the failure yet."""
+    state_timeout: float = 30.0
+    """A peer serving its state that sends nothing for this many seconds is dropped for the next one."""
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -216,8 +228,11 @@ class SwarmConfig:
                "must be an integer >= 1")
         _check(isinstance(self.max_group_size, int) and self.max_group_size >= 2, "swarm.max_group_size",
                self.max_group_size, "must be an integer >= 2")
+        _check(isinstance(self.round_retries, int) and self.round_retries >= 0, "swarm.round_retries",
+               self.round_retries, "must be an integer >= 0")
+        _non_negative("swarm.retry_grace", self.retry_grace)
         for name in ("ready_timeout", "matchmaking_time", "request_timeout", "allreduce_timeout",
-                     "next_chunk_timeout", "heartbeat_period", "heartbeat_ttl"):
+                     "next_chunk_timeout", "heartbeat_period", "heartbeat_ttl", "state_timeout"):
             _positive(f"swarm.{name}", getattr(self, name))
         _check(self.heartbeat_ttl > self.heartbeat_period, "swarm.heartbeat_ttl", self.heartbeat_ttl,
                "must exceed heartbeat_period")

@@ -44,8 +44,9 @@ def spawn(tmp_path: Path):
     """Start peer processes; every one of them (and its process group) is killed at teardown."""
     started: list[PeerProcess] = []
 
-    def start(name: str, config: Path, *args: str, initial_peers: list[str] = ()) -> PeerProcess:
-        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers)
+    def start(name: str, config: Path, *args: str, initial_peers: list[str] = (),
+              env: dict[str, str] | None = None) -> PeerProcess:
+        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers, env=env)
         started.append(peer)
         return peer
 

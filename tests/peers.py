@@ -18,7 +18,8 @@ PREFIX = "@@swarmloco "
 class PeerProcess:
     """`python -m swarmloco run ...` in its own session, with its JSON events in a queue."""
 
-    def __init__(self, name: str, config: Path, workdir: Path, *args: str, initial_peers: list[str] = ()):
+    def __init__(self, name: str, config: Path, workdir: Path, *args: str, initial_peers: list[str] = (),
+                 env: dict[str, str] | None = None):
         self.name = name
         self.maddrs_file = workdir / f"{name}.maddrs"
         self.log_path = workdir / f"{name}.log"
@@ -26,12 +27,13 @@ class PeerProcess:
                "--maddrs-file", str(self.maddrs_file), *args]
         for m in initial_peers:
             cmd += ["--initial-peers", m]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.log = open(self.log_path, "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
                                      start_new_session=True)
         self.events: queue.Queue = queue.Queue()
         self.rounds: list[dict] = []
+        self.seen: list[dict] = []  # events passed over while waiting for something else
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -69,6 +71,38 @@ class PeerProcess:
             if ev.get("type") == "round":
                 self.rounds.append(ev)
                 return ev
+            self.seen.append(ev)
+
+    def wait_event(self, kind: str, timeout: float = 120.0) -> dict:
+        """The next ``{"type": "event", "kind": kind}`` line (rounds read meanwhile go to ``rounds``)."""
+        for ev in self.seen:
+            if ev.get("kind") == kind:
+                self.seen.remove(ev)
+                return ev
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name}: no {kind!r} event in {timeout}s:\n{self.log_text()}")
+            try:
+                ev = self.events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if ev.get("type") == "exit":
+                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before a {kind!r} event:\n{self.log_text()}")
+            if ev.get("type") == "round":
+                self.rounds.append(ev)
+            elif ev.get("kind") == kind:
+                return ev
+            else:
+                self.seen.append(ev)
+
+    def signal_session(self, sig: int) -> None:
+        """Signal every process of the peer (a frozen or powered-off machine, not just the main process)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def log_text(self) -> str:
         self.log.flush()

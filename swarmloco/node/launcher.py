@@ -5,6 +5,10 @@ swarm, writes its checkpoint and shuts hivemind's DHT, averager and p2pd down. S
 while hivemind starts its helper processes, so a terminal's Ctrl-C (sent to the whole process
 group) reaches only this process, which then stops its children in order instead of leaving them
 half-dead. A second signal exits at once.
+
+If the peer itself dies without a chance to clean up (SIGKILL, OOM killer), its hivemind helper
+processes die with it: they are forked with ``PR_SET_PDEATHSIG`` (Linux). hivemind's p2pd daemon
+exits on its own once its client has been gone for its idle timeout.
 """
 
 from __future__ import annotations
@@ -27,6 +31,30 @@ from swarmloco.protocol.manifest import ManifestMismatch, RunManifest
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_MANIFEST = 0, 1, 2, 3
+
+
+def die_with_parent() -> None:
+    """Make every process forked from now on (hivemind's DHT and averager) get SIGKILL when we die."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    forking = [0]
+
+    def before() -> None:
+        forking[0] = os.getpid()
+
+    def in_child() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != forking[0]:  # the parent died between fork and prctl
+            os._exit(1)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -74,6 +102,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
     codec = get_codec(cfg.codec)
     templates = [p.detach() for p in GPT(cfg.model, seed=cfg.seed).parameters()]
 
+    die_with_parent()
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children (and p2pd) inherit "ignore"
     try:
         transport = SwarmTransport(cfg.swarm, prefix=manifest.key_prefix, templates=templates, codec=codec,

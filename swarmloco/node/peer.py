@@ -8,8 +8,14 @@ State a peer keeps (DiLoCo, arXiv:2311.08105):
 
 One outer step: H inner steps -> pseudo-gradient ``global - local`` -> averaged over the round's
 peers (weighted by samples) -> outer step on ``global_params`` -> local model := global params.
-A failed round changes nothing global: the local model keeps its inner progress and the next
-round's pseudo-gradient carries it.
+A failed round is re-run at once among the survivors (:mod:`swarmloco.node.sync`); if it still
+fails, nothing global changes: the local model keeps its inner progress and the next round's
+pseudo-gradient carries it. A peer behind the swarm (late join, restart, failed round while its group
+committed, woken from SIGSTOP) adopts the swarm's state (:mod:`swarmloco.node.state_sync`) and
+drops its unfinished inner work: the local model restarts from the adopted global parameters.
+
+Rounds start after ``inner.steps`` inner steps, or, with ``outer.target_samples``, as soon as the
+live peers at this outer step processed that many samples together (tracked in their heartbeats).
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ from swarmloco.node.checkpoint import CheckpointError, latest_checkpoint, save_c
 from swarmloco.node.data import Corpus, shard_for_peer
 from swarmloco.node.inner_loop import InnerTrainer, evaluate
 from swarmloco.node.model import GPT, num_params
+from swarmloco.node.state_sync import (DIGEST_CHARS, StateError, Target, choose_target, pack_state, params_digest,
+                                       state_bytes, unpack_state)
 from swarmloco.node.status import StatusBoard
-from swarmloco.node.sync import Synchronizer
+from swarmloco.node.sync import READY_STATES, Synchronizer
 from swarmloco.outer_optim import OuterNesterov, apply_outer_step
+from swarmloco.protocol import faults
 from swarmloco.protocol.manifest import RunManifest, check_against_swarm, manifest_from_bytes
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import Transport
@@ -45,16 +54,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-def params_digest(params: list[torch.Tensor]) -> str:
-    """sha256 of the exact bytes of a parameter list (replicas in sync have equal digests)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -112,6 +111,14 @@ class Peer:
         self._maddrs = tuple(transport.visible_maddrs()[:4])  # asked once: each call is an RPC to the DHT process
         self._state = "joining"
         self._heartbeat_thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # global params, momentum and outer step change together under it
+        self.digest = params_digest(self.global_params)
+        self._behind = threading.Event()  # the heartbeat saw the swarm ahead: stop inner steps, catch up
+        self._round_due = threading.Event()  # target_samples mode: the swarm has done enough samples
+        self._swarm_samples = 0
+        self._attempt = 0  # which try of the current round (heartbeats say it)
+        transport.set_state_provider(self._serve_state)
+        self._step_delay = faults.inner_step_delay()  # injected slowness (tests); 0 normally
         self.board.update(
             peer_id=transport.peer_id, run_id=self.manifest.run_id, manifest_hash=self.manifest.hash,
             device=str(self.device), inner_steps_per_round=self.H, shard=self.shard, outer_step=0, inner_step=0,
@@ -126,6 +133,7 @@ class Peer:
             maddrs=self._maddrs,
             round_time=self.board.get("last_round_time"),
             bytes_per_round=self._last_round_bytes,
+            digest=self.digest[:DIGEST_CHARS], attempt=self._attempt,
         )
 
     def announce(self) -> None:
@@ -142,7 +150,7 @@ class Peer:
     def _heartbeat_loop(self) -> None:
         beats = 0
         while not self.stop.wait(self.cfg.swarm.heartbeat_period):
-            if self._state in ("training", "joining"):
+            if self._state != "stopped":  # also while averaging: a long round must not look like a dead peer
                 self.tracker.publish(self._progress())
             beats += 1
             if beats % 10 == 0:
@@ -154,6 +162,25 @@ class Peer:
                 continue
             self.board.update(peers_online=len(peers), swarm=[p.to_dict() for p in peers])
             self._note_membership({p.peer_id for p in peers} - {self.transport.peer_id})
+            self._check_swarm(peers)
+
+    def _check_swarm(self, peers: list[PeerProgress]) -> None:
+        """While training: stop early if the swarm is ahead of us, or (target_samples) the round is due."""
+        step, state = self.outer_step, self._state
+        if state != "training":
+            return
+        if self.sync.behind(peers, step, self.digest) is not None and self.outer_step == step:
+            self._behind.set()
+        if self.cfg.outer.target_samples:
+            now, me = time.time(), self.transport.peer_id
+            others = [p for p in self.sync.live(peers) if p.peer_id != me and p.outer_step == step]
+            total = sum(p.samples + (p.samples_per_second * max(0.0, now - p.time) if p.state == "training" else 0)
+                        for p in others)
+            if self.outer_step != step:  # the round ended while we looked: these counts are stale
+                return
+            self._swarm_samples = int(total)
+            if any(p.state in READY_STATES for p in others) or total + self._samples_since_sync >= self.cfg.outer.target_samples:
+                self._round_due.set()  # someone saw the target reached, or we do: join the round now
 
     def _note_membership(self, others: set[str]) -> None:
         for peer_id in sorted(others - self._known_peers):
@@ -187,6 +214,7 @@ class Peer:
         if state.get("error_feedback") and self.error_feedback is not None:
             self.error_feedback.load_state_dict(state["error_feedback"])
         self.outer_step = int(state["outer_step"])
+        self.digest = params_digest(self.global_params)
         self.board.update(outer_step=self.outer_step)
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,6 +227,62 @@ class Peer:
             "inner_optimizer": self.inner.optimizer.state_dict(),
             "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
         }
+
+    def _serve_state(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a peer downloading our state gets (runs in hivemind's fetch thread: a consistent copy)."""
+        with self._lock:
+            momentum = [self.outer_opt.state.get(g, {}).get("momentum_buffer") for g in self.global_params]
+            return pack_state(self.global_params, momentum, self.outer_step, self.manifest.hash, self.digest)
+
+    def catch_up(self, target: Target) -> bool:
+        """Download and adopt the state of the lineage ``target`` names; False if no source served it."""
+        prior = self._state
+        self._set_state("joining")  # not serving a state while replacing it
+        max_bytes = int(state_bytes(self.global_params) * 1.05) + (1 << 20)
+        errors: list[str] = []
+        try:
+            for source in target.sources:
+                got, errs = self.transport.download_state([source], timeout=self.cfg.swarm.state_timeout,
+                                                          max_bytes=max_bytes)
+                errors += errs
+                if got is None:
+                    continue
+                try:
+                    adopted = unpack_state(got.metadata, got.tensors, manifest_hash=self.manifest.hash,
+                                           templates=self.global_params, target=target)
+                except StateError as e:
+                    logger.error("state from peer %s rejected: %s", source[-8:], e)
+                    errors.append(f"{source[-8:]}: {e}")
+                    continue
+                self._adopt(adopted.params, adopted.momentum, adopted.outer_step, adopted.digest)
+                self.board.add(state_downloads=1, state_bytes_received=got.bytes)
+                self.board.event("state_downloaded",
+                                 f"adopted outer step {adopted.outer_step} from peer {source[-8:]} "
+                                 f"({got.bytes / 1e6:.1f} MB in {got.seconds:.2f}s)")
+                logger.info("adopted the swarm's state at outer step %d from %s (%.1f MB in %.2fs)",
+                            adopted.outer_step, source[-8:], got.bytes / 1e6, got.seconds)
+                return True
+            logger.warning("could not download the swarm's state at outer step %d: %s", target.outer_step,
+                           "; ".join(errors) or "no source")
+            self.board.event("state_download_failed", f"outer step {target.outer_step}: {'; '.join(errors)[:200]}")
+            return False
+        finally:
+            self._set_state(prior if prior != "joining" else "training")
+
+    def _adopt(self, params: list[torch.Tensor], momentum: list[torch.Tensor] | None, outer_step: int,
+               digest: str) -> None:
+        with self._lock:
+            for g, p in zip(self.global_params, params):
+                g.copy_(p)
+            self.outer_opt.state.clear()
+            if momentum is not None:
+                for g, m in zip(self.global_params, momentum):
+                    self.outer_opt.state[g]["momentum_buffer"] = m.clone()
+            self.outer_step, self.digest = outer_step, digest
+        self._copy_global_into_model()  # unfinished inner work is dropped: restart from the adopted params
+        self._samples_since_sync = 0
+        self.inner.step_count = max(self.inner.step_count, outer_step * self.H)  # the LR schedule's position
+        self.board.update(outer_step=outer_step)
 
     def maybe_resume(self) -> None:
         if not (self.options.resume and self.cfg.checkpoint.dir):
@@ -228,6 +312,11 @@ class Peer:
         self.announce()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
+        target = self.sync.behind(self.tracker.fetch(), self.outer_step, self.digest)
+        if target is not None:  # late joiner, or a restart older than the swarm
+            logger.info("the swarm is at outer step %d, this peer at %d: downloading its state",
+                        target.outer_step, self.outer_step)
+            self.catch_up(target)
         start_step = self.outer_step
         initial_eval = evaluate(self.model, self.eval_set, self.device)
         self.initial_eval_loss = initial_eval
@@ -247,13 +336,28 @@ class Peer:
             self.write_checkpoint()
         return self.outer_step - start_step
 
+    def _should_stop_training(self) -> bool:
+        if self.stop.is_set() or self._behind.is_set() or self._round_due.is_set():
+            return True
+        target = self.cfg.outer.target_samples
+        return bool(target) and self._samples_since_sync + self._swarm_samples >= target
+
+    def _count_samples(self, step: int) -> None:
+        self._samples_since_sync += self.cfg.data.batch_size
+        if self._step_delay:
+            self.stop.wait(self._step_delay)
+        self.board.update(inner_step=step)
+
     def one_outer_step(self) -> None:
         t0 = time.perf_counter()
+        self._behind.clear()
+        self._round_due.clear()
+        self._swarm_samples = 0  # the others' count for this step comes with their next heartbeats
         self._set_state("training")
         self.tracker.publish(self._progress())
-        result = self.inner.train(self.batches, self.H, should_stop=self.stop.is_set,
-                                  on_step=lambda i: self.board.update(inner_step=i))
-        self._samples_since_sync += result.samples
+        max_steps = self.H if not self.cfg.outer.target_samples else 1 << 40  # the swarm's samples end it
+        result = self.inner.train(self.batches, max_steps, should_stop=self._should_stop_training,
+                                  on_step=self._count_samples)
         if result.seconds > 0 and result.steps:
             self._last_sps = result.samples / result.seconds
         self.board.update(inner_steps_total=self.inner.step_count, train_loss=result.mean_loss,
@@ -274,21 +378,43 @@ class Peer:
 
         self._set_state("ready")
         t1 = time.perf_counter()
-        handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged, self._samples_since_sync)
-        logger.info("outer step %d: %d peer(s) ready after %.1fs%s", self.outer_step, len(barrier.ready),
-                    barrier.waited_s, " (timed out)" if barrier.timed_out else "")
-        self._set_state("averaging")
-        outcome = self.sync.decide(handle.result(), self.outer_step)
+        attempt, barrier_s = 0, 0.0
+        while True:
+            self._attempt = attempt
+            handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged, self._samples_since_sync,
+                                              attempt)
+            barrier_s += barrier.waited_s
+            if handle is None:  # the swarm is ahead of us: adopt its state, drop this round's inner work
+                self._catch_up_instead_of_round(barrier.behind, result, t0)
+                return
+            logger.info("outer step %d: %d peer(s) ready after %.1fs%s%s", self.outer_step, len(barrier.ready),
+                        barrier.waited_s, " (timed out)" if barrier.timed_out else "",
+                        f" (re-run {attempt})" if attempt else "")
+            self._set_state("averaging")
+            outcome = self.sync.decide(handle.result(), self.outer_step)
+            if outcome.ok or len(barrier.ready) <= 1 or attempt >= self.cfg.swarm.round_retries or self.stop.is_set():
+                break
+            self.sync.note_failure(outcome)
+            attempt += 1
+            self.board.add(rounds_retried=1)
+            self.board.event("round_retry", f"outer step {self.outer_step}: {outcome.error}; re-running it"
+                             + (f" without {', '.join(s[-8:] for s in outcome.suspects)}" if outcome.suspects else ""))
+            logger.warning("round for outer step %d failed (%s); re-running it among the survivors",
+                           self.outer_step, outcome.error)
+            self._set_state("ready")
         sync_s = time.perf_counter() - t1
+        self._attempt = 0
 
         t2 = time.perf_counter()
         if outcome.ok:
             if self.error_feedback is not None and outcome.group_size > 1:  # alone, nothing was compressed
                 for i, sent in enumerate(to_send):
                     self.error_feedback.update(i, sent, self.codec.roundtrip(sent))
-            apply_outer_step(self.outer_opt, self.global_params, self._averaged)
+            with self._lock:
+                apply_outer_step(self.outer_opt, self.global_params, self._averaged)
+                self.outer_step += 1
+                self.digest = params_digest(self.global_params)
             self._copy_global_into_model()
-            self.outer_step += 1
             self._samples_since_sync = 0
             self.board.add(rounds_ok=1)
         else:
@@ -304,10 +430,10 @@ class Peer:
         fp32_bytes = 4 * sum(p.numel() for p in self.global_params)
         last_round = {
             "outer_step": self.outer_step, "ok": outcome.ok, "peers": max(1, outcome.group_size),
-            "compute_s": compute_s, "barrier_s": barrier.waited_s, "matchmaking_s": outcome.matchmaking_s,
+            "compute_s": compute_s, "barrier_s": barrier_s, "matchmaking_s": outcome.matchmaking_s,
             "allreduce_s": outcome.allreduce_s, "outer_step_s": outer_s, "bytes_sent": outcome.bytes_sent,
             "bytes_received": outcome.bytes_received, "compression_ratio": 1.0 / self.codec.expected_ratio(),
-            "error": outcome.error,
+            "error": outcome.error, "attempts": attempt + 1, "inner_steps": result.steps,
         }
         self.board.update(outer_step=self.outer_step, eval_loss=eval_loss, last_round=last_round,
                           last_round_time=round_time, rss_bytes=_rss_bytes(),
@@ -317,11 +443,25 @@ class Peer:
             "train_loss": result.mean_loss, "eval_loss": eval_loss, "peers": max(1, outcome.group_size),
             "samples_per_second": self._last_sps, "bytes_sent": outcome.bytes_sent,
             "bytes_received": outcome.bytes_received, "round_time": round_time, "sync_s": sync_s,
-            "digest": params_digest(self.global_params), "error": outcome.error, "fp32_bytes": fp32_bytes,
-            "initial_eval_loss": self.initial_eval_loss,
+            "digest": self.digest, "error": outcome.error, "fp32_bytes": fp32_bytes,
+            "initial_eval_loss": self.initial_eval_loss, "attempts": attempt + 1, "inner_steps": result.steps,
+            "samples": result.samples, "adopted": False,
         })
         if outcome.ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
             self.write_checkpoint()
+
+    def _catch_up_instead_of_round(self, target: Target, result, t0: float) -> None:
+        ok = self.catch_up(target)
+        eval_loss = evaluate(self.model, self.eval_set, self.device) if ok else float("nan")
+        self.board.update(outer_step=self.outer_step, eval_loss=eval_loss)
+        self.board.round_done({
+            "peer_id": self.transport.peer_id, "outer_step": self.outer_step, "ok": ok, "adopted": True,
+            "train_loss": result.mean_loss, "eval_loss": eval_loss, "peers": 1, "samples_per_second": self._last_sps,
+            "bytes_sent": 0, "bytes_received": 0, "round_time": time.perf_counter() - t0, "sync_s": 0.0,
+            "digest": self.digest, "error": None if ok else "could not download the swarm's state",
+            "fp32_bytes": 4 * sum(p.numel() for p in self.global_params), "initial_eval_loss": self.initial_eval_loss,
+            "attempts": 0, "inner_steps": result.steps, "samples": result.samples,
+        })
 
 
 def _rss_bytes() -> int:

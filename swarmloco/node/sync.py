@@ -14,6 +14,17 @@ Life of a round for outer step ``r`` (see ARCHITECTURE.md):
    reducer, a partial result, a bad part - is a :class:`RoundOutcome` with ``ok=False``.
 
 A peer alone at its step (nobody else live) skips the network and commits its own pseudo-gradient.
+
+**Failures.** When a round fails (a peer died mid-all-reduce), the survivors re-run it at once
+(``attempt`` 1, 2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. The failed
+reducers are *suspects*: the re-run's barrier does not wait for them, nor does any later one until
+they heartbeat again (a frozen peer that wakes up is welcome back). Peers of the round that have not
+reported the failure yet are waited for at most ``swarm.retry_grace`` seconds.
+
+**Behind the swarm.** The barrier also checks the lineage rule of :mod:`swarmloco.node.state_sync`:
+if live peers hold a later outer step (or the same one with parameters most of the swarm agrees on
+and this peer does not), the barrier returns ``behind`` and the peer downloads their state instead
+of averaging.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from swarmloco.config import SwarmConfig
+from swarmloco.node.state_sync import Target, choose_target
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import RoundHandle, RoundOutcome, Transport
 
@@ -41,6 +53,8 @@ class BarrierResult:
     """Peer ids ready for this round (this peer included)."""
     waited_s: float
     timed_out: bool
+    behind: Target | None = None
+    """Set when the swarm is ahead of this peer: adopt that state instead of averaging."""
 
 
 class _LocalRound:
@@ -69,21 +83,53 @@ class Synchronizer:
         self.stop = stop or threading.Event()
         self.clock, self.poll_interval = clock, poll_interval
         self.rounds_joined = 0
+        self.suspects: dict[str, float] = {}
+        """Peers that failed a round -> when; ignored until they heartbeat after that time."""
 
-    def wait_for_peers(self, outer_step: int) -> BarrierResult:
-        """Block until the round's peers are ready (bounded by ready_timeout)."""
+    # ----- who failed ---------------------------------------------------------------------------
+    def note_failure(self, outcome: RoundOutcome) -> None:
+        """Remember the round's failed reducers until they heartbeat again."""
+        now = self.clock()
+        for peer_id in outcome.suspects:
+            if peer_id != self.transport.peer_id:
+                self.suspects[peer_id] = now
+
+    def live(self, peers: Sequence[PeerProgress]) -> list[PeerProgress]:
+        """Peers minus suspects; a suspect that heartbeats after it was suspected is alive again."""
+        out = []
+        for p in peers:
+            since = self.suspects.get(p.peer_id)
+            if since is not None and p.time > since:
+                self.suspects.pop(p.peer_id, None)
+                since = None
+            if since is None:
+                out.append(p)
+        return out
+
+    def behind(self, peers: Sequence[PeerProgress], outer_step: int, digest: str) -> Target | None:
+        return choose_target(self.live(peers), self.transport.peer_id, outer_step, digest)
+
+    # ----- the barrier --------------------------------------------------------------------------
+    def wait_for_peers(self, outer_step: int, attempt: int = 0) -> BarrierResult:
+        """Block until the round's peers are ready (bounded by ready_timeout, or retry_grace on a re-run)."""
         start = self.clock()
         deadline = start + self.cfg.ready_timeout
         need = self.cfg.min_peers if self.rounds_joined == 0 else 1
         me = self.transport.peer_id
         while True:
-            self.tracker.publish(replace(self.heartbeat(), state="ready", outer_step=outer_step, time=self.clock()))
-            peers = self.tracker.fetch()
+            mine = replace(self.heartbeat(), state="ready", outer_step=outer_step, attempt=attempt, time=self.clock())
+            self.tracker.publish(mine)
+            peers = self.live(self.tracker.fetch())
+            target = choose_target(peers, me, outer_step, mine.digest)
+            if target is not None:
+                return BarrierResult((me,), self.clock() - start, timed_out=False, behind=target)
             at_step = [p for p in peers if p.outer_step == outer_step or p.peer_id == me]
-            ready = sorted({p.peer_id for p in at_step if p.state in READY_STATES} | {me})
+            ready = sorted({p.peer_id for p in at_step if p.state in READY_STATES and p.attempt >= attempt} | {me})
             # peers still finishing the previous round will be at this step in a moment: wait for them too
             finishing = [p for p in peers if p.outer_step == outer_step - 1 and p.state in READY_STATES]
             waiting_for = [p.peer_id for p in at_step + finishing if p.peer_id not in ready]
+            if attempt > 0 and self.clock() - start >= self.cfg.retry_grace:
+                waiting_for = []  # a re-run goes on with the survivors that reported the failure in time
             if len(ready) >= need and not waiting_for:
                 return BarrierResult(tuple(ready), self.clock() - start, timed_out=False)
             if self.clock() >= deadline or self.stop.is_set():
@@ -93,17 +139,25 @@ class Synchronizer:
             self.stop.wait(self.poll_interval)
 
     def start(self, outer_step: int, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-              samples: int) -> tuple[RoundHandle, BarrierResult]:
-        """Barrier, then begin averaging ``tensors`` into ``outputs``; returns at once after the barrier."""
-        barrier = self.wait_for_peers(outer_step)
+              samples: int, attempt: int = 0) -> tuple[RoundHandle | None, BarrierResult]:
+        """Barrier, then begin averaging ``tensors`` into ``outputs``; returns at once after the barrier.
+
+        The handle is None when the barrier found this peer behind the swarm (``barrier.behind``).
+        """
+        barrier = self.wait_for_peers(outer_step, attempt)
+        if barrier.behind is not None:
+            return None, barrier
         self.rounds_joined += 1
         gather = {"outer_step": int(outer_step), "samples": int(samples)}
         if len(barrier.ready) <= 1:
             return _LocalRound(tensors, outputs, self.transport.peer_id, gather), barrier
-        self.tracker.publish(replace(self.heartbeat(), state="averaging", outer_step=outer_step, time=self.clock()))
+        self.tracker.publish(replace(self.heartbeat(), state="averaging", outer_step=outer_step, attempt=attempt,
+                                     time=self.clock()))
         scheduled = self.clock() + self.cfg.matchmaking_time
         find_timeout = self.cfg.matchmaking_time + 2 * self.cfg.request_timeout + 5.0
-        handle = self.transport.start_round(tensors, outputs, weight=max(1, samples), gather=gather,
+        # weighted by samples; a peer that did no step since the last round still takes part (to stay in
+        # sync) with a weight that leaves the average as it is
+        handle = self.transport.start_round(tensors, outputs, weight=max(1e-3, float(samples)), gather=gather,
                                             scheduled_time=scheduled, timeout=find_timeout,
                                             expected_group_size=len(barrier.ready))
         return handle, barrier

@@ -10,7 +10,9 @@ Three changes to hivemind's ``AllReduceRunner`` / ``DecentralizedAverager`` (1.1
 2. **Partial results are failures.** When a reducer dies, hivemind keeps each peer's own slice of
    that part, logs "received 62% results" and reports success: replicas silently diverge. We count
    the failed parts and fail the round instead (:class:`PartialAllReduce`).
-3. **Our codecs, checked.** Parts are decoded with :func:`swarmloco.compression.hivemind_bridge.decode_part`
+3. **Who failed is known.** The failed reducers' peer ids travel with the exception
+   (``PartialAllReduce.suspects``), so the survivors can re-run the round without waiting for them.
+4. **Our codecs, checked.** Parts are decoded with :func:`swarmloco.compression.hivemind_bridge.decode_part`
    (tag, size, finite values) instead of hivemind's enum-dispatched deserializer, and the bytes sent
    and received are counted and returned with the round's gathered metadata.
 """
@@ -24,13 +26,18 @@ from typing import Any, AsyncIterator, Sequence
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import BannedException, TensorPartContainer
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
+from hivemind.utils.streaming import combine_from_streaming
 
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
+from swarmloco.protocol import faults
 
 
 async def _numbered(stream):
@@ -42,7 +49,14 @@ async def _numbered(stream):
 
 
 class PartialAllReduce(AllreduceException):
-    """Some parts of the vector were not averaged (a reducer failed)."""
+    """Some parts of the vector were not averaged (a reducer failed). ``suspects``: the failed reducers."""
+
+    def __init__(self, message: str, suspects: Sequence[str] = ()):
+        super().__init__(message, tuple(suspects))  # both in args, so they survive pickling across processes
+        self.suspects = tuple(suspects)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -63,6 +77,8 @@ class ExactAllReduceRunner(AllReduceRunner):
         ]  # input parts are freed as they are sent: keep their shapes to check what comes back
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.failed_peers: list[str] = []
+        self._hang = faults.next_allreduce_hangs()
 
     def _decode(self, message, expected_numel: int) -> torch.Tensor:
         self.bytes_received += len(message.buffer)
@@ -107,6 +123,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                     f"peer {peer_id} sent {part_index} parts, expected {self.tensor_part_container.num_parts_by_peer[peer_index]}"
                 )
         except BaseException:
+            self.failed_peers.append(peer_id.to_base58())
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
@@ -137,6 +154,10 @@ class ExactAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break
+                if self._hang:  # injected fault (tests): a reducer that has its inputs and never answers
+                    self._hang = False
+                    faults.announce("reducer hanging in the middle of an all-reduce")
+                    await asyncio.sleep(3600)
                 payload = await loop.run_in_executor(None, self.codec.encode, averaged_part)
                 self.bytes_sent += len(payload)
                 yield averaging_pb2.AveragingData(
@@ -162,7 +183,66 @@ class SwarmAverager(DecentralizedAverager):
 
     def __init__(self, *args, codec: Codec, **kwargs):
         self._codec = codec
+        self.state_provider = None
+        """Called in the host process when a peer downloads our state: returns (metadata, tensors)."""
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
+
+    # ----- state sharing (late joiners, restarts, peers that fell behind) -----------------------
+    def get_current_state(self):
+        """Runs in the host process (hivemind's fetch thread) when a peer asks for our state."""
+        if self.state_provider is None:
+            raise RuntimeError("this peer has no state to share yet")
+        metadata, tensors = self.state_provider()
+        return metadata, tensors, None
+
+    def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int) -> dict:
+        """Download the state of the first of ``peer_ids`` that serves it.
+
+        Returns ``{"peer", "metadata", "tensors", "bytes", "seconds", "errors"}``, or only ``errors``
+        when no peer served a state. Each peer's stream is bounded by ``timeout`` per message and by
+        ``max_bytes`` in all.
+        """
+        future = MPFuture()
+        self._outer_pipe.send(("_download_state", [], dict(peer_ids=list(peer_ids), timeout=timeout,
+                                                            max_bytes=max_bytes, future=future)))
+        return future.result(timeout * (len(peer_ids) + 1) + 30)
+
+    async def _download_state(self, peer_ids: list, timeout: float, max_bytes: int, future: MPFuture) -> None:
+        errors: list[str] = []
+        try:
+            for peer_b58 in peer_ids:
+                start = time.perf_counter()
+                try:
+                    peer = PeerID.from_base58(peer_b58)
+                    if peer == self.peer_id:
+                        continue
+                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+                    stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
+                    metadata, tensors, parts, nbytes = None, [], [], 0
+                    async for message in aiter_with_timeout(stream, timeout=timeout):
+                        nbytes += len(message.tensor_part.buffer) + len(message.metadata)
+                        if nbytes > max_bytes:
+                            raise ValueError(f"sent more than the {max_bytes} bytes a state of this run takes")
+                        if message.metadata:
+                            metadata = self.serializer.loads(message.metadata)
+                        if message.tensor_part.dtype and parts:
+                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                            parts = []
+                        parts.append(message.tensor_part)
+                    if parts:
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    if metadata is None:
+                        errors.append(f"{peer_b58[-8:]}: sent no state")
+                        continue
+                    future.set_result(dict(peer=peer_b58, metadata=metadata, tensors=tensors, bytes=nbytes,
+                                           seconds=time.perf_counter() - start, errors=errors))
+                    return
+                except Exception as e:  # noqa: BLE001 - a bad or dead source: try the next one
+                    errors.append(f"{peer_b58[-8:]}: {type(e).__name__}: {e}")
+            future.set_result(dict(errors=errors))
+        except BaseException as e:  # noqa: BLE001
+            if not future.done():
+                future.set_exception(e)
 
     def set_target_group_size(self, size: int, timeout: float = 10.0) -> None:
         """Let the next round start as soon as ``size`` peers joined (they passed the ready barrier)."""
@@ -183,7 +263,12 @@ class SwarmAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs) -> Any:
         self._round_stats = {}
-        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        try:
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        except MatchmakingException as e:  # hivemind re-wraps every failure: keep ours, with its suspects
+            if isinstance(e.__context__, PartialAllReduce):
+                raise e.__context__ from None
+            raise
         return {
             "gathered": {peer.to_base58(): data for peer, data in gathered.items()},
             "group_size": len(group_info.peer_ids),
@@ -214,8 +299,11 @@ class SwarmAverager(DecentralizedAverager):
             tensor.copy_(averaged.reshape(tensor.shape))
         if runner.failed_size:
             total = sum(t.numel() for t in tensors)
+            suspects = sorted(set(runner.failed_peers))
             raise PartialAllReduce(
-                f"only {100 * (1 - runner.failed_size / total):.1f}% of values were averaged: a reducer failed"
+                f"only {100 * (1 - runner.failed_size / total):.1f}% of values were averaged: "
+                f"reducer(s) {', '.join(p[-8:] for p in suspects) or '?'} failed",
+                suspects,
             )
         self._round_stats = {
             "bytes_sent": runner.bytes_sent,

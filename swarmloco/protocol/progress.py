@@ -39,6 +39,10 @@ class PeerProgress:
     maddrs: tuple[str, ...] = ()
     round_time: float | None = None
     bytes_per_round: int | None = None
+    digest: str = ""
+    """First 16 hex digits of sha256 of the peer's global params at ``outer_step`` (equal across replicas)."""
+    attempt: int = 0
+    """Which try of the round for ``outer_step`` this peer is in (a failed round is re-run among survivors)."""
     extra: dict = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
@@ -63,11 +67,13 @@ class PeerProgress:
                 maddrs=tuple(str(m) for m in obj.get("maddrs", ())),
                 round_time=None if obj.get("round_time") is None else float(obj["round_time"]),
                 bytes_per_round=None if obj.get("bytes_per_round") is None else int(obj["bytes_per_round"]),
+                digest=str(obj.get("digest", ""))[:64],
+                attempt=int(obj.get("attempt", 0)),
                 extra=dict(obj.get("extra") or {}),
             )
         except Exception:  # noqa: BLE001 - hostile or stale-schema bytes are ignored
             return None
-        if rec.state not in STATES or rec.outer_step < 0 or not math.isfinite(rec.time):
+        if rec.state not in STATES or rec.outer_step < 0 or rec.attempt < 0 or not math.isfinite(rec.time):
             return None
         return rec
 

@@ -6,7 +6,9 @@ PeerID objects) stays in this module and :mod:`swarmloco.protocol.allreduce`. Th
 * :meth:`SwarmTransport.store` / :meth:`SwarmTransport.get`: bytes values under (key, subkey);
 * :meth:`SwarmTransport.start_round`: begins averaging in the background and returns a
   :class:`RoundHandle`, so a round can run beside training (overlapped outer steps);
-* :class:`RoundOutcome`: a failed round is a value with an ``error`` string, never an exception.
+* :class:`RoundOutcome`: a failed round is a value with an ``error`` string, never an exception;
+* :meth:`SwarmTransport.set_state_provider` / :meth:`SwarmTransport.download_state`: serve this
+  peer's state to others and fetch another peer's (late join, restart, a peer that fell behind).
 
 The node depends only on the :class:`Transport` protocol, so an in-memory fake can stand in for it.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -38,10 +40,23 @@ class RoundOutcome:
     bytes_received: int = 0
     matchmaking_s: float = 0.0
     allreduce_s: float = 0.0
+    suspects: tuple[str, ...] = ()
+    """Peers known to have failed this round (dead reducers): a re-run leaves them out."""
 
     @property
     def group_size(self) -> int:
         return len(self.gathered)
+
+
+@dataclass(frozen=True)
+class DownloadedState:
+    """Another peer's state as it came off the wire: not yet checked (the node checks it)."""
+
+    peer_id: str
+    metadata: Any
+    tensors: list[torch.Tensor]
+    bytes: int
+    seconds: float
 
 
 class RoundHandle(Protocol):
@@ -66,6 +81,11 @@ class Transport(Protocol):
                     gather: dict[str, Any], scheduled_time: float, timeout: float,
                     expected_group_size: int | None = None) -> RoundHandle: ...
 
+    def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None: ...
+
+    def download_state(self, peer_ids: Sequence[str], timeout: float,
+                       max_bytes: int) -> tuple[DownloadedState | None, list[str]]: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -81,7 +101,8 @@ class _HivemindRound:
             info = self._control.result()
         except BaseException as e:  # noqa: BLE001 - every failure of a round is a value
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            return RoundOutcome(ok=False, error=reason)
+            suspects = getattr(e, "suspects", ())
+            return RoundOutcome(ok=False, error=reason, suspects=tuple(s for s in suspects if isinstance(s, str)))
         if not isinstance(info, dict):
             return RoundOutcome(ok=False, error="averager returned no result")
         with self._transport.averager.get_tensors() as averaged:
@@ -191,6 +212,22 @@ class SwarmTransport:
             allow_retries=False, wait=False,
         )
         return _HivemindRound(self, control, outputs, started)
+
+    def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None:
+        """``provider()`` -> (msgpack-able metadata, tensors): what a peer downloading our state receives."""
+        self.averager.state_provider = provider
+
+    def download_state(self, peer_ids: Sequence[str], timeout: float,
+                       max_bytes: int) -> tuple[DownloadedState | None, list[str]]:
+        """Fetch the state of the first of ``peer_ids`` that serves one; (None, errors) if none did."""
+        try:
+            got = self.averager.download_state(peer_ids, timeout=timeout, max_bytes=max_bytes)
+        except Exception as e:  # noqa: BLE001
+            return None, [f"{type(e).__name__}: {e}"]
+        if "metadata" not in got:
+            return None, list(got.get("errors", []))
+        return DownloadedState(got["peer"], got["metadata"], list(got["tensors"]), int(got["bytes"]),
+                               float(got["seconds"])), list(got.get("errors", []))
 
     def shutdown(self) -> None:
         """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time."""

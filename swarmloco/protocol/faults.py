@@ -1,0 +1,42 @@
+"""Injected faults for tests and benchmarks (off unless ``SWARMLOCO_FAULT`` is set).
+
+``SWARMLOCO_FAULT=hang_allreduce:N`` makes this peer's N-th all-reduce (1-based, counted in the
+averager process) hang as a reducer: it takes the others' parts and never sends the average back. It
+prints one
+``@@swarmloco {"type": "event", "kind": "fault", ...}`` line on stdout and hang there. A test that
+reads that line knows the peer is in the middle of an all-reduce and kills it at that exact moment,
+with no sleeps.
+
+``SWARMLOCO_FAULT=slow_steps:SECONDS`` adds SECONDS to each inner step: a slow peer, for the
+heterogeneous-speed tests. Nothing else reads the variable; unset or malformed means no fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ENV = "SWARMLOCO_FAULT"
+_allreduce_count = 0
+
+
+def next_allreduce_hangs() -> bool:
+    """Count one all-reduce; True if this is the one ``hang_allreduce:N`` names."""
+    global _allreduce_count
+    _allreduce_count += 1
+    kind, _, arg = os.environ.get(ENV, "").partition(":")
+    return kind == "hang_allreduce" and arg.isdigit() and int(arg) == _allreduce_count
+
+
+def inner_step_delay() -> float:
+    kind, _, arg = os.environ.get(ENV, "").partition(":")
+    try:
+        return max(0.0, float(arg)) if kind == "slow_steps" else 0.0
+    except ValueError:
+        return 0.0
+
+
+def announce(message: str) -> None:
+    sys.stdout.write("@@swarmloco " + json.dumps({"type": "event", "kind": "fault", "message": message}) + "\n")
+    sys.stdout.flush()

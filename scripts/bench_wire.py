@@ -3,9 +3,10 @@
 Runs a real local swarm (``swarmloco demo`` machinery: N peer processes on loopback) once per
 codec and compares the payload bytes each peer sent per round (counted in the all-reduce runner:
 codec output, including codec headers and scales, excluding protobuf/libp2p framing) with the
-butterfly bound 2(n-1)/n x params x bits/8.
+butterfly bound 2(n-1)/n x params x bits/8 (for the sparse top-k codec, which is all-gathered, with
+(n-1) x params x bits/8: each peer sends its payload to each other one).
 
-    python scripts/bench_wire.py --peers 4 --codecs none fp16 int8 int4 --out runs/bench_wire.json
+    python scripts/bench_wire.py --peers 4 --codecs none fp16 int8 int4 topk --out runs/bench_wire.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from swarmloco.node.model import GPT, num_params
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, default=4)
-    ap.add_argument("--codecs", nargs="+", default=["none", "fp16", "int8", "int4"])
+    ap.add_argument("--codecs", nargs="+", default=["none", "fp16", "int8", "int4", "topk"])
     ap.add_argument("--outer-steps", type=int, default=2)
     ap.add_argument("--inner-steps", type=int, default=5)
     ap.add_argument("--out", default="runs/bench_wire.json")
@@ -44,7 +45,9 @@ def main() -> None:
                         out=io.StringIO(), collect=reports)
         ok = [r for r in reports if r.get("ok") and r.get("peers") == n]
         sent = statistics.median(r["bytes_sent"] for r in ok) if ok else float("nan")
-        bound = 2 * (n - 1) / n * params * codec.info.bits_per_value / 8
+        # butterfly all-reduce: 2(n-1)/n x payload; a sparse codec's all-gather: (n-1) x payload
+        share = 2 * (n - 1) / n if codec.info.summable else n - 1
+        bound = share * params * codec.info.bits_per_value / 8
         fp32 = 2 * (n - 1) / n * params * 4
         row = {"codec": name, "peers": n, "params": params, "exit_code": code, "rounds_ok": len(ok),
                "bytes_sent_per_peer_per_round": sent, "bound_bytes": bound, "overhead": sent / bound - 1,

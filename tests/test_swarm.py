@@ -21,7 +21,7 @@ def _start_swarm(spawn, config, n: int, *args: str):
     return [first, *others]
 
 
-@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("codec", ["none", "int8", "topk"])
 def test_three_peers_train_one_model_bit_identically(spawn, write_config, codec) -> None:
     config = write_config(codec={"name": codec})
     peers = _start_swarm(spawn, config, 3, "--max-outer-steps", "3")

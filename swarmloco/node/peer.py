@@ -98,9 +98,6 @@ class Peer:
         self.tracker = ProgressTracker(transport, f"{self.manifest.key_prefix}_progress", cfg.swarm.heartbeat_ttl)
         self.sync = Synchronizer(transport, self.tracker, cfg.swarm, heartbeat=self._progress, stop=self.stop)
         self.codec = get_codec(cfg.codec)
-        if not self.codec.info.summable:
-            raise ValueError(f"config: codec.name={cfg.codec.name!r} is sparse and needs the all-gather exchange, "
-                             "which the swarm does not run yet; use none, fp16, bf16, int8 or int4")
         self.error_feedback = ErrorFeedback() if (cfg.codec.error_feedback and self.codec.info.lossy) else None
         self._pseudo = [torch.zeros_like(p) for p in self.global_params]
         self._averaged = [torch.zeros_like(p) for p in self.global_params]
@@ -258,7 +255,7 @@ class Peer:
                 self.board.add(state_downloads=1, state_bytes_received=got.bytes)
                 self.board.event("state_downloaded",
                                  f"adopted outer step {adopted.outer_step} from peer {source[-8:]} "
-                                 f"({got.bytes / 1e6:.1f} MB in {got.seconds:.2f}s)")
+                                 f"({got.bytes / 1e6:.2f} MB in {got.seconds:.3f}s)")
                 logger.info("adopted the swarm's state at outer step %d from %s (%.1f MB in %.2fs)",
                             adopted.outer_step, source[-8:], got.bytes / 1e6, got.seconds)
                 return True
@@ -378,7 +375,7 @@ class Peer:
 
         self._set_state("ready")
         t1 = time.perf_counter()
-        attempt, barrier_s = 0, 0.0
+        attempt, barrier_s, retried = 0, 0.0, []
         while True:
             self._attempt = attempt
             handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged, self._samples_since_sync,
@@ -395,6 +392,7 @@ class Peer:
             if outcome.ok or len(barrier.ready) <= 1 or attempt >= self.cfg.swarm.round_retries or self.stop.is_set():
                 break
             self.sync.note_failure(outcome)
+            retried.append(outcome.error)
             attempt += 1
             self.board.add(rounds_retried=1)
             self.board.event("round_retry", f"outer step {self.outer_step}: {outcome.error}; re-running it"
@@ -445,7 +443,7 @@ class Peer:
             "bytes_received": outcome.bytes_received, "round_time": round_time, "sync_s": sync_s,
             "digest": self.digest, "error": outcome.error, "fp32_bytes": fp32_bytes,
             "initial_eval_loss": self.initial_eval_loss, "attempts": attempt + 1, "inner_steps": result.steps,
-            "samples": result.samples, "adopted": False,
+            "samples": result.samples, "adopted": False, "retried": retried,
         })
         if outcome.ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
             self.write_checkpoint()

@@ -16,10 +16,12 @@ Life of a round for outer step ``r`` (see ARCHITECTURE.md):
 A peer alone at its step (nobody else live) skips the network and commits its own pseudo-gradient.
 
 **Failures.** When a round fails (a peer died mid-all-reduce), the survivors re-run it at once
-(``attempt`` 1, 2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. The failed
-reducers are *suspects*: the re-run's barrier does not wait for them, nor does any later one until
+(``attempt`` 1, 2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. Reducers whose
+stream broke are *suspects*: the re-run's barrier does not wait for them, nor does any later one until
 they heartbeat again (a frozen peer that wakes up is welcome back). Peers of the round that have not
-reported the failure yet are waited for at most ``swarm.retry_grace`` seconds.
+reported the failure yet are waited for ``swarm.retry_grace`` seconds, and those still heartbeating
+``averaging`` (inside the failed all-reduce, late because of the dead peer) up to the reducer timeout
+(2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run.
 
 **Behind the swarm.** The barrier also checks the lineage rule of :mod:`swarmloco.node.state_sync`:
 if live peers hold a later outer step (or the same one with parameters most of the swarm agrees on
@@ -111,7 +113,7 @@ class Synchronizer:
 
     # ----- the barrier --------------------------------------------------------------------------
     def wait_for_peers(self, outer_step: int, attempt: int = 0) -> BarrierResult:
-        """Block until the round's peers are ready (bounded by ready_timeout, or retry_grace on a re-run)."""
+        """Block until the round's peers are ready (bounded by ready_timeout; a re-run see _rerun_waits_for)."""
         start = self.clock()
         deadline = start + self.cfg.ready_timeout
         need = self.cfg.min_peers if self.rounds_joined == 0 else 1
@@ -128,8 +130,8 @@ class Synchronizer:
             # peers still finishing the previous round will be at this step in a moment: wait for them too
             finishing = [p for p in peers if p.outer_step == outer_step - 1 and p.state in READY_STATES]
             waiting_for = [p.peer_id for p in at_step + finishing if p.peer_id not in ready]
-            if attempt > 0 and self.clock() - start >= self.cfg.retry_grace:
-                waiting_for = []  # a re-run goes on with the survivors that reported the failure in time
+            if attempt > 0:
+                waiting_for = self._rerun_waits_for(at_step, waiting_for, self.clock() - start)
             if len(ready) >= need and not waiting_for:
                 return BarrierResult(tuple(ready), self.clock() - start, timed_out=False)
             if self.clock() >= deadline or self.stop.is_set():
@@ -137,6 +139,17 @@ class Synchronizer:
                             outer_step, self.clock() - start, len(ready), [p[:12] for p in waiting_for] or f"{need} peers")
                 return BarrierResult(tuple(ready), self.clock() - start, timed_out=True)
             self.stop.wait(self.poll_interval)
+
+    def _rerun_waits_for(self, at_step: Sequence[PeerProgress], waiting_for: list[str], elapsed: float) -> list[str]:
+        """Whom a re-run still waits for: everyone for ``retry_grace``; then only the round's peers still
+        inside the failed all-reduce (heartbeating ``averaging``), which fail within the reducer timeout
+        (2 x next_chunk_timeout) and join. Frozen or dead ones stop heartbeating and drop out by TTL."""
+        if elapsed < self.cfg.retry_grace:
+            return waiting_for
+        if elapsed >= self.cfg.retry_grace + 2 * self.cfg.next_chunk_timeout + 1.0:
+            return []
+        averaging = {p.peer_id for p in at_step if p.state == "averaging"}
+        return [pid for pid in waiting_for if pid in averaging]
 
     def start(self, outer_step: int, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
               samples: int, attempt: int = 0) -> tuple[RoundHandle | None, BarrierResult]:

@@ -10,9 +10,14 @@ Three changes to hivemind's ``AllReduceRunner`` / ``DecentralizedAverager`` (1.1
 2. **Partial results are failures.** When a reducer dies, hivemind keeps each peer's own slice of
    that part, logs "received 62% results" and reports success: replicas silently diverge. We count
    the failed parts and fail the round instead (:class:`PartialAllReduce`).
-3. **Who failed is known.** The failed reducers' peer ids travel with the exception
-   (``PartialAllReduce.suspects``), so the survivors can re-run the round without waiting for them.
-4. **Our codecs, checked.** Parts are decoded with :func:`swarmloco.compression.hivemind_bridge.decode_part`
+3. **Who failed is known.** The peer ids of reducers whose stream broke (the peer is gone) travel
+   with the exception (``PartialAllReduce.suspects``), so the survivors can re-run the round without
+   waiting for them. Reducers that only timed out are named but not suspected: a live peer's reducer
+   is often late *because* another peer died (it waits for the dead peer's parts).
+4. **Sparse codecs all-gather.** A top-k payload does not add up part by part: with a codec that is
+   not ``summable`` the group runs :class:`~swarmloco.protocol.allgather.SparseAllGatherRunner`
+   instead (every member gets every payload and sums them in the group's order).
+5. **Our codecs, checked.** Parts are decoded with :func:`swarmloco.compression.hivemind_bridge.decode_part`
    (tag, size, finite values) instead of hivemind's enum-dispatched deserializer, and the bytes sent
    and received are counted and returned with the round's gathered metadata.
 """
@@ -38,6 +43,8 @@ from hivemind.utils.streaming import combine_from_streaming
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
+from swarmloco.protocol.allgather import SparseAllGatherRunner
+from swarmloco.protocol.errors import PartialAllReduce
 
 
 async def _numbered(stream):
@@ -46,17 +53,6 @@ async def _numbered(stream):
     async for item in stream:
         yield index, item
         index += 1
-
-
-class PartialAllReduce(AllreduceException):
-    """Some parts of the vector were not averaged (a reducer failed). ``suspects``: the failed reducers."""
-
-    def __init__(self, message: str, suspects: Sequence[str] = ()):
-        super().__init__(message, tuple(suspects))  # both in args, so they survive pickling across processes
-        self.suspects = tuple(suspects)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -77,7 +73,8 @@ class ExactAllReduceRunner(AllReduceRunner):
         ]  # input parts are freed as they are sent: keep their shapes to check what comes back
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.failed_peers: list[str] = []
+        self.failed_peers: list[str] = []  # reducers whose stream broke (gone): suspects
+        self.slow_peers: list[str] = []  # reducers that timed out
         self._hang = faults.next_allreduce_hangs()
 
     def _decode(self, message, expected_numel: int) -> torch.Tensor:
@@ -100,7 +97,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         try:
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
-            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            # hivemind opens the stream with no deadline: to a peer killed a moment ago it can hang until
+            # the whole all-reduce times out, and the others then blame this peer's slow reducer too
+            stream = await asyncio.wait_for(self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter),
+                                            self.reducer_timeout)
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
             part_index = 0
@@ -122,8 +122,11 @@ class ExactAllReduceRunner(AllReduceRunner):
                 raise AllreduceException(
                     f"peer {peer_id} sent {part_index} parts, expected {self.tensor_part_container.num_parts_by_peer[peer_index]}"
                 )
-        except BaseException:
-            self.failed_peers.append(peer_id.to_base58())
+        except BaseException as e:
+            # a broken stream means the peer is gone; a timeout may be a live peer slowed by another's
+            # failure (its reducer waits for the dead peer's parts): only the first kind is a suspect
+            slow = isinstance(e, (asyncio.TimeoutError, asyncio.CancelledError))
+            (self.slow_peers if slow else self.failed_peers).append(peer_id.to_base58())
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
@@ -278,6 +281,8 @@ class SwarmAverager(DecentralizedAverager):
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
         start = time.perf_counter()
+        if not self._codec.info.summable:  # sparse payloads do not add up part by part: all-gather them
+            return await self._run_allgather_inplace_(tensors, group_info, group_id, start, **kwargs)
         runner = ExactAllReduceRunner(
             codec=self._codec,
             p2p=self._p2p,
@@ -300,11 +305,36 @@ class SwarmAverager(DecentralizedAverager):
         if runner.failed_size:
             total = sum(t.numel() for t in tensors)
             suspects = sorted(set(runner.failed_peers))
+            slow = sorted(set(runner.slow_peers) - set(suspects))
+            named = [f"reducer(s) {', '.join(p[-8:] for p in suspects)} failed"] if suspects else []
+            named += [f"reducer(s) {', '.join(p[-8:] for p in slow)} timed out"] if slow else []
             raise PartialAllReduce(
                 f"only {100 * (1 - runner.failed_size / total):.1f}% of values were averaged: "
-                f"reducer(s) {', '.join(p[-8:] for p in suspects) or '?'} failed",
+                f"{'; '.join(named) or 'a reducer failed'}",
                 suspects,
             )
+        self._round_stats = {
+            "bytes_sent": runner.bytes_sent,
+            "bytes_received": runner.bytes_received,
+            "allreduce_s": time.perf_counter() - start,
+        }
+
+    async def _run_allgather_inplace_(self, tensors, group_info, group_id, start: float, **kwargs):
+        modes = [AveragingMode(self.serializer.loads(g)[1]) for g in group_info.gathered]
+        runner = SparseAllGatherRunner(
+            codec=self._codec, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, dialable=[m != AveragingMode.CLIENT for m in modes],
+            tensors=tensors, weight=float(kwargs.get("weight") or 1.0),
+            timeout=kwargs.get("sender_timeout") or self.next_chunk_timeout or 30.0,
+        )
+        if group_id not in self._running_groups:
+            raise AllreduceException(f"group {group_id!r} was not registered")
+        self._running_groups[group_id].set_result(runner)  # hivemind routes rpc_aggregate_part to it
+        flat = await runner.run()
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
         self._round_stats = {
             "bytes_sent": runner.bytes_sent,
             "bytes_received": runner.bytes_received,

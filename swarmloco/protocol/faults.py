@@ -1,8 +1,8 @@
 """Injected faults for tests and benchmarks (off unless ``SWARMLOCO_FAULT`` is set).
 
 ``SWARMLOCO_FAULT=hang_allreduce:N`` makes this peer's N-th all-reduce (1-based, counted in the
-averager process) hang as a reducer: it takes the others' parts and never sends the average back. It
-prints one
+averager process) hang as a reducer: it takes the others' parts and never sends the average back
+(with a sparse codec: it joins the all-gather and never sends its payload). It prints one
 ``@@swarmloco {"type": "event", "kind": "fault", ...}`` line on stdout and hang there. A test that
 reads that line knows the peer is in the middle of an all-reduce and kills it at that exact moment,
 with no sleeps.

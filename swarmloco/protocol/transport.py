@@ -1,7 +1,8 @@
 """The one adapter around hivemind: DHT, averager and their processes behind a small synchronous API.
 
 Everything hivemind-specific (``DHT``, ``DecentralizedAverager``, ``MPFuture``, ``StepControl``,
-PeerID objects) stays in this module and :mod:`swarmloco.protocol.allreduce`. The node sees:
+PeerID objects) stays in this module, :mod:`swarmloco.protocol.allreduce` and
+:mod:`swarmloco.protocol.allgather`. The node sees:
 
 * :meth:`SwarmTransport.store` / :meth:`SwarmTransport.get`: bytes values under (key, subkey);
 * :meth:`SwarmTransport.start_round`: begins averaging in the background and returns a

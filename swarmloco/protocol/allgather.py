@@ -1,0 +1,230 @@
+"""All-gather of sparse pseudo-gradients over hivemind's p2p layer (top-k codecs).
+
+A sparse payload (indices + low-bit values) does not survive a part-by-part sum in a butterfly
+all-reduce: a reducer would have to send back the union of everyone's indices. Instead every member
+of the group sends its whole payload to every other member and each one sums all of them itself,
+as SparseLoCo and DeMo do.
+
+* **One stream per pair.** For members ``i < j``, ``i`` dials ``j`` (``rpc_aggregate_part``, the
+  averager's own RPC, routed to this runner by group id) and sends its payload; ``j`` answers on the
+  same stream with its own. A member that cannot be dialed (client mode, behind NAT) dials instead.
+  Each peer sends and receives ``(n-1) x payload`` bytes.
+* **Identical results.** Every member decodes the same n payloads (its own included, through the
+  same decoder) and sums them in fp32 in the group's order, weighted by samples: the average is the
+  same bits on every member, like the exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
+* **Checked.** A payload is accepted only with this run's codec tag, exactly the byte length this
+  codec produces for the vector (top-k's layout is fixed by the size), a sane weight, and values
+  that decode (:class:`~swarmloco.compression.base.CodecError` otherwise). Every wait has a deadline.
+* **Missing is failure.** If any member's payload is missing the round fails with
+  :class:`PartialAllReduce` naming the members whose stream broke (suspects) and those that timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Sequence
+
+import torch
+from hivemind.averaging.allreduce import AllreduceException
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, anext
+
+from swarmloco.compression.base import Codec, CodecError
+from swarmloco.compression.hivemind_bridge import TAG_PREFIX
+from swarmloco.protocol import faults
+from swarmloco.protocol.errors import PartialAllReduce
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 19
+"""Bytes of payload per stream message (well under libp2p's message limit)."""
+
+
+class SparseAllGatherRunner:
+    """One all-gather among a group; ``await run()`` returns the weighted average as a flat fp32 tensor."""
+
+    def __init__(self, *, codec: Codec, p2p, servicer_type, prefix: str, group_id: bytes,
+                 ordered_peer_ids: Sequence[PeerID], dialable: Sequence[bool], tensors: Sequence[torch.Tensor],
+                 weight: float, timeout: float):
+        self.codec, self.p2p, self.servicer_type, self.prefix = codec, p2p, servicer_type, prefix
+        self.group_id, self.peers = group_id, list(ordered_peer_ids)
+        self.peer_id = p2p.peer_id
+        self.me = self.peers.index(self.peer_id)
+        self.dialable = list(dialable)
+        self.weight, self.timeout = float(weight), float(timeout)
+        self.tag = TAG_PREFIX + codec.info.name
+        self._tensors = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
+        self.numel = sum(t.numel() for t in self._tensors)
+        self.payload: bytes = b""
+        self._lengths: list[int] = []  # bytes of each tensor's encoding (the same on every member)
+        self._ready = asyncio.Event()  # our payload is encoded: we can answer a dialer
+        loop = asyncio.get_event_loop()
+        self._received: dict[int, asyncio.Future] = {i: loop.create_future() for i in range(len(self.peers))
+                                                     if i != self.me}
+        self._started = {i: asyncio.Event() for i in self._received}  # a dialer's stream reached us
+        self.bytes_sent = self.bytes_received = 0
+        self.failed_peers: list[str] = []  # stream broke: the peer is gone
+        self.slow_peers: list[str] = []  # timed out
+
+    def dials(self, i: int, j: int) -> bool:
+        """Whether member ``i`` opens the stream to member ``j`` (exactly one of a pair does)."""
+        lo, hi = min(i, j), max(i, j)
+        caller = hi if (self.dialable[lo] and not self.dialable[hi]) else lo
+        return caller == i
+
+    # ----- messages ---------------------------------------------------------------------------
+    def _messages(self) -> list[averaging_pb2.AveragingData]:
+        chunks = [self.payload[i: i + CHUNK_BYTES] for i in range(0, len(self.payload), CHUNK_BYTES)] or [b""]
+        out = []
+        for k, chunk in enumerate(chunks):
+            part = runtime_pb2.Tensor(buffer=chunk, dtype=self.tag, size=[len(self.payload)] if k == 0 else [])
+            out.append(averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=self.group_id,
+                                                   weight=self.weight, tensor_part=part))
+        self.bytes_sent += len(self.payload)
+        return out
+
+    async def _read_payload(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                            first: averaging_pb2.AveragingData | None = None) -> tuple[float, bytes]:
+        """Read one member's payload off a stream; the first message says its length and weight."""
+        if first is None:
+            first = await asyncio.wait_for(anext(stream), self.timeout)
+        if first.code != averaging_pb2.PART_FOR_AVERAGING:
+            raise AllreduceException(f"sent {averaging_pb2.MessageCode.Name(first.code)}")
+        if first.tensor_part.dtype != self.tag:
+            raise CodecError(f"payload encoded as {first.tensor_part.dtype!r}, this run uses {self.tag!r}")
+        size = list(first.tensor_part.size)
+        if size != [len(self.payload)]:
+            raise CodecError(f"payload of {size} bytes, this codec sends {len(self.payload)} for this model")
+        weight = first.weight
+        if not (weight >= 0 and weight < float("inf")):
+            raise AllreduceException(f"sent invalid weight {weight}")
+        buf = bytearray(first.tensor_part.buffer)
+        if len(buf) < len(self.payload):
+            async for msg in aiter_with_timeout(stream, self.timeout):
+                buf += msg.tensor_part.buffer
+                if len(buf) >= len(self.payload):
+                    break
+        if len(buf) != len(self.payload):
+            raise CodecError(f"payload truncated or oversized: {len(buf)} of {len(self.payload)} bytes")
+        self.bytes_received += len(buf)
+        return weight, bytes(buf)
+
+    def _settle(self, index: int, result=None, error: BaseException | None = None) -> None:
+        fut = self._received[index]
+        if fut.done():
+            return
+        if error is None:
+            fut.set_result(result)
+            return
+        slow = isinstance(error, (asyncio.TimeoutError, asyncio.CancelledError))
+        (self.slow_peers if slow else self.failed_peers).append(self.peers[index].to_base58())
+        logger.debug("all-gather with %s failed: %r", self.peers[index], error)
+        fut.set_exception(error)
+
+    # ----- the two sides of a pair ------------------------------------------------------------
+    async def _dial(self, index: int) -> None:
+        try:
+            stub = self.servicer_type.get_stub(self.p2p, self.peers[index], namespace=self.prefix)
+
+            async def outgoing():
+                for msg in self._messages():
+                    yield msg
+
+            stream = await asyncio.wait_for(stub.rpc_aggregate_part(outgoing()), self.timeout)
+            got = await self._read_payload(aiter_with_timeout(stream, self.timeout))
+            await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
+            self._settle(index, got)
+        except BaseException as e:  # noqa: BLE001 - a failed pair is recorded; the round fails as a whole
+            self._settle(index, error=e)
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """A member that dials us sends its payload; we answer with ours on the same stream."""
+        if context.remote_id not in self.peers:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        index = self.peers.index(context.remote_id)
+        if index == self.me or not self.dials(index, self.me) or self._started[index].is_set():
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        self._started[index].set()
+        try:
+            first = await asyncio.wait_for(anext(stream), self.timeout)
+            if first.group_id != self.group_id:
+                yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+                raise AllreduceException("wrong group id")
+            await asyncio.wait_for(self._ready.wait(), self.timeout)  # our payload's layout is the reference
+            got = await self._read_payload(stream, first)
+            await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
+        except BaseException as e:  # noqa: BLE001
+            self._settle(index, error=e)
+            if isinstance(e, Exception):
+                yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
+                return
+            raise
+        self._settle(index, got)
+        for msg in self._messages():
+            yield msg
+
+    async def _await_dialer(self, index: int) -> None:
+        """A member that should dial us must start within the timeout; then per-message timeouts apply."""
+        try:
+            await asyncio.wait_for(self._started[index].wait(), self.timeout)
+        except asyncio.TimeoutError as e:
+            self._settle(index, error=e)
+            return
+        await asyncio.wait([self._received[index]])
+
+    # ----- the round ----------------------------------------------------------------------------
+    async def run(self) -> torch.Tensor:
+        loop = asyncio.get_event_loop()
+        if faults.next_allreduce_hangs():  # injected fault (tests): a member that joined and never sends
+            faults.announce("member hanging in the middle of an all-gather")
+            await asyncio.sleep(3600)
+        parts = await loop.run_in_executor(None, lambda: [self.codec.encode(t) for t in self._tensors])
+        self._lengths = [len(part) for part in parts]
+        self.payload = b"".join(parts)
+        self._ready.set()
+        dials = [asyncio.create_task(self._dial(i)) for i in self._received if self.dials(self.me, i)]
+        try:
+            await asyncio.gather(*dials, *(self._await_dialer(i) for i in self._received if not self.dials(self.me, i)))
+        finally:
+            for task in dials:
+                task.cancel()
+        contributions = {self.me: (self.weight, self.payload)}
+        for i, fut in self._received.items():
+            if not fut.cancelled() and fut.exception() is None:
+                contributions[i] = fut.result()
+        if len(contributions) < len(self.peers):
+            suspects = sorted(set(self.failed_peers))
+            slow = sorted(set(self.slow_peers) - set(suspects))
+            named = [f"{', '.join(p[-8:] for p in suspects)} failed"] if suspects else []
+            named += [f"{', '.join(p[-8:] for p in slow)} timed out"] if slow else []
+            raise PartialAllReduce(f"all-gather got {len(contributions)} of {len(self.peers)} contributions: "
+                                   f"{'; '.join(named) or 'a member failed'}", suspects)
+        return await loop.run_in_executor(None, self._average, contributions)
+
+    def _average(self, contributions: dict[int, tuple[float, bytes]]) -> torch.Tensor:
+        total = sum(w for w, _ in contributions.values())
+        if not total > 0:
+            raise AllreduceException("the group's weights sum to zero")
+        acc = torch.zeros(self.numel, dtype=torch.float32)
+        for i in sorted(contributions):  # the group's order: the same sum, bit for bit, on every member
+            # (each payload was decoded once on arrival to check it; decoding again keeps memory at one vector)
+            w, payload = contributions[i]
+            acc.add_(self.decode(payload), alpha=w)
+        return acc.div_(total)
+
+    def decode(self, payload: bytes) -> torch.Tensor:
+        """A member's payload as one flat fp32 vector (each tensor is encoded on its own, as the
+        error feedback's round trip assumes); CodecError if any piece is malformed."""
+        out, at = [], 0
+        for t, length in zip(self._tensors, self._lengths):
+            out.append(self.codec.decode(payload[at: at + length], t.numel()))
+            at += length
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+__all__ = ["SparseAllGatherRunner", "CHUNK_BYTES"]

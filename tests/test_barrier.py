@@ -1,0 +1,94 @@
+"""The ready barrier's rules on a scripted swarm (a fake tracker and clock, no network)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from swarmloco.config import SwarmConfig
+from swarmloco.node.sync import Synchronizer
+from swarmloco.protocol.progress import PeerProgress
+from swarmloco.protocol.transport import RoundOutcome
+
+CFG = SwarmConfig(retry_grace=1.0, next_chunk_timeout=5.0, ready_timeout=60.0, heartbeat_ttl=10.0)
+
+
+class Swarm:
+    """The DHT's progress records, scripted by time: ``views(now)`` returns what a fetch sees."""
+
+    def __init__(self, views):
+        self.views, self.now, self.published = views, 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def fetch(self) -> list[PeerProgress]:
+        self.now += 0.25  # each poll costs a quarter second of fake time
+        return [p for p in self.views(self.now)]
+
+    def publish(self, progress: PeerProgress) -> None:
+        self.published.append(progress)
+
+
+class Transport:
+    peer_id = "me"
+
+
+def sync_for(swarm: Swarm) -> Synchronizer:
+    me = PeerProgress(peer_id="me", outer_step=3, state="ready", time=0.0, digest="d")
+    return Synchronizer(Transport(), swarm, CFG, heartbeat=lambda: me, clock=swarm.clock, poll_interval=0.0)
+
+
+def beat(pid: str, state: str, t: float, attempt: int = 0) -> PeerProgress:
+    return PeerProgress(peer_id=pid, outer_step=3, state=state, time=t, digest="d", attempt=attempt)
+
+
+def test_first_round_waits_for_every_live_peer_at_the_step() -> None:
+    swarm = Swarm(lambda t: [beat("a", "training" if t < 4 else "ready", t)])
+    barrier = sync_for(swarm).wait_for_peers(3)
+    assert barrier.ready == ("a", "me") and 4 <= barrier.waited_s < 5 and not barrier.timed_out
+
+
+def test_rerun_skips_a_broken_reducer_that_never_heartbeats_again() -> None:
+    swarm = Swarm(lambda t: [beat("dead", "averaging", 0.0), beat("a", "ready", t, attempt=1)])
+    sync = sync_for(swarm)
+    swarm.now = 1.0
+    sync.note_failure(RoundOutcome(ok=False, error="x", suspects=("dead",)))
+    barrier = sync.wait_for_peers(3, attempt=1)
+    assert barrier.ready == ("a", "me") and barrier.waited_s < 0.5
+
+
+def test_rerun_waits_for_a_peer_still_inside_the_failed_allreduce() -> None:
+    # "slow" is a live peer whose reducer timed out waiting for the dead peer's parts: it fails 7 s later
+    swarm = Swarm(lambda t: [beat("slow", "averaging" if t < 7 else "ready", t, attempt=0 if t < 7 else 1)])
+    barrier = sync_for(swarm).wait_for_peers(3, attempt=1)
+    assert barrier.ready == ("me", "slow") and 7 <= barrier.waited_s < 8
+
+
+def test_rerun_gives_up_on_a_peer_stuck_averaging_after_the_reducer_timeout() -> None:
+    swarm = Swarm(lambda t: [beat("stuck", "averaging", t)])
+    barrier = sync_for(swarm).wait_for_peers(3, attempt=1)
+    bound = CFG.retry_grace + 2 * CFG.next_chunk_timeout + 1.0
+    assert barrier.ready == ("me",) and bound <= barrier.waited_s < bound + 0.5 and not barrier.timed_out
+
+
+def test_rerun_waits_only_retry_grace_for_a_peer_that_went_back_to_training() -> None:
+    swarm = Swarm(lambda t: [beat("other", "training", t)])
+    barrier = sync_for(swarm).wait_for_peers(3, attempt=1)
+    assert barrier.ready == ("me",) and CFG.retry_grace <= barrier.waited_s < CFG.retry_grace + 0.5
+
+
+def test_a_suspect_that_heartbeats_again_is_welcome_back() -> None:
+    swarm = Swarm(lambda t: [beat("woke", "ready", 0.0 if t < 3 else t)])
+    sync = sync_for(swarm)
+    swarm.now = 1.0
+    sync.note_failure(RoundOutcome(ok=False, error="x", suspects=("woke",)))
+    assert [p.peer_id for p in sync.live(swarm.fetch())] == []
+    swarm.now = 3.0
+    assert [p.peer_id for p in sync.live(swarm.fetch())] == ["woke"]
+    assert "woke" not in sync.suspects
+
+
+def test_a_peer_ahead_makes_the_barrier_return_behind() -> None:
+    ahead = replace(beat("a", "training", 0.0), outer_step=5, digest="x")
+    barrier = sync_for(Swarm(lambda t: [ahead])).wait_for_peers(3)
+    assert barrier.behind is not None and barrier.behind.outer_step == 5 and barrier.behind.sources == ("a",)

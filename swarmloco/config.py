@@ -218,6 +218,8 @@ class SwarmConfig:
     """Seconds a re-run waits for round members that have not reported the failure yet."""
     state_timeout: float = 30.0
     """A peer serving its state that sends nothing for this many seconds is dropped for the next one."""
+    download_sources: int = 4
+    """A peer catching up downloads a shard of the state from each of up to this many peers at once."""
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -231,6 +233,8 @@ class SwarmConfig:
         _check(isinstance(self.round_retries, int) and self.round_retries >= 0, "swarm.round_retries",
                self.round_retries, "must be an integer >= 0")
         _non_negative("swarm.retry_grace", self.retry_grace)
+        _check(isinstance(self.download_sources, int) and 1 <= self.download_sources <= 64, "swarm.download_sources",
+               self.download_sources, "must be an integer from 1 to 64")
         for name in ("ready_timeout", "matchmaking_time", "request_timeout", "allreduce_timeout",
                      "next_chunk_timeout", "heartbeat_period", "heartbeat_ttl", "state_timeout"):
             _positive(f"swarm.{name}", getattr(self, name))

@@ -37,7 +37,7 @@ from swarmloco.node.checkpoint import CheckpointError, latest_checkpoint, save_c
 from swarmloco.node.data import Corpus, shard_for_peer
 from swarmloco.node.inner_loop import InnerTrainer, evaluate
 from swarmloco.node.model import GPT, num_params
-from swarmloco.node.state_sync import (DIGEST_CHARS, StateError, Target, choose_target, pack_state, params_digest,
+from swarmloco.node.state_sync import (DIGEST_CHARS, StateError, Target, pack_state, params_digest,
                                        state_bytes, unpack_state)
 from swarmloco.node.status import StatusBoard
 from swarmloco.node.sync import READY_STATES, Synchronizer
@@ -237,27 +237,32 @@ class Peer:
         self._set_state("joining")  # not serving a state while replacing it
         max_bytes = int(state_bytes(self.global_params) * 1.05) + (1 << 20)
         errors: list[str] = []
+        # a shard from each of several holders at once, then (if that fails the checks) one holder at a time
+        tries = [(list(target.sources), self.cfg.swarm.download_sources)] if (
+            self.cfg.swarm.download_sources > 1 and len(target.sources) > 1) else []
+        tries += [([source], 1) for source in target.sources]
         try:
-            for source in target.sources:
-                got, errs = self.transport.download_state([source], timeout=self.cfg.swarm.state_timeout,
-                                                          max_bytes=max_bytes)
+            for sources, parallel in tries:
+                got, errs = self.transport.download_state(sources, timeout=self.cfg.swarm.state_timeout,
+                                                          max_bytes=max_bytes, parallel=parallel)
                 errors += errs
                 if got is None:
                     continue
+                who = f"peer {got.peer_id[-8:]}" if len(got.sources) <= 1 else f"{len(got.sources)} peers"
                 try:
                     adopted = unpack_state(got.metadata, got.tensors, manifest_hash=self.manifest.hash,
                                            templates=self.global_params, target=target)
                 except StateError as e:
-                    logger.error("state from peer %s rejected: %s", source[-8:], e)
-                    errors.append(f"{source[-8:]}: {e}")
+                    logger.error("state from %s rejected: %s", who, e)
+                    errors.append(f"{who}: {e}")
                     continue
                 self._adopt(adopted.params, adopted.momentum, adopted.outer_step, adopted.digest)
                 self.board.add(state_downloads=1, state_bytes_received=got.bytes)
                 self.board.event("state_downloaded",
-                                 f"adopted outer step {adopted.outer_step} from peer {source[-8:]} "
+                                 f"adopted outer step {adopted.outer_step} from {who} "
                                  f"({got.bytes / 1e6:.2f} MB in {got.seconds:.3f}s)")
                 logger.info("adopted the swarm's state at outer step %d from %s (%.1f MB in %.2fs)",
-                            adopted.outer_step, source[-8:], got.bytes / 1e6, got.seconds)
+                            adopted.outer_step, who, got.bytes / 1e6, got.seconds)
                 return True
             logger.warning("could not download the swarm's state at outer step %d: %s", target.outer_step,
                            "; ".join(errors) or "no source")

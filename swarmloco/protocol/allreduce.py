@@ -35,16 +35,14 @@ from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import BannedException, TensorPartContainer
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
-from hivemind.compression import deserialize_torch_tensor
-from hivemind.p2p import PeerID
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
-from hivemind.utils.streaming import combine_from_streaming
 
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import SparseAllGatherRunner
 from swarmloco.protocol.errors import PartialAllReduce
+from swarmloco.protocol.state_transfer import StateSharing
 
 
 async def _numbered(stream):
@@ -176,8 +174,11 @@ class ExactAllReduceRunner(AllReduceRunner):
         return self.tensor_part_container.failed_size
 
 
-class SwarmAverager(DecentralizedAverager):
+class SwarmAverager(StateSharing, DecentralizedAverager):
     """DecentralizedAverager running :class:`ExactAllReduceRunner`; a round's result carries metadata.
+
+    State transfer (serving ours, downloading another peer's) comes from
+    :class:`~swarmloco.protocol.state_transfer.StateSharing`.
 
     ``step()`` returns ``{"gathered": {peer_id_b58: data}, "bytes_sent": int, "bytes_received": int,
     "allreduce_s": float, "group_size": int}`` on success and raises on any failure, partial results
@@ -186,66 +187,7 @@ class SwarmAverager(DecentralizedAverager):
 
     def __init__(self, *args, codec: Codec, **kwargs):
         self._codec = codec
-        self.state_provider = None
-        """Called in the host process when a peer downloads our state: returns (metadata, tensors)."""
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
-
-    # ----- state sharing (late joiners, restarts, peers that fell behind) -----------------------
-    def get_current_state(self):
-        """Runs in the host process (hivemind's fetch thread) when a peer asks for our state."""
-        if self.state_provider is None:
-            raise RuntimeError("this peer has no state to share yet")
-        metadata, tensors = self.state_provider()
-        return metadata, tensors, None
-
-    def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int) -> dict:
-        """Download the state of the first of ``peer_ids`` that serves it.
-
-        Returns ``{"peer", "metadata", "tensors", "bytes", "seconds", "errors"}``, or only ``errors``
-        when no peer served a state. Each peer's stream is bounded by ``timeout`` per message and by
-        ``max_bytes`` in all.
-        """
-        future = MPFuture()
-        self._outer_pipe.send(("_download_state", [], dict(peer_ids=list(peer_ids), timeout=timeout,
-                                                            max_bytes=max_bytes, future=future)))
-        return future.result(timeout * (len(peer_ids) + 1) + 30)
-
-    async def _download_state(self, peer_ids: list, timeout: float, max_bytes: int, future: MPFuture) -> None:
-        errors: list[str] = []
-        try:
-            for peer_b58 in peer_ids:
-                start = time.perf_counter()
-                try:
-                    peer = PeerID.from_base58(peer_b58)
-                    if peer == self.peer_id:
-                        continue
-                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-                    stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
-                    metadata, tensors, parts, nbytes = None, [], [], 0
-                    async for message in aiter_with_timeout(stream, timeout=timeout):
-                        nbytes += len(message.tensor_part.buffer) + len(message.metadata)
-                        if nbytes > max_bytes:
-                            raise ValueError(f"sent more than the {max_bytes} bytes a state of this run takes")
-                        if message.metadata:
-                            metadata = self.serializer.loads(message.metadata)
-                        if message.tensor_part.dtype and parts:
-                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                            parts = []
-                        parts.append(message.tensor_part)
-                    if parts:
-                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    if metadata is None:
-                        errors.append(f"{peer_b58[-8:]}: sent no state")
-                        continue
-                    future.set_result(dict(peer=peer_b58, metadata=metadata, tensors=tensors, bytes=nbytes,
-                                           seconds=time.perf_counter() - start, errors=errors))
-                    return
-                except Exception as e:  # noqa: BLE001 - a bad or dead source: try the next one
-                    errors.append(f"{peer_b58[-8:]}: {type(e).__name__}: {e}")
-            future.set_result(dict(errors=errors))
-        except BaseException as e:  # noqa: BLE001
-            if not future.done():
-                future.set_exception(e)
 
     def set_target_group_size(self, size: int, timeout: float = 10.0) -> None:
         """Let the next round start as soon as ``size`` peers joined (they passed the ready barrier)."""

@@ -58,6 +58,8 @@ class DownloadedState:
     tensors: list[torch.Tensor]
     bytes: int
     seconds: float
+    sources: tuple[str, ...] = ()
+    """Every peer that sent a part of it (several when the download was sharded)."""
 
 
 class RoundHandle(Protocol):
@@ -84,8 +86,8 @@ class Transport(Protocol):
 
     def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None: ...
 
-    def download_state(self, peer_ids: Sequence[str], timeout: float,
-                       max_bytes: int) -> tuple[DownloadedState | None, list[str]]: ...
+    def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int,
+                       parallel: int = 1) -> tuple[DownloadedState | None, list[str]]: ...
 
     def shutdown(self) -> None: ...
 
@@ -218,17 +220,19 @@ class SwarmTransport:
         """``provider()`` -> (msgpack-able metadata, tensors): what a peer downloading our state receives."""
         self.averager.state_provider = provider
 
-    def download_state(self, peer_ids: Sequence[str], timeout: float,
-                       max_bytes: int) -> tuple[DownloadedState | None, list[str]]:
-        """Fetch the state of the first of ``peer_ids`` that serves one; (None, errors) if none did."""
+    def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int,
+                       parallel: int = 1) -> tuple[DownloadedState | None, list[str]]:
+        """Fetch a state: a shard from each of up to ``parallel`` of ``peer_ids`` at once, else the whole
+        state from the first of them that serves one; (None, errors) if none did."""
         try:
-            got = self.averager.download_state(peer_ids, timeout=timeout, max_bytes=max_bytes)
+            got = self.averager.download_state(peer_ids, timeout=timeout, max_bytes=max_bytes, parallel=parallel)
         except Exception as e:  # noqa: BLE001
             return None, [f"{type(e).__name__}: {e}"]
         if "metadata" not in got:
             return None, list(got.get("errors", []))
         return DownloadedState(got["peer"], got["metadata"], list(got["tensors"]), int(got["bytes"]),
-                               float(got["seconds"])), list(got.get("errors", []))
+                               float(got["seconds"]), tuple(got.get("sources", [got["peer"]]))), \
+            list(got.get("errors", []))
 
     def shutdown(self) -> None:
         """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time."""

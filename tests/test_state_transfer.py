@@ -1,0 +1,66 @@
+"""State download from several peers at once: the shard rule, and real transports on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from swarmloco.compression import get_codec
+from swarmloco.config import CodecConfig, SwarmConfig
+from swarmloco.protocol.state_transfer import shard_of
+
+
+def test_shards_are_contiguous_cover_everything_and_balance_bytes() -> None:
+    sizes = [100, 5, 300, 300, 40, 40, 215, 1000, 1, 1]
+    for k in range(1, 8):
+        owners = shard_of(sizes, k)
+        assert owners == sorted(owners) and all(0 <= o < k for o in owners)
+    owners = shard_of([10] * 12, 4)
+    assert [owners.count(s) for s in range(4)] == [3, 3, 3, 3]
+    assert shard_of([], 3) == []
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    """Three peers serving the same state and one downloading it (four hivemind transports)."""
+    from swarmloco.protocol.transport import SwarmTransport
+
+    state = [torch.randn(3000) for _ in range(5)] + [torch.randn(7, 9)]
+    cfg = SwarmConfig(host_maddrs=("/ip4/127.0.0.1/tcp/0",), next_chunk_timeout=5.0, allreduce_timeout=10.0)
+    codec, templates = get_codec(CodecConfig()), [torch.zeros(10)]
+    first = SwarmTransport(cfg, prefix="t", templates=templates, codec=codec)
+    joined = dataclasses.replace(cfg, initial_peers=tuple(first.visible_maddrs()))
+    sources = [first] + [SwarmTransport(joined, prefix="t", templates=templates, codec=codec) for _ in range(2)]
+    for s in sources:
+        s.set_state_provider(lambda: ({"step": 7}, [t.clone() for t in state]))
+    joiner = SwarmTransport(joined, prefix="t", templates=templates, codec=codec)
+    yield state, sources, joiner
+    for t in [joiner, *sources]:
+        t.shutdown()
+
+
+def test_a_state_is_downloaded_in_shards_from_several_peers(swarm) -> None:
+    state, sources, joiner = swarm
+    got, errors = joiner.download_state([s.peer_id for s in sources], timeout=10, max_bytes=1 << 24, parallel=3)
+    assert got is not None and not errors, errors
+    assert set(got.sources) == {s.peer_id for s in sources} and got.metadata == {"step": 7}
+    assert all(torch.equal(a, b) for a, b in zip(got.tensors, state)) and len(got.tensors) == len(state)
+
+
+def test_sources_holding_different_states_fall_back_to_one_whole_download(swarm) -> None:
+    state, sources, joiner = swarm
+    sources[1].set_state_provider(lambda: ({"step": 8}, [t.clone() for t in state]))
+    try:
+        got, errors = joiner.download_state([s.peer_id for s in sources], timeout=10, max_bytes=1 << 24, parallel=3)
+    finally:
+        sources[1].set_state_provider(lambda: ({"step": 7}, [t.clone() for t in state]))
+    assert any("different states" in e for e in errors), errors
+    assert got is not None and got.sources == (sources[0].peer_id,) and got.metadata == {"step": 7}
+
+
+def test_a_state_larger_than_the_budget_is_refused(swarm) -> None:
+    _, sources, joiner = swarm
+    got, errors = joiner.download_state([s.peer_id for s in sources], timeout=10, max_bytes=10_000, parallel=3)
+    assert got is None and errors and all("more" in e or "bytes" in e for e in errors), errors

@@ -130,6 +130,7 @@ def main() -> None:
         joiner = PeerProcess("late", configs[args.peers], work, initial_peers=first.maddrs())
         peers.append(joiner)
         downloaded = joiner.wait_event("state_downloaded", 300)
+        adopted_s = time.perf_counter() - t0  # process start, DHT bootstrap, state download, checks
         m = re.search(r"\(([\d.]+) MB in ([\d.]+)s\)", downloaded["message"])
         dl_bytes, dl_seconds = float(m.group(1)) * 1e6, float(m.group(2))
         for _ in range(10):
@@ -137,6 +138,7 @@ def main() -> None:
             if r["ok"] and r["peers"] > 1 and not r.get("adopted"):
                 break
         first_contribution_s = time.perf_counter() - t0
+        round_s = statistics.median(r["round_time"] for rnd in after for r in rnd)
         floor_s = dl_bytes / throughput
         result = {
             "date": time.strftime("%Y-%m-%d"), "peers": args.peers, "params": params,
@@ -150,6 +152,9 @@ def main() -> None:
             "rounds_after_ok": all(r["ok"] and r["peers"] == args.peers - 1 for rnd in after for r in rnd),
             "loopback_tcp_bytes_per_s": throughput, "download_s": dl_seconds, "bytes_floor_s": floor_s,
             "download_over_floor": dl_seconds / floor_s,
+            "download_sources": (re.search(r"from (\d+) peers", downloaded["message"]) or [None, 1])[1],
+            "download_bytes_per_s": dl_bytes / dl_seconds, "download_over_round_time": dl_seconds / round_s,
+            "spawn_to_state_adopted_s": adopted_s, "round_time_s": round_s,
             "join_to_first_contribution_s": first_contribution_s,
             "first_contribution_over_floor": first_contribution_s / floor_s,
         }

@@ -92,3 +92,18 @@ def test_a_peer_ahead_makes_the_barrier_return_behind() -> None:
     ahead = replace(beat("a", "training", 0.0), outer_step=5, digest="x")
     barrier = sync_for(Swarm(lambda t: [ahead])).wait_for_peers(3)
     assert barrier.behind is not None and barrier.behind.outer_step == 5 and barrier.behind.sources == ("a",)
+
+
+def test_next_round_waits_for_a_peer_finishing_the_last_one_but_not_for_one_stuck_in_its_failed_attempt() -> None:
+    finishing = [replace(beat("slow", "averaging", 0.0), outer_step=2, attempt=1)]
+    swarm = Swarm(lambda t: [replace(p, time=t) if t < 3 else replace(beat("slow", "ready", t)) for p in finishing])
+    sync = sync_for(swarm)
+    sync.committed(2, attempt=1)  # we committed step 2 at the re-run, as it is about to
+    barrier = sync.wait_for_peers(3)
+    assert barrier.ready == ("me", "slow") and 3 <= barrier.waited_s < 4
+
+    stuck = Swarm(lambda t: [replace(beat("stuck", "averaging", t), outer_step=2, attempt=0)])
+    sync = sync_for(stuck)
+    sync.committed(2, attempt=1)  # step 2 failed at attempt 0 and we committed it at the re-run
+    barrier = sync.wait_for_peers(3)
+    assert barrier.ready == ("me",) and barrier.waited_s < 0.5

@@ -87,6 +87,8 @@ class Synchronizer:
         self.rounds_joined = 0
         self.suspects: dict[str, float] = {}
         """Peers that failed a round -> when; ignored until they heartbeat after that time."""
+        self.last_commit, self.last_commit_attempt = -1, 0
+        """The outer step this peer last committed, and at which attempt of its round."""
 
     # ----- who failed ---------------------------------------------------------------------------
     def note_failure(self, outcome: RoundOutcome) -> None:
@@ -127,8 +129,11 @@ class Synchronizer:
                 return BarrierResult((me,), self.clock() - start, timed_out=False, behind=target)
             at_step = [p for p in peers if p.outer_step == outer_step or p.peer_id == me]
             ready = sorted({p.peer_id for p in at_step if p.state in READY_STATES and p.attempt >= attempt} | {me})
-            # peers still finishing the previous round will be at this step in a moment: wait for them too
-            finishing = [p for p in peers if p.outer_step == outer_step - 1 and p.state in READY_STATES]
+            # peers still finishing the previous round will be at this step in a moment: wait for them too,
+            # unless they are still in an attempt of it that failed for us (stuck in a doomed round: they
+            # fail, find us ahead and catch up by state download instead)
+            finishing = [p for p in peers if p.outer_step == outer_step - 1 and p.state in READY_STATES
+                         and not (self.last_commit == outer_step - 1 and p.attempt < self.last_commit_attempt)]
             waiting_for = [p.peer_id for p in at_step + finishing if p.peer_id not in ready]
             if attempt > 0:
                 waiting_for = self._rerun_waits_for(at_step, waiting_for, self.clock() - start)
@@ -174,6 +179,10 @@ class Synchronizer:
                                             scheduled_time=scheduled, timeout=find_timeout,
                                             expected_group_size=len(barrier.ready))
         return handle, barrier
+
+    def committed(self, outer_step: int, attempt: int) -> None:
+        """This peer committed ``outer_step`` at ``attempt`` (the next barrier uses it)."""
+        self.last_commit, self.last_commit_attempt = outer_step, attempt
 
     @staticmethod
     def decide(outcome: RoundOutcome, outer_step: int) -> RoundOutcome:

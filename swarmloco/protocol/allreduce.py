@@ -25,6 +25,7 @@ Three changes to hivemind's ``AllReduceRunner`` / ``DecentralizedAverager`` (1.1
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator, Sequence
 
@@ -43,6 +44,8 @@ from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import SparseAllGatherRunner
 from swarmloco.protocol.errors import PartialAllReduce
 from swarmloco.protocol.state_transfer import StateSharing
+
+logger = logging.getLogger(__name__)
 
 
 async def _numbered(stream):
@@ -71,6 +74,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         ]  # input parts are freed as they are sent: keep their shapes to check what comes back
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.last_progress = time.monotonic()  # when a part last arrived (or its reducer failed)
         self.failed_peers: list[str] = []  # reducers whose stream broke (gone): suspects
         self.slow_peers: list[str] = []  # reducers that timed out
         self._hang = faults.next_allreduce_hangs()
@@ -91,6 +95,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 # what the other peers receive for this part: the same codec round trip
                 result = self.codec.roundtrip(averaged_part).reshape(tensor_part.shape)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, result)
+                self.last_progress = time.monotonic()
             return
         try:
             done_sending = asyncio.Event()
@@ -115,18 +120,40 @@ class ExactAllReduceRunner(AllReduceRunner):
                 _try_deserialize, _numbered(aiter_with_timeout(stream, self.reducer_timeout)), max_prefetch=1
             ):
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                self.last_progress = time.monotonic()
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
                 raise AllreduceException(
                     f"peer {peer_id} sent {part_index} parts, expected {self.tensor_part_container.num_parts_by_peer[peer_index]}"
                 )
         except BaseException as e:
+            self.last_progress = time.monotonic()
             # a broken stream means the peer is gone; a timeout may be a live peer slowed by another's
             # failure (its reducer waits for the dead peer's parts): only the first kind is a suspect
             slow = isinstance(e, (asyncio.TimeoutError, asyncio.CancelledError))
             (self.slow_peers if slow else self.failed_peers).append(peer_id.to_base58())
+            logger.warning("reducer %s failed: %s", peer_id.to_base58()[-8:], repr(e)[:200])
+            if not slow and peer_id in self.sender_peer_ids and peer_id not in self.banned_senders:
+                # it is gone: stop waiting for its parts as a sender too, or our reducer would hold every
+                # other peer for sender_timeout when it died before sending to us (the round fails anyway)
+                await self._ban_sender(peer_id)
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
+
+    async def rpc_aggregate_part(self, stream, context):
+        """hivemind's handler, plus one invariant: when a sender's stream ends, the sender either
+        delivered every part or is banned. hivemind marks a sender active before it checks the request,
+        and some exits (a rejected request, a stream reset in the p2p layer) skip the ban: our reducer
+        then waited forever for parts that would never come, and held every peer of the group."""
+        try:
+            async for message in super().rpc_aggregate_part(stream, context):
+                yield message
+        finally:
+            sender = context.remote_id
+            if sender in self.sender_peer_ids and sender not in self.banned_senders:
+                index = self.sender_peer_ids.index(sender)
+                if self.tensor_part_reducer.num_parts_received[index] < self.tensor_part_reducer.num_parts:
+                    await self._ban_sender(sender)
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super()._generate_input_for_peer(peer_index):
@@ -242,8 +269,7 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
             return
-        async for tensor, averaged in azip(as_aiter(*tensors), runner):
-            tensor.copy_(averaged.reshape(tensor.shape))
+        await self._consume_with_watchdog(runner, tensors)
         if runner.failed_size:
             total = sum(t.numel() for t in tensors)
             suspects = sorted(set(runner.failed_peers))
@@ -260,6 +286,31 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             "bytes_received": runner.bytes_received,
             "allreduce_s": time.perf_counter() - start,
         }
+
+    @staticmethod
+    async def _consume_with_watchdog(runner: ExactAllReduceRunner, tensors) -> None:
+        """Copy the averaged tensors out as they come; give up if no part arrives or fails for too long.
+
+        Each stream has its own timeout, but a peer can still wait on a part whose reducer is itself
+        stuck behind a dead peer; without this, such a peer sat in a doomed round until
+        ``allreduce_timeout`` while its group had moved on.
+        """
+        async def consume() -> None:
+            async for tensor, averaged in azip(as_aiter(*tensors), runner):
+                tensor.copy_(averaged.reshape(tensor.shape))
+
+        stall = (runner.sender_timeout or 10.0) + (runner.reducer_timeout or 20.0)
+        task = asyncio.create_task(consume())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=min(1.0, stall / 4))
+                if not task.done() and time.monotonic() - runner.last_progress > stall:
+                    raise AllreduceException(f"no part arrived or failed for {stall:.0f}s: abandoning the round")
+            await task
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _run_allgather_inplace_(self, tensors, group_info, group_id, start: float, **kwargs):
         modes = [AveragingMode(self.serializer.loads(g)[1]) for g in group_info.gathered]

@@ -2,7 +2,8 @@
 
 Inner optimizer state stays local across rounds (DiLoCo keeps it; only parameters are synced).
 The learning rate follows linear warmup then cosine decay over ``inner.total_steps`` counted in
-this peer's inner steps. On CUDA the forward pass runs under bf16 autocast.
+this peer's inner steps. On CUDA the forward pass runs under bf16 autocast, and the loss is checked
+for NaN/Inf every ``FINITE_CHECK_EVERY`` steps (each check waits for the GPU) and at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from swarmloco.config import InnerConfig
+
+FINITE_CHECK_EVERY = 16
 
 
 def inner_lr(cfg: InnerConfig, step: int) -> float:
@@ -66,7 +69,8 @@ class InnerTrainer:
                 group["lr"] = lr
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 _, loss = self.model(x, y)
-            if not torch.isfinite(loss):
+            # reading the loss waits for the GPU: on CUDA look every few steps (a NaN model stays NaN)
+            if (not self.autocast or steps % FINITE_CHECK_EVERY == 0) and not torch.isfinite(loss):
                 raise FloatingPointError(f"inner loss is {loss.item()} at inner step {self.step_count}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -79,6 +83,8 @@ class InnerTrainer:
             self.step_count += 1
             on_step(steps)
         mean = float(torch.stack(losses).float().mean()) if losses else float("nan")
+        if losses and not math.isfinite(float(losses[-1])):
+            raise FloatingPointError(f"inner loss is {float(losses[-1])} at inner step {self.step_count - 1}")
         return InnerResult(steps=steps, samples=samples, mean_loss=mean, seconds=time.perf_counter() - start)
 
 

@@ -82,7 +82,10 @@ class Peer(PeerState):
         self.H = self.options.inner_steps or cfg.inner.steps
 
         self.model = GPT(cfg.model, seed=cfg.seed).to(self.device)
-        self.global_params = [p.detach().to("cpu", torch.float32).clone() for p in self.model.parameters()]
+        # on CUDA, the CPU side of every host<->device copy is pinned, so the copies are asynchronous DMA
+        pin = self.device.type == "cuda"
+        self.global_params = [_cpu_buffer(p, pin).copy_(p.detach()) for p in self.model.parameters()]
+        self._staging = [_cpu_buffer(p, pin) for p in self.model.parameters()]  # the local params, copied off
         self.outer_opt = OuterNesterov(self.global_params, lr=cfg.outer.lr, momentum=cfg.outer.momentum,
                                        nesterov=cfg.outer.nesterov)
         self.inner = InnerTrainer(self.model, cfg.inner, self.device)
@@ -232,6 +235,17 @@ class Peer(PeerState):
             self.stop.wait(self._step_delay)
         self.board.update(inner_step=step)
 
+    @torch.no_grad()
+    def _pseudo_gradient(self) -> list[torch.Tensor]:
+        """``global - local`` in fp32 on the CPU, into ``self._pseudo`` (one device sync for all tensors)."""
+        for st, p in zip(self._staging, self.model.parameters()):
+            st.copy_(p.detach(), non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for buf, g, st in zip(self._pseudo, self.global_params, self._staging):
+            torch.sub(g, st, out=buf)
+        return self._pseudo
+
     def one_outer_step(self) -> None:
         t0 = time.perf_counter()
         self._behind.clear()
@@ -250,9 +264,7 @@ class Peer(PeerState):
             return
         compute_s = time.perf_counter() - t0
 
-        with torch.no_grad():
-            for buf, g, p in zip(self._pseudo, self.global_params, self.model.parameters()):
-                torch.sub(g, p.detach().to("cpu", torch.float32), out=buf)
+        self._pseudo_gradient()
         finite = all(bool(torch.isfinite(b).all()) for b in self._pseudo)
         if not finite:
             raise FloatingPointError("pseudo-gradient holds NaN/Inf: the local model diverged")
@@ -335,6 +347,11 @@ class Peer(PeerState):
         })
         if outcome.ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
             self.write_checkpoint()
+
+
+def _cpu_buffer(like: torch.Tensor, pin: bool) -> torch.Tensor:
+    """An fp32 CPU tensor shaped like ``like`` (page-locked when ``pin``)."""
+    return torch.empty(like.shape, dtype=torch.float32, pin_memory=pin)
 
 
 def _rss_bytes() -> int:

@@ -28,7 +28,9 @@ class PeerState:
     def _copy_global_into_model(self) -> None:
         with torch.no_grad():
             for p, g in zip(self.model.parameters(), self.global_params):
-                p.copy_(g.to(p.device, p.dtype))
+                p.copy_(g, non_blocking=True)  # from pinned memory on CUDA: asynchronous
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the outer step may rewrite the source buffers next
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Adopt a checkpoint (or a downloaded state) as this peer's global state."""

@@ -38,6 +38,24 @@ from swarmloco.protocol.errors import PartialAllReduce
 
 logger = logging.getLogger(__name__)
 
+
+class ServingCounter:
+    """How many handlers of this process are still serving group mates (shutdown waits for zero)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, _handler) -> None:
+        self.count += 1
+
+    def remove(self, _handler) -> None:
+        self.count -= 1
+
+
+serving = ServingCounter()
+"""Handlers of this (averager) process still streaming to a group mate: averaged parts of the
+all-reduce or our payload of the all-gather. A peer that leaves waits for zero (``SwarmAverager.drain``)."""
+
 CHUNK_BYTES = 1 << 19
 """Bytes of payload per stream message (well under libp2p's message limit)."""
 
@@ -150,6 +168,7 @@ class SparseAllGatherRunner:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         self._started[index].set()
+        serving.add(self)
         try:
             first = await asyncio.wait_for(anext(stream), self.timeout)
             if first.group_id != self.group_id:
@@ -159,14 +178,18 @@ class SparseAllGatherRunner:
             got = await self._read_payload(stream, first)
             await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
         except BaseException as e:  # noqa: BLE001
+            serving.remove(self)
             self._settle(index, error=e)
             if isinstance(e, Exception):
                 yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
                 return
             raise
         self._settle(index, got)
-        for msg in self._messages():
-            yield msg
+        try:
+            for msg in self._messages():
+                yield msg
+        finally:
+            serving.remove(self)
 
     async def _await_dialer(self, index: int) -> None:
         """A member that should dial us must start within the timeout; then per-message timeouts apply."""
@@ -227,4 +250,4 @@ class SparseAllGatherRunner:
         return torch.cat(out) if out else torch.zeros(0)
 
 
-__all__ = ["SparseAllGatherRunner", "CHUNK_BYTES"]
+__all__ = ["CHUNK_BYTES", "ServingCounter", "SparseAllGatherRunner", "serving"]

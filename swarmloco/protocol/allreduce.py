@@ -41,7 +41,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aite
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
-from swarmloco.protocol.allgather import SparseAllGatherRunner
+from swarmloco.protocol.allgather import SparseAllGatherRunner, serving
 from swarmloco.protocol.errors import PartialAllReduce
 from swarmloco.protocol.state_transfer import StateSharing
 
@@ -145,10 +145,12 @@ class ExactAllReduceRunner(AllReduceRunner):
         delivered every part or is banned. hivemind marks a sender active before it checks the request,
         and some exits (a rejected request, a stream reset in the p2p layer) skip the ban: our reducer
         then waited forever for parts that would never come, and held every peer of the group."""
+        serving.add(self)
         try:
             async for message in super().rpc_aggregate_part(stream, context):
                 yield message
         finally:
+            serving.remove(self)
             sender = context.remote_id
             if sender in self.sender_peer_ids and sender not in self.banned_senders:
                 index = self.sender_peer_ids.index(sender)
@@ -215,6 +217,19 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
     def __init__(self, *args, codec: Codec, **kwargs):
         self._codec = codec
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (at most ``timeout``) until this peer has sent its group mates every averaged part it owes
+        them: a peer leaving right after its last round otherwise cut its mates' round short."""
+        future = MPFuture()
+        self._outer_pipe.send(("_drain", [], dict(timeout=timeout, future=future)))
+        return future.result(timeout + 5)
+
+    async def _drain(self, timeout: float, future: MPFuture) -> None:
+        deadline = time.monotonic() + timeout
+        while serving.count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        future.set_result(serving.count == 0)
 
     def set_target_group_size(self, size: int, timeout: float = 10.0) -> None:
         """Let the next round start as soon as ``size`` peers joined (they passed the ready barrier)."""

@@ -235,7 +235,15 @@ class SwarmTransport:
             list(got.get("errors", []))
 
     def shutdown(self) -> None:
-        """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time."""
+        """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time.
+
+        First let the averager finish sending group mates the averaged parts it owes them (bounded by
+        ``next_chunk_timeout``), so that leaving right after a round does not fail the others' round."""
+        try:
+            if not self.averager.drain(self.cfg.next_chunk_timeout):
+                logger.warning("left with averaged parts still owed to group mates")
+        except Exception as e:  # noqa: BLE001
+            logger.debug("drain before shutdown failed: %s", e)
         for part, proc in (("averager", self.averager), ("dht", self.dht)):
             try:
                 proc.shutdown()

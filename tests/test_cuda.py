@@ -1,0 +1,76 @@
+"""The CUDA path of a peer (skipped without a GPU): bf16 autocast inner steps, pinned staging, outer step.
+
+CI has no GPU; these run on a lent GPU machine (see BENCHMARKS.md, "CUDA path").
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from swarmloco.config import RunConfig
+from swarmloco.node.peer import Peer, PeerOptions
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from conftest import tiny_config  # noqa: E402
+
+
+class LoneTransport:
+    """Just enough of a Transport for a peer alone (rounds of one never touch the network)."""
+
+    peer_id = "12D3KooWcudaTestPeer"
+
+    def __init__(self):
+        self.records: dict[str, dict[str, bytes]] = {}
+
+    def visible_maddrs(self):
+        return []
+
+    def store(self, key, subkey, value, expiration_time):
+        self.records.setdefault(key, {})[subkey] = value
+        return True
+
+    def get(self, key):
+        return dict(self.records.get(key, {}))
+
+    def set_state_provider(self, provider):
+        self.provider = provider
+
+    def start_round(self, *args, **kwargs):
+        raise AssertionError("a lone peer must not start a network round")
+
+    def download_state(self, *args, **kwargs):
+        return None, ["no peers"]
+
+    def shutdown(self):
+        pass
+
+
+def lone_peer(cfg: RunConfig) -> Peer:
+    return Peer(cfg, LoneTransport(), PeerOptions(device="cuda", max_outer_steps=2))
+
+
+def test_a_peer_trains_on_cuda_with_bf16_autocast_and_pinned_staging() -> None:
+    peer = lone_peer(tiny_config())
+    assert peer.device.type == "cuda" and peer.inner.autocast
+    assert all(g.is_pinned() for g in peer.global_params)  # H2D / D2H copies do not go through pageable memory
+    before = [g.clone() for g in peer.global_params]
+    assert peer.run() == 2
+    assert peer.outer_step == 2 and math.isfinite(peer.board.get("eval_loss"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, peer.global_params))
+    # the local model holds the global parameters after each outer step
+    for p, g in zip(peer.model.parameters(), peer.global_params):
+        assert torch.equal(p.detach().cpu(), g)
+
+
+def test_the_pseudo_gradient_from_the_gpu_equals_the_cpu_computation() -> None:
+    peer = lone_peer(tiny_config())
+    with torch.no_grad():
+        for p in peer.model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    staged = peer._pseudo_gradient()
+    expected = [g - p.detach().cpu().float() for g, p in zip(peer.global_params, peer.model.parameters())]
+    assert all(torch.equal(a, b) for a, b in zip(staged, expected))

@@ -34,7 +34,7 @@ import torch
 from swarmloco.compression.registry import codec_names, get_codec
 from swarmloco.config import CodecConfig, DataConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.node.data import Corpus
-from swarmloco.node.simulate import codec_transform, run_data_parallel, run_diloco
+from swarmloco.node.simulate import codec_transform, ring_equivalent_bytes_per_value, run_data_parallel, run_diloco
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                 arm(arm_name, run_diloco, corpus, model_cfg, inner_cfg,
                     OuterConfig(lr=olr, momentum=0.9), workers=k, H=H, seed=args.seeds[0],
                     transform=None if name == "none" else codec_transform(codec, k, not args.no_error_feedback),
-                    bytes_per_value=codec.info.bits_per_value / 8, **common)
+                    bytes_per_value=ring_equivalent_bytes_per_value(codec, k), **common)
                 results[arm_name].setdefault("codec", name)
     if not args.no_single:
         arm(f"single-s{args.seeds[0]}", run_data_parallel, corpus, model_cfg, inner_cfg, workers=1,

@@ -146,9 +146,16 @@ class OuterConfig:
     """Swarm-wide samples per outer step: a round starts when the live peers together processed this
     many since the last one (each weighted by its own samples), so slow peers contribute fewer inner
     steps instead of making everyone wait. 0: every peer runs inner.steps steps per round."""
+    clip_factor: float = 4.0
+    """Contributions are checked before they are averaged: a pseudo-gradient (part) whose norm exceeds
+    clip_factor x the lower median of the group's is scaled down to it, and so is a claimed sample
+    count (weight); applied when at least 3 peers of the group trained since the last round. 0 turns
+    the check off (plain weighted mean)."""
 
     def __post_init__(self) -> None:
         _positive("outer.lr", self.lr)
+        _check(isinstance(self.clip_factor, (int, float)) and (self.clip_factor == 0 or self.clip_factor >= 1),
+               "outer.clip_factor", self.clip_factor, "must be 0 (off) or >= 1")
         _check(isinstance(self.target_samples, int) and self.target_samples >= 0, "outer.target_samples",
                self.target_samples, "must be an integer >= 0")
         _check(0.0 <= self.momentum < 1.0, "outer.momentum", self.momentum, "must be in [0, 1)")

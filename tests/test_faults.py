@@ -66,9 +66,16 @@ def test_sigkill_of_a_reducer_mid_allreduce_survivors_finish_the_step_bit_identi
     victim.signal_session(signal.SIGKILL)  # the whole machine is gone: main process, helpers, p2pd
 
     survived = [p0.next_round(), p1.next_round()]
-    assert_same_state(*survived)  # the step finished everywhere, with the same bits
-    assert survived[0]["outer_step"] == first[0]["outer_step"] + 1
-    assert all(r["attempts"] >= 2 and r["peers"] == 2 for r in survived), survived  # re-run without p2
+    adopted = [r for r in survived if r["adopted"]]
+    if not adopted:  # the usual case: both re-ran the step at once without p2 and committed it together
+        assert_same_state(*survived)  # the step finished everywhere, with the same bits
+        assert survived[0]["outer_step"] == first[0]["outer_step"] + 1
+        assert all(r["attempts"] >= 2 and r["peers"] == 2 for r in survived), survived  # re-run without p2
+    else:  # on a loaded machine a survivor can sit in the doomed round until its watchdog, then catch up
+        late, other = (p0, p1) if survived[0]["adopted"] else (p1, p0)
+        assert_same_state(adopted[0], rounds_until(other, lambda r: r["outer_step"] == adopted[0]["outer_step"],
+                                                   limit=1000))
+        assert late.rounds[-1]["outer_step"] > first[0]["outer_step"]
     after = [p0.next_round(), p1.next_round()]  # the next round does not wait for the dead peer's heartbeat
     assert_same_state(*after)
     assert after[0]["round_time"] < 3 * first[0]["round_time"] + 5, after

@@ -106,7 +106,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children (and p2pd) inherit "ignore"
     try:
         transport = SwarmTransport(cfg.swarm, prefix=manifest.key_prefix, templates=templates, codec=codec,
-                                   identity_path=cfg.swarm.identity_path or None)
+                                   identity_path=cfg.swarm.identity_path or None, clip_factor=cfg.outer.clip_factor)
     except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
         signal.signal(signal.SIGINT, old_int)
         print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr)

@@ -272,13 +272,14 @@ class Peer(PeerState):
         if self.error_feedback is not None:  # what compression drops now is added to the next round's
             to_send = [self.error_feedback.compensate(i, g) for i, g in enumerate(self._pseudo)]
 
+        to_send = faults.poison(to_send)  # a hostile peer, in tests only (SWARMLOCO_FAULT)
         self._set_state("ready")
         t1 = time.perf_counter()
         attempt, barrier_s, retried = 0, 0.0, []
         while True:
             self._attempt = attempt
-            handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged, self._samples_since_sync,
-                                              attempt)
+            handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged,
+                                              faults.poison_weight(self._samples_since_sync), attempt)
             barrier_s += barrier.waited_s
             if handle is None:  # the swarm is ahead of us: adopt its state, drop this round's inner work
                 self._catch_up_instead_of_round(barrier.behind, result, t0)
@@ -303,6 +304,8 @@ class Peer(PeerState):
         self._attempt = 0
 
         t2 = time.perf_counter()
+        sent_norm = _norm(to_send)  # what this peer contributed, and the group's average it applies
+        update_norm = _norm(self._averaged) if outcome.ok else float("nan")
         if outcome.ok:
             if self.error_feedback is not None and outcome.group_size > 1:  # alone, nothing was compressed
                 for i, sent in enumerate(to_send):
@@ -344,9 +347,16 @@ class Peer(PeerState):
             "digest": self.digest, "error": outcome.error, "fp32_bytes": fp32_bytes,
             "initial_eval_loss": self.initial_eval_loss, "attempts": attempt + 1, "inner_steps": result.steps,
             "samples": result.samples, "adopted": False, "retried": retried,
+            "sent_norm": sent_norm, "update_norm": update_norm,
         })
         if outcome.ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
             self.write_checkpoint()
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """L2 norm of a list of tensors taken as one vector."""
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))) \
+        if tensors else 0.0
 
 
 def _cpu_buffer(like: torch.Tensor, pin: bool) -> torch.Tensor:

@@ -58,7 +58,7 @@ def codec_transform(codec, workers: int, error_feedback: bool = True) -> PseudoG
     Per worker and tensor: error-feedback compensate -> ``codec.roundtrip`` -> error-feedback update
     (one :class:`~swarmloco.compression.error_feedback.ErrorFeedback` per worker). Feedback is used only
     if ``error_feedback`` and the codec is lossy; a lossless codec returns its input values unchanged.
-    Pair it with ``bytes_per_value=codec.info.bits_per_value / 8`` in :func:`run_diloco`.
+    Pair it with ``bytes_per_value=ring_equivalent_bytes_per_value(codec, workers)`` in :func:`run_diloco`.
     """
     from swarmloco.compression.error_feedback import ErrorFeedback
 
@@ -76,6 +76,16 @@ def codec_transform(codec, workers: int, error_feedback: bool = True) -> PseudoG
         return out
 
     return transform
+
+
+def ring_equivalent_bytes_per_value(codec, workers: int) -> float:
+    """What one value costs in :func:`allreduce_bytes_per_worker`'s ring model with ``codec``.
+
+    Dense codecs are all-reduced: ``bits / 8``. A sparse codec is all-gathered (each worker sends its
+    payload to the ``n - 1`` others, not ``2(n-1)/n`` of it), so its bytes count ``n / 2`` times more.
+    """
+    per_value = codec.info.bits_per_value / 8
+    return per_value if codec.info.summable else per_value * workers / 2
 
 
 def allreduce_bytes_per_worker(payload_values: int, workers: int, bytes_per_value: float = 4.0) -> float:

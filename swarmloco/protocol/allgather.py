@@ -35,6 +35,7 @@ from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import TAG_PREFIX
 from swarmloco.protocol import faults
 from swarmloco.protocol.errors import PartialAllReduce
+from swarmloco.protocol.robust import robust_combine
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +66,14 @@ class SparseAllGatherRunner:
 
     def __init__(self, *, codec: Codec, p2p, servicer_type, prefix: str, group_id: bytes,
                  ordered_peer_ids: Sequence[PeerID], dialable: Sequence[bool], tensors: Sequence[torch.Tensor],
-                 weight: float, timeout: float):
+                 weight: float, timeout: float, clip_factor: float = 0.0):
         self.codec, self.p2p, self.servicer_type, self.prefix = codec, p2p, servicer_type, prefix
         self.group_id, self.peers = group_id, list(ordered_peer_ids)
         self.peer_id = p2p.peer_id
         self.me = self.peers.index(self.peer_id)
         self.dialable = list(dialable)
-        self.weight, self.timeout = float(weight), float(timeout)
+        self.weight, self.timeout, self.clip_factor = float(weight), float(timeout), float(clip_factor)
+        self.clipped = [0] * len(self.peers)  # per member: 1 if its contribution was clipped
         self.tag = TAG_PREFIX + codec.info.name
         self._tensors = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
         self.numel = sum(t.numel() for t in self._tensors)
@@ -230,15 +232,13 @@ class SparseAllGatherRunner:
         return await loop.run_in_executor(None, self._average, contributions)
 
     def _average(self, contributions: dict[int, tuple[float, bytes]]) -> torch.Tensor:
-        total = sum(w for w, _ in contributions.values())
-        if not total > 0:
-            raise AllreduceException("the group's weights sum to zero")
-        acc = torch.zeros(self.numel, dtype=torch.float32)
-        for i in sorted(contributions):  # the group's order: the same sum, bit for bit, on every member
-            # (each payload was decoded once on arrival to check it; decoding again keeps memory at one vector)
-            w, payload = contributions[i]
-            acc.add_(self.decode(payload), alpha=w)
-        return acc.div_(total)
+        """The group's order, the same checks (:func:`robust_combine`) and so the same bits on every member."""
+        members = sorted(contributions)
+        mean, clipped = robust_combine([self.decode(contributions[i][1]) for i in members],
+                                       [contributions[i][0] for i in members], self.clip_factor)
+        for k in clipped:
+            self.clipped[members[k]] = 1
+        return mean
 
     def decode(self, payload: bytes) -> torch.Tensor:
         """A member's payload as one flat fp32 vector (each tensor is encoded on its own, as the

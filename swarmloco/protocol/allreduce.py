@@ -43,6 +43,7 @@ from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import SparseAllGatherRunner, serving
 from swarmloco.protocol.errors import PartialAllReduce
+from swarmloco.protocol.robust import RobustPartReducer
 from swarmloco.protocol.state_transfer import StateSharing
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ async def _numbered(stream):
 class ExactAllReduceRunner(AllReduceRunner):
     """Butterfly all-reduce whose outputs are the averaged values themselves, identical on every peer."""
 
-    def __init__(self, *, codec: Codec, tensors: Sequence[torch.Tensor], peer_fractions, **kwargs):
+    def __init__(self, *, codec: Codec, tensors: Sequence[torch.Tensor], peer_fractions, clip_factor: float = 0.0,
+                 **kwargs):
         part_kwargs = {k: kwargs[k] for k in ("compression", "part_size_bytes", "tensor_infos", "prefetch") if k in kwargs}
         super().__init__(tensors=tensors, peer_fractions=peer_fractions, **kwargs)
         self.codec = codec
@@ -68,6 +70,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.parts_for_local_averaging = self.tensor_part_container.get_raw_input_parts(
             self.ordered_peer_ids.index(self.peer_id)
         )
+        # contributions are checked before they are averaged (norm and weight clipping, protocol/robust.py)
+        self.tensor_part_reducer.finished.set()  # hivemind's own reducer goes unused (and must not log so)
+        self.tensor_part_reducer = RobustPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), clip_factor)
         self._part_shapes = [
             [part.shape for part, _ in self.tensor_part_container._input_parts_by_peer[i]]
             for i in range(len(self.ordered_peer_ids))
@@ -133,9 +139,12 @@ class ExactAllReduceRunner(AllReduceRunner):
             slow = isinstance(e, (asyncio.TimeoutError, asyncio.CancelledError))
             (self.slow_peers if slow else self.failed_peers).append(peer_id.to_base58())
             logger.warning("reducer %s failed: %s", peer_id.to_base58()[-8:], repr(e)[:200])
-            if not slow and peer_id in self.sender_peer_ids and peer_id not in self.banned_senders:
-                # it is gone: stop waiting for its parts as a sender too, or our reducer would hold every
-                # other peer for sender_timeout when it died before sending to us (the round fails anyway)
+            gone = isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError))
+            if gone and peer_id in self.sender_peer_ids and peer_id not in self.banned_senders:
+                # its connection is gone: stop waiting for its parts as a sender too, or our reducer would
+                # hold every other peer for sender_timeout when it died before sending to us. Only then: a
+                # live peer whose reducer merely failed us must still get our reducer's results, or one
+                # failed link would fail every link.
                 await self._ban_sender(peer_id)
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
@@ -214,8 +223,9 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
     included.
     """
 
-    def __init__(self, *args, codec: Codec, **kwargs):
+    def __init__(self, *args, codec: Codec, clip_factor: float = 0.0, **kwargs):
         self._codec = codec
+        self._clip_factor = clip_factor
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
 
     def drain(self, timeout: float) -> bool:
@@ -275,12 +285,19 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             tensors=tensors,
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
+            clip_factor=self._clip_factor,
             **kwargs,
         )
         if group_id not in self._running_groups:
             raise AllreduceException(f"group {group_id!r} was not registered")
         self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+        try:
+            await self._run_exact(runner, tensors, start)
+        finally:
+            _log_clipped(runner.sender_peer_ids, runner.tensor_part_reducer.clipped_parts)
+
+    async def _run_exact(self, runner: ExactAllReduceRunner, tensors, start: float) -> None:
+        if runner.modes[runner.ordered_peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
             return
@@ -333,12 +350,15 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             codec=self._codec, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group_id,
             ordered_peer_ids=group_info.peer_ids, dialable=[m != AveragingMode.CLIENT for m in modes],
             tensors=tensors, weight=float(kwargs.get("weight") or 1.0),
-            timeout=kwargs.get("sender_timeout") or self.next_chunk_timeout or 30.0,
+            timeout=kwargs.get("sender_timeout") or self.next_chunk_timeout or 30.0, clip_factor=self._clip_factor,
         )
         if group_id not in self._running_groups:
             raise AllreduceException(f"group {group_id!r} was not registered")
         self._running_groups[group_id].set_result(runner)  # hivemind routes rpc_aggregate_part to it
-        flat = await runner.run()
+        try:
+            flat = await runner.run()
+        finally:
+            _log_clipped(runner.peers, runner.clipped)
         offset = 0
         for tensor in tensors:
             tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
@@ -348,6 +368,14 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             "bytes_received": runner.bytes_received,
             "allreduce_s": time.perf_counter() - start,
         }
+
+
+def _log_clipped(peer_ids, clipped_parts) -> None:
+    """Name every peer whose contribution this peer had to clip (one line each)."""
+    for peer, count in zip(peer_ids, clipped_parts):
+        if count:
+            logger.warning("clipped the contribution of peer %s in %d part(s): its update or weight was far "
+                           "above the group's median", peer.to_base58()[-8:], count)
 
 
 __all__ = ["ExactAllReduceRunner", "SwarmAverager", "PartialAllReduce", "CodecError"]

@@ -8,7 +8,11 @@ reads that line knows the peer is in the middle of an all-reduce and kills it at
 with no sleeps.
 
 ``SWARMLOCO_FAULT=slow_steps:SECONDS`` adds SECONDS to each inner step: a slow peer, for the
-heterogeneous-speed tests. Nothing else reads the variable; unset or malformed means no fault.
+heterogeneous-speed tests.
+
+A hostile peer, for the robustness tests: ``poison_scale:K`` multiplies the pseudo-gradient it sends by
+K, ``poison_random:S`` sends Gaussian noise of standard deviation S instead, ``poison_weight:K`` claims K
+times the samples it processed. Nothing else reads the variable; unset or malformed means no fault.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+import torch
 
 ENV = "SWARMLOCO_FAULT"
 _allreduce_count = 0
@@ -40,3 +46,28 @@ def inner_step_delay() -> float:
 def announce(message: str) -> None:
     sys.stdout.write("@@swarmloco " + json.dumps({"type": "event", "kind": "fault", "message": message}) + "\n")
     sys.stdout.flush()
+
+
+def _arg(kind: str) -> float | None:
+    name, _, arg = os.environ.get(ENV, "").partition(":")
+    if name != kind:
+        return None
+    try:
+        return float(arg)
+    except ValueError:
+        return None
+
+
+def poison(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What a hostile peer sends instead of its pseudo-gradient (unchanged without a poison fault)."""
+    scale, noise = _arg("poison_scale"), _arg("poison_random")
+    if scale is not None:
+        return [t * scale for t in tensors]
+    if noise is not None:
+        return [torch.randn_like(t) * noise for t in tensors]
+    return tensors
+
+
+def poison_weight(samples: int) -> int:
+    factor = _arg("poison_weight")
+    return int(samples * factor) if factor is not None else samples

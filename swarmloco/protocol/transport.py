@@ -127,7 +127,7 @@ class SwarmTransport:
     """A hivemind DHT node plus a :class:`SwarmAverager` for the run's pseudo-gradients."""
 
     def __init__(self, cfg: SwarmConfig, *, prefix: str, templates: Sequence[torch.Tensor], codec: Codec,
-                 record_validators: Sequence[Any] = (), identity_path: str | None = None):
+                 record_validators: Sequence[Any] = (), identity_path: str | None = None, clip_factor: float = 0.0):
         import hivemind
 
         from swarmloco.protocol.allreduce import SwarmAverager
@@ -153,6 +153,7 @@ class SwarmTransport:
                 [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates],
                 self.dht,
                 codec=codec,
+                clip_factor=clip_factor,
                 prefix=prefix,
                 start=True,
                 target_group_size=cfg.max_group_size,

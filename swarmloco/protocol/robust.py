@@ -1,0 +1,122 @@
+"""Contributions are checked before they are averaged: a peer sending garbage moves nobody far.
+
+Every reducer (of the butterfly all-reduce) and every member (of the sparse all-gather) combines the
+contributions it holds with :func:`robust_combine` instead of a plain weighted mean:
+
+* a contribution whose L2 norm exceeds ``clip_factor`` x the **lower median** of the contributions'
+  non-zero norms is scaled down to that bound (a x1000 or random-noise update counts as at most
+  ``clip_factor`` honest ones);
+* a claimed weight (samples processed) above ``clip_factor`` x the lower median weight is capped the
+  same way (a peer cannot buy the average by claiming a billion samples);
+* non-finite values never get here: decoders reject NaN/Inf before (``CodecError``).
+
+The references are taken over the contributors that did work this round (a peer that only just
+joined sends zeros), and only when there are at least three of them: with two, nothing tells the
+honest one apart (and a fast and a slow honest peer differ by design). The lower median (the smaller
+middle value for an even count) keeps one attacker among three or four from raising the bound. The sum runs in a fixed order (sender index), so the result is the same
+bits wherever it is computed, and every peer of the group receives the reducer's one result.
+With ``clip_factor`` 0 the combination is the plain weighted mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import torch
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+
+
+def lower_median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def robust_combine(parts: Sequence[torch.Tensor], weights: Sequence[float],
+                   clip_factor: float) -> tuple[torch.Tensor, list[int]]:
+    """Weighted mean of ``parts`` after clipping norms and weights; returns (mean, indices clipped)."""
+    weights = [float(w) for w in weights]
+    clipped: set[int] = set()
+    scales = [1.0] * len(parts)
+    if clip_factor > 0:
+        norms = [float(torch.linalg.vector_norm(p.float())) for p in parts]
+        # peers that did no work this round (a joiner, a peer that just caught up) send zeros with a
+        # token weight: they neither set the references nor get clipped
+        working = [i for i in range(len(parts)) if norms[i] > 0 and weights[i] >= MIN_WORK_WEIGHT]
+        if len(working) >= MIN_CONTRIBUTORS:
+            bound = clip_factor * lower_median([norms[i] for i in working])
+            cap = clip_factor * lower_median([weights[i] for i in working])
+            for i in working:
+                if norms[i] > bound:
+                    scales[i] = bound / norms[i]
+                    clipped.add(i)
+                if weights[i] > cap:
+                    weights[i] = cap
+                    clipped.add(i)
+    total = sum(weights)
+    if not total > 0:
+        raise AllreduceException("contributions' weights sum to zero")
+    acc = torch.zeros_like(parts[0], dtype=torch.float32)
+    for part, weight, scale in zip(parts, weights, scales):
+        acc.add_(part.float(), alpha=weight * scale)
+    return acc.div_(total), sorted(clipped)
+
+
+MIN_CONTRIBUTORS = 3
+"""With fewer working contributors nothing tells the honest one apart: the plain weighted mean."""
+MIN_WORK_WEIGHT = 1.0
+"""A weight (samples) below this is a peer taking part without having trained since the last round."""
+
+
+class RobustPartReducer(TensorPartReducer):
+    """hivemind's TensorPartReducer, holding a part's contributions until all have come, then combining
+    them with :func:`robust_combine` (hivemind adds each one to a running sum as it arrives)."""
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, clip_factor: float):
+        self.clip_factor = clip_factor
+        self._pending: dict[int, tuple[torch.Tensor, float]] = {}
+        self.clipped_parts = [0] * num_senders
+        """Per sender: how many of its parts were clipped (its peer is named in the log)."""
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        self._pending = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:  # wait for the previous parts to be combined
+            finished = asyncio.ensure_future(self.finished.wait())
+            try:
+                await asyncio.wait({self.current_part_future, finished}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                finished.cancel()
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {type(self).__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._pending[sender_index] = (tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await future
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            senders = sorted(self._pending)
+            if senders:
+                mean, clipped = robust_combine([self._pending[i][0] for i in senders],
+                                               [self._pending[i][1] for i in senders], self.clip_factor)
+                for k in clipped:
+                    self.clipped_parts[senders[k]] += 1
+            else:
+                mean = torch.zeros(self.part_shapes[self.current_part_index])
+            self.current_part_future.set_result(mean)
+            self.reset_accumulators()
+
+
+__all__ = ["RobustPartReducer", "lower_median", "robust_combine"]

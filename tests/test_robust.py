@@ -117,5 +117,6 @@ def test_a_hostile_peer_cannot_poison_the_swarm(spawn, write_config, attack) -> 
             break
     assert checked == 3, "fewer than 3 rounds committed by all three peers"
     assert rounds[0]["eval_loss"] < rounds[0]["initial_eval_loss"]  # the honest work still trains the model
-    named = [line for p in (honest0, honest1) for line in p.log_text().splitlines() if "clipped the contribution" in line]
-    assert named and all(hostile_id[-8:] in line for line in named), named
+    named = {c for p in (honest0, honest1) for r in p.rounds for c in r["clipped"]}
+    assert named == {hostile_id}, named  # the hostile peer, and only it, is named (events, status, log)
+    assert hostile_id[-8:] in honest0.wait_event("contribution_clipped")["message"]

@@ -318,6 +318,9 @@ class Peer(PeerState):
             self._copy_global_into_model()
             self._samples_since_sync = 0
             self.board.add(rounds_ok=1)
+            for peer_id in outcome.clipped:
+                self.board.event("contribution_clipped", f"outer step {self.outer_step - 1}: the update of peer "
+                                 f"{peer_id[-8:]} was far above the group's median and was clipped")
         else:
             self.board.add(rounds_failed=1)
             self.board.event("round_failed", f"outer step {self.outer_step}: {outcome.error}")
@@ -347,7 +350,7 @@ class Peer(PeerState):
             "digest": self.digest, "error": outcome.error, "fp32_bytes": fp32_bytes,
             "initial_eval_loss": self.initial_eval_loss, "attempts": attempt + 1, "inner_steps": result.steps,
             "samples": result.samples, "adopted": False, "retried": retried,
-            "sent_norm": sent_norm, "update_norm": update_norm,
+            "sent_norm": sent_norm, "update_norm": update_norm, "clipped": list(outcome.clipped),
         })
         if outcome.ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
             self.write_checkpoint()

@@ -294,7 +294,8 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         try:
             await self._run_exact(runner, tensors, start)
         finally:
-            _log_clipped(runner.sender_peer_ids, runner.tensor_part_reducer.clipped_parts)
+            clipped = _log_clipped(runner.sender_peer_ids, runner.tensor_part_reducer.clipped_parts)
+        self._round_stats["clipped"] = clipped
 
     async def _run_exact(self, runner: ExactAllReduceRunner, tensors, start: float) -> None:
         if runner.modes[runner.ordered_peer_ids.index(self.peer_id)] == AveragingMode.AUX:
@@ -358,7 +359,7 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         try:
             flat = await runner.run()
         finally:
-            _log_clipped(runner.peers, runner.clipped)
+            clipped = _log_clipped(runner.peers, runner.clipped)
         offset = 0
         for tensor in tensors:
             tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
@@ -367,15 +368,19 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             "bytes_sent": runner.bytes_sent,
             "bytes_received": runner.bytes_received,
             "allreduce_s": time.perf_counter() - start,
+            "clipped": clipped,
         }
 
 
-def _log_clipped(peer_ids, clipped_parts) -> None:
-    """Name every peer whose contribution this peer had to clip (one line each)."""
+def _log_clipped(peer_ids, clipped_parts) -> list[str]:
+    """Name every peer whose contribution this peer had to clip (one line each); returns their ids."""
+    named = []
     for peer, count in zip(peer_ids, clipped_parts):
         if count:
+            named.append(peer.to_base58())
             logger.warning("clipped the contribution of peer %s in %d part(s): its update or weight was far "
-                           "above the group's median", peer.to_base58()[-8:], count)
+                           "above the group's median", named[-1][-8:], count)
+    return named
 
 
 __all__ = ["ExactAllReduceRunner", "SwarmAverager", "PartialAllReduce", "CodecError"]

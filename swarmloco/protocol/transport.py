@@ -43,6 +43,8 @@ class RoundOutcome:
     allreduce_s: float = 0.0
     suspects: tuple[str, ...] = ()
     """Peers known to have failed this round (dead reducers): a re-run leaves them out."""
+    clipped: tuple[str, ...] = ()
+    """Peers whose contribution this peer's reducer had to clip (far above the group's median)."""
 
     @property
     def group_size(self) -> int:
@@ -120,6 +122,7 @@ class _HivemindRound:
             bytes_received=int(info.get("bytes_received", 0)),
             matchmaking_s=max(0.0, total - allreduce_s),
             allreduce_s=allreduce_s,
+            clipped=tuple(str(c) for c in info.get("clipped", ())),
         )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator, Sequence
 
 import torch
@@ -140,20 +141,29 @@ class SparseAllGatherRunner:
             return
         slow = isinstance(error, (asyncio.TimeoutError, asyncio.CancelledError))
         (self.slow_peers if slow else self.failed_peers).append(self.peers[index].to_base58())
-        logger.debug("all-gather with %s failed: %r", self.peers[index], error)
+        logger.warning("all-gather with %s failed: %s", self.peers[index].to_base58()[-8:], repr(error)[:200])
         fut.set_exception(error)
 
     # ----- the two sides of a pair ------------------------------------------------------------
     async def _dial(self, index: int) -> None:
         try:
             stub = self.servicer_type.get_stub(self.p2p, self.peers[index], namespace=self.prefix)
+            deadline = time.monotonic() + self.timeout
 
             async def outgoing():
                 for msg in self._messages():
                     yield msg
 
-            stream = await asyncio.wait_for(stub.rpc_aggregate_part(outgoing()), self.timeout)
-            got = await self._read_payload(aiter_with_timeout(stream, self.timeout))
+            while True:
+                stream = await asyncio.wait_for(stub.rpc_aggregate_part(outgoing()), self.timeout)
+                replies = aiter_with_timeout(stream, self.timeout)
+                first = await asyncio.wait_for(anext(replies), self.timeout)
+                if first.code != averaging_pb2.BAD_GROUP_ID or time.monotonic() > deadline:
+                    break
+                # hivemind routes the stream by group id, and the mate has not registered this round yet
+                # (it can learn of the group a moment after us): dial again shortly
+                await asyncio.sleep(0.05)
+            got = await self._read_payload(replies, first)
             await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
             self._settle(index, got)
         except BaseException as e:  # noqa: BLE001 - a failed pair is recorded; the round fails as a whole

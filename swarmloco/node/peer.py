@@ -352,8 +352,8 @@ class Peer(PeerState):
             "samples": result.samples, "adopted": False, "retried": retried,
             "sent_norm": sent_norm, "update_norm": update_norm, "clipped": list(outcome.clipped),
         })
-        if outcome.ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
-            self.write_checkpoint()
+        if outcome.ok:
+            self.checkpoint_if_due()
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:

@@ -132,6 +132,11 @@ class PeerState:
         self.load_state(state)
         self.board.event("checkpoint", f"resumed from outer step {self.outer_step}")
 
+    def checkpoint_if_due(self) -> None:
+        """Write a checkpoint every ``checkpoint.every`` outer steps (when a directory is configured)."""
+        if self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
+            self.write_checkpoint()
+
     def write_checkpoint(self) -> None:
         if not self.cfg.checkpoint.dir:
             return
@@ -155,5 +160,5 @@ class PeerState:
             "fp32_bytes": 4 * sum(p.numel() for p in self.global_params), "initial_eval_loss": self.initial_eval_loss,
             "attempts": 0, "inner_steps": result.steps, "samples": result.samples,
         })
-        if ok and self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
-            self.write_checkpoint()  # an adopted state is as good a restart point as a committed one
+        if ok:
+            self.checkpoint_if_due()  # an adopted state is as good a restart point as a committed one

@@ -22,7 +22,6 @@ as SparseLoCo and DeMo do.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import AsyncIterator, Sequence
 
@@ -35,10 +34,8 @@ from hivemind.utils.asyncio import aiter_with_timeout, anext
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import TAG_PREFIX
 from swarmloco.protocol import faults
-from swarmloco.protocol.errors import PartialAllReduce
+from swarmloco.protocol.errors import RoundFailures
 from swarmloco.protocol.robust import robust_combine
-
-logger = logging.getLogger(__name__)
 
 
 class ServingCounter:
@@ -47,10 +44,10 @@ class ServingCounter:
     def __init__(self):
         self.count = 0
 
-    def add(self, _handler) -> None:
+    def add(self) -> None:
         self.count += 1
 
-    def remove(self, _handler) -> None:
+    def remove(self) -> None:
         self.count -= 1
 
 
@@ -86,8 +83,7 @@ class SparseAllGatherRunner:
                                                      if i != self.me}
         self._started = {i: asyncio.Event() for i in self._received}  # a dialer's stream reached us
         self.bytes_sent = self.bytes_received = 0
-        self.failed_peers: list[str] = []  # stream broke: the peer is gone
-        self.slow_peers: list[str] = []  # timed out
+        self.failures = RoundFailures("member")
 
     def dials(self, i: int, j: int) -> bool:
         """Whether member ``i`` opens the stream to member ``j`` (exactly one of a pair does)."""
@@ -139,9 +135,7 @@ class SparseAllGatherRunner:
         if error is None:
             fut.set_result(result)
             return
-        slow = isinstance(error, (asyncio.TimeoutError, asyncio.CancelledError))
-        (self.slow_peers if slow else self.failed_peers).append(self.peers[index].to_base58())
-        logger.warning("all-gather with %s failed: %s", self.peers[index].to_base58()[-8:], repr(error)[:200])
+        self.failures.record(self.peers[index].to_base58(), error)
         fut.set_exception(error)
 
     # ----- the two sides of a pair ------------------------------------------------------------
@@ -180,7 +174,7 @@ class SparseAllGatherRunner:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         self._started[index].set()
-        serving.add(self)
+        serving.add()
         try:
             first = await asyncio.wait_for(anext(stream), self.timeout)
             if first.group_id != self.group_id:
@@ -190,7 +184,7 @@ class SparseAllGatherRunner:
             got = await self._read_payload(stream, first)
             await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
         except BaseException as e:  # noqa: BLE001
-            serving.remove(self)
+            serving.remove()
             self._settle(index, error=e)
             if isinstance(e, Exception):
                 yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
@@ -201,7 +195,7 @@ class SparseAllGatherRunner:
             for msg in self._messages():
                 yield msg
         finally:
-            serving.remove(self)
+            serving.remove()
 
     async def _await_dialer(self, index: int) -> None:
         """A member that should dial us must start within the timeout; then per-message timeouts apply."""
@@ -233,12 +227,7 @@ class SparseAllGatherRunner:
             if not fut.cancelled() and fut.exception() is None:
                 contributions[i] = fut.result()
         if len(contributions) < len(self.peers):
-            suspects = sorted(set(self.failed_peers))
-            slow = sorted(set(self.slow_peers) - set(suspects))
-            named = [f"{', '.join(p[-8:] for p in suspects)} failed"] if suspects else []
-            named += [f"{', '.join(p[-8:] for p in slow)} timed out"] if slow else []
-            raise PartialAllReduce(f"all-gather got {len(contributions)} of {len(self.peers)} contributions: "
-                                   f"{'; '.join(named) or 'a member failed'}", suspects)
+            raise self.failures.error(f"all-gather got {len(contributions)} of {len(self.peers)} contributions")
         return await loop.run_in_executor(None, self._average, contributions)
 
     def _average(self, contributions: dict[int, tuple[float, bytes]]) -> torch.Tensor:

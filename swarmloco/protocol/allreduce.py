@@ -42,7 +42,7 @@ from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import SparseAllGatherRunner, serving
-from swarmloco.protocol.errors import PartialAllReduce
+from swarmloco.protocol.errors import PartialAllReduce, RoundFailures
 from swarmloco.protocol.robust import RobustPartReducer
 from swarmloco.protocol.state_transfer import StateSharing
 
@@ -81,8 +81,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_progress = time.monotonic()  # when a part last arrived (or its reducer failed)
-        self.failed_peers: list[str] = []  # reducers whose stream broke (gone): suspects
-        self.slow_peers: list[str] = []  # reducers that timed out
+        self.failures = RoundFailures("reducer")
         self._hang = faults.next_allreduce_hangs()
 
     def _decode(self, message, expected_numel: int) -> torch.Tensor:
@@ -134,11 +133,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 )
         except BaseException as e:
             self.last_progress = time.monotonic()
-            # a broken stream means the peer is gone; a timeout may be a live peer slowed by another's
-            # failure (its reducer waits for the dead peer's parts): only the first kind is a suspect
-            slow = isinstance(e, (asyncio.TimeoutError, asyncio.CancelledError))
-            (self.slow_peers if slow else self.failed_peers).append(peer_id.to_base58())
-            logger.warning("reducer %s failed: %s", peer_id.to_base58()[-8:], repr(e)[:200])
+            self.failures.record(peer_id.to_base58(), e)
             gone = isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError))
             if gone and peer_id in self.sender_peer_ids and peer_id not in self.banned_senders:
                 # its connection is gone: stop waiting for its parts as a sender too, or our reducer would
@@ -154,12 +149,12 @@ class ExactAllReduceRunner(AllReduceRunner):
         delivered every part or is banned. hivemind marks a sender active before it checks the request,
         and some exits (a rejected request, a stream reset in the p2p layer) skip the ban: our reducer
         then waited forever for parts that would never come, and held every peer of the group."""
-        serving.add(self)
+        serving.add()
         try:
             async for message in super().rpc_aggregate_part(stream, context):
                 yield message
         finally:
-            serving.remove(self)
+            serving.remove()
             sender = context.remote_id
             if sender in self.sender_peer_ids and sender not in self.banned_senders:
                 index = self.sender_peer_ids.index(sender)
@@ -305,15 +300,7 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         await self._consume_with_watchdog(runner, tensors)
         if runner.failed_size:
             total = sum(t.numel() for t in tensors)
-            suspects = sorted(set(runner.failed_peers))
-            slow = sorted(set(runner.slow_peers) - set(suspects))
-            named = [f"reducer(s) {', '.join(p[-8:] for p in suspects)} failed"] if suspects else []
-            named += [f"reducer(s) {', '.join(p[-8:] for p in slow)} timed out"] if slow else []
-            raise PartialAllReduce(
-                f"only {100 * (1 - runner.failed_size / total):.1f}% of values were averaged: "
-                f"{'; '.join(named) or 'a reducer failed'}",
-                suspects,
-            )
+            raise runner.failures.error(f"only {100 * (1 - runner.failed_size / total):.1f}% of values were averaged")
         self._round_stats = {
             "bytes_sent": runner.bytes_sent,
             "bytes_received": runner.bytes_received,

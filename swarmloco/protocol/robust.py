@@ -13,9 +13,10 @@ contributions it holds with :func:`robust_combine` instead of a plain weighted m
 The references are taken over the contributors that did work this round (a peer that only just
 joined sends zeros), and only when there are at least three of them: with two, nothing tells the
 honest one apart (and a fast and a slow honest peer differ by design). The lower median (the smaller
-middle value for an even count) keeps one attacker among three or four from raising the bound. The sum runs in a fixed order (sender index), so the result is the same
-bits wherever it is computed, and every peer of the group receives the reducer's one result.
-With ``clip_factor`` 0 the combination is the plain weighted mean.
+middle value for an even count) keeps one attacker among three or four from raising the bound. The
+sum runs in a fixed order (sender index), so the result is the same bits wherever it is computed,
+and every peer of the group receives the reducer's one result. With ``clip_factor`` 0 the
+combination is the plain weighted mean.
 """
 
 from __future__ import annotations

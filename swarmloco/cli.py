@@ -1,4 +1,4 @@
-"""Command line: ``swarmloco demo | run | monitor | keygen | bootstrap``.
+"""Command line: ``swarmloco demo | run | join | init-run | token | monitor | keygen | bootstrap``.
 
 The CLI picks a config file (or preset) and a few overrides; everything else lives in the TOML.
 Logging is configured here and only here.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,22 +66,171 @@ def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--identity", metavar="PATH", help="persistent libp2p identity key file (keeps the peer id)")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _peer_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {**_swarm_overrides(args), "checkpoint.dir": args.checkpoint_dir, "status.port": args.status_port,
+            "swarm.min_peers": args.min_peers}
+
+
+def _start_peer(cfg: Any, args: argparse.Namespace, **kwargs: Any) -> int:
     from swarmloco.node.launcher import run_peer
     from swarmloco.node.peer import PeerOptions
 
-    overrides = _swarm_overrides(args)
-    overrides["checkpoint.dir"] = args.checkpoint_dir
-    overrides["status.port"] = args.status_port
-    overrides["swarm.min_peers"] = args.min_peers
-    cfg = _load(args.config, overrides)
     options = PeerOptions(shard=args.shard, device=args.device, max_outer_steps=args.max_outer_steps,
                           resume=args.resume, inner_steps=args.inner_steps)
     if args.shard is not None and not 0 <= args.shard < cfg.data.num_shards:
         print(f"swarmloco: --shard {args.shard} is out of range [0, {cfg.data.num_shards})", file=sys.stderr)
         return 2
     return run_peer(cfg, options, json_events=args.json_events, maddrs_file=args.maddrs_file,
-                    status_server_factory=_status_server_factory(), tui=args.tui)
+                    status_server_factory=_status_server_factory(), tui=args.tui, **kwargs)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _start_peer(_load(args.config, _peer_overrides(args)), args)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    """Join an owned run with no config file: the manifest comes from the DHT, signed by the owner."""
+    from swarmloco.node import joining
+    from swarmloco.node.launcher import EXIT_CONFIG, EXIT_ERROR, load_identity, p2pd_key_file
+    from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+
+    route_hivemind_logs()
+    args.initial_peers = [args.maddr, *(args.initial_peers or [])]
+    local = _load(None, _peer_overrides(args))
+    try:
+        spec = joining.RunSpec.parse(args.run) if args.run else None
+        identity = load_identity(local.swarm.identity_path)
+    except (joining.JoinError, ValueError) as e:
+        print(f"swarmloco: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    validators = [joining.join_validator(spec)] if spec else []
+    try:
+        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
+            client = DhtClient(local.swarm, identity_path=p2pd_key_file(identity, keydir), record_validators=validators)
+    except Exception as e:  # noqa: BLE001
+        print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        spec = joining.find_run(client.get, spec)
+        signed = joining.fetch_manifest(client.get, spec, timeout=args.manifest_timeout)
+        cfg = joining.config_from_manifest(signed, local, trust_data_path=args.trust_data_path)
+    except joining.JoinError as e:
+        client.shutdown()
+        print(f"swarmloco: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"swarmloco: joining run '{spec.run_id}' of owner {signed.author.hex()} (manifest "
+          f"{signed.manifest.short}, signature checked)", file=sys.stderr, flush=True)
+    return _start_peer(cfg, args, identity=identity, dht=client.detach_dht())
+
+
+def cmd_init_run(args: argparse.Namespace) -> int:
+    """Sign and publish a run's manifest; keep a DHT node up that serves it (and bootstraps the swarm)."""
+    from swarmloco.node import joining
+    from swarmloco.node.launcher import install_stop_handlers, p2pd_key_file
+    from swarmloco.protocol.identity import Identity
+    from swarmloco.protocol.manifest import RunManifest
+    from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+
+    route_hivemind_logs()
+    overrides = {**_swarm_overrides(args), "swarm.identity_path": None}
+    if not args.initial_peers:
+        overrides["swarm.host_maddrs"] = args.host_maddrs or ["/ip4/0.0.0.0/tcp/31337"]
+    cfg = _load(args.config, overrides)
+    if not args.identity:
+        print("swarmloco: init-run needs --identity OWNER_KEY (make one with: swarmloco keygen PATH)", file=sys.stderr)
+        return 2
+    try:
+        owner = Identity.load(args.identity)
+        cfg = joining.owned_config(cfg, owner)
+    except (OSError, ValueError) as e:
+        print(f"swarmloco: owner key {args.identity}: {e} (make one with: swarmloco keygen PATH)", file=sys.stderr)
+        return 2
+    except joining.JoinError as e:
+        print(f"swarmloco: {e}", file=sys.stderr)
+        return e.exit_code
+    manifest = RunManifest.from_config(cfg)
+    valid_s = args.valid_days * 86400.0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish
+        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
+            client = DhtClient(cfg.swarm, identity_path=p2pd_key_file(owner, keydir),
+                               record_validators=[manifest.validator()])
+    except Exception as e:  # noqa: BLE001
+        print(f"swarmloco: could not start the DHT node: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    try:
+        joining.publish_owned_run(client, manifest, owner, valid_s)
+        print(f"swarmloco: run '{manifest.run_id}' (manifest {manifest.short}) signed by {owner.public_hex}, "
+              f"valid {args.valid_days:g} days{' (private: peers need tokens)' if cfg.access.private else ''}",
+              file=sys.stderr, flush=True)
+        for m in client.visible_maddrs():
+            print(f"swarmloco: join with: swarmloco join {m} {manifest.run_id}@{owner.public_hex}",
+                  file=sys.stderr, flush=True)
+        if args.maddrs_file:
+            _write_atomic(args.maddrs_file, "\n".join(client.visible_maddrs()) + "\n")
+        if not args.once:
+            joining.serve_owned_run(client, manifest, owner, valid_s, stop)
+    finally:
+        client.shutdown()
+    return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """The owner of a private run lets one peer key in: a signed token, published in the DHT."""
+    from swarmloco.protocol.access import issue_token, token_subkey
+    from swarmloco.protocol.identity import Identity, public_key_of_peer_id
+    from swarmloco.protocol.manifest import RunManifest
+    from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+
+    try:
+        owner = Identity.load(args.owner_key)
+    except (OSError, ValueError) as e:
+        print(f"swarmloco: owner key {args.owner_key}: {e}", file=sys.stderr)
+        return 2
+    peer = public_key_of_peer_id(args.peer) if args.peer.startswith("12D3KooW") else None
+    if peer is None:
+        try:
+            peer = bytes.fromhex(args.peer)
+        except ValueError:
+            peer = b""
+    if len(peer) != 32:
+        print("swarmloco: PEER must be a peer's public key (64 hex chars) or its 12D3KooW... peer id", file=sys.stderr)
+        return 2
+    expires = time.time() + args.valid_days * 86400.0
+    try:
+        token = issue_token(owner, peer, args.run, expires)
+    except ValueError as e:
+        print(f"swarmloco: {e}", file=sys.stderr)
+        return 2
+    if not args.initial_peers:
+        print("swarmloco: token needs --initial-peers MADDR of the swarm to publish the token in", file=sys.stderr)
+        return 2
+    route_hivemind_logs()
+    cfg = _load(None, {**_swarm_overrides(args), "swarm.client_mode": True, "swarm.identity_path": None})
+    try:
+        client = DhtClient(cfg.swarm)
+    except Exception as e:  # noqa: BLE001
+        print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
+        return 1
+    try:
+        key = RunManifest.from_dict({"run_id": args.run}).tokens_key
+        ok = client.store(key, token_subkey(owner.public_bytes, peer), token, expires)
+    finally:
+        client.shutdown()
+    if not ok:
+        print("swarmloco: the DHT did not store the token", file=sys.stderr)
+        return 1
+    print(f"swarmloco: token for {peer.hex()} in run '{args.run}' published, valid {args.valid_days:g} days",
+          file=sys.stderr)
+    return 0
 
 
 def _status_server_factory():
@@ -188,6 +339,22 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_peer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", type=int, default=None, help="data shard of this peer (default: from the peer id)")
+    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (overrides checkpoint.dir)")
+    p.add_argument("--max-outer-steps", type=int, default=None, help="exit 0 after this many outer steps")
+    p.add_argument("--inner-steps", type=int, default=None, help="override inner.steps locally (H)")
+    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in checkpoint.dir")
+    p.add_argument("--min-peers", type=int, default=None, help="wait for this many peers before the first round")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--status-port", type=int, default=None, help="serve status on 127.0.0.1:PORT (0: off)")
+    p.add_argument("--json-events", action="store_true", help="print machine-readable round lines on stdout")
+    p.add_argument("--tui", action="store_true", help="show this node in the terminal monitor (logs: --log-file)")
+    p.add_argument("--log-file", default=None, help="write logs here instead of stderr (default with --tui: swarmloco.log)")
+    p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
+    _add_swarm_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmloco", description="DiLoCo training over a volunteer swarm")
     parser.add_argument("--version", action="version", version=f"swarmloco {__version__}")
@@ -206,20 +373,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="start one peer from a config file")
     p.add_argument("config", help="TOML config file")
-    p.add_argument("--shard", type=int, default=None, help="data shard of this peer (default: from the peer id)")
-    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (overrides checkpoint.dir)")
-    p.add_argument("--max-outer-steps", type=int, default=None, help="exit 0 after this many outer steps")
-    p.add_argument("--inner-steps", type=int, default=None, help="override inner.steps locally (H)")
-    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in checkpoint.dir")
-    p.add_argument("--min-peers", type=int, default=None, help="wait for this many peers before the first round")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--status-port", type=int, default=None, help="serve status on 127.0.0.1:PORT (0: off)")
-    p.add_argument("--json-events", action="store_true", help="print machine-readable round lines on stdout")
-    p.add_argument("--tui", action="store_true", help="show this node in the terminal monitor (logs: --log-file)")
-    p.add_argument("--log-file", default=None, help="write logs here instead of stderr (default with --tui: swarmloco.log)")
+    _add_peer_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("join", help="join an owned run: the manifest comes from the DHT, signed by its owner")
+    p.add_argument("maddr", metavar="MADDR", help="multiaddr of any peer of the swarm (or its bootstrap peer)")
+    p.add_argument("run", metavar="RUN[@OWNER]", nargs="?", default=None,
+                   help="run name, optionally pinned to the owner's public key (default: the swarm's only run)")
+    p.add_argument("--trust-data-path", action="store_true",
+                   help="allow a manifest that reads training data from a local path")
+    p.add_argument("--manifest-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    _add_peer_flags(p)
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("init-run", help="sign and publish a run's manifest as its owner; serve it")
+    p.add_argument("config", help="TOML config file of the run")
+    p.add_argument("--valid-days", type=float, default=30.0, help="the signed manifest's lifetime (default 30)")
+    p.add_argument("--once", action="store_true", help="publish through --initial-peers and exit")
     p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
     _add_swarm_flags(p)
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_init_run)
+
+    p = sub.add_parser("token", help="as a private run's owner, let a peer's key in")
+    p.add_argument("owner_key", metavar="OWNER_KEY", help="the owner's identity file")
+    p.add_argument("run", metavar="RUN", help="run name")
+    p.add_argument("peer", metavar="PEER", help="the peer's public key (hex) or peer id")
+    p.add_argument("--valid-days", type=float, default=30.0, help="token lifetime (default 30)")
+    _add_swarm_flags(p)
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("monitor", help="terminal UI of a node and of the swarm")
     p.add_argument("--node", default=None, metavar="PORT|URL", help="a node's status endpoint on 127.0.0.1")

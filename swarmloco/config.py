@@ -23,6 +23,7 @@ __all__ = [
     "SwarmConfig",
     "CheckpointConfig",
     "StatusConfig",
+    "AccessConfig",
     "RunConfig",
     "load_config",
     "config_from_dict",
@@ -184,6 +185,26 @@ class CodecConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AccessConfig:
+    """Who runs the swarm and who may join it (part of the manifest: every peer agrees on it)."""
+
+    owner: str = ""
+    """The run owner's Ed25519 public key (64 hex chars): only the owner's signed manifest and access
+    tokens count (``swarmloco init-run`` fills it in). Empty: an unowned run (peers trust one another's
+    manifests, ``swarmloco run CONFIG`` only)."""
+    private: bool = False
+    """Only peers holding an unexpired access token signed by the owner may join: the others are refused
+    at matchmaking and at state download, and their DHT records are ignored. Needs ``owner`` to run (a
+    config for ``swarmloco init-run`` may leave it empty: init-run fills it in)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.owner, str) and (self.owner == "" or (len(self.owner) == 64 and all(
+            c in "0123456789abcdef" for c in self.owner))), "access.owner", self.owner,
+            "must be empty or an Ed25519 public key as 64 lowercase hex chars")
+        _check(isinstance(self.private, bool), "access.private", self.private, "must be true or false")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SwarmConfig:
     """Networking of this peer (local: not part of the manifest)."""
 
@@ -227,6 +248,9 @@ class SwarmConfig:
     """A peer serving its state that sends nothing for this many seconds is dropped for the next one."""
     download_sources: int = 4
     """A peer catching up downloads a shard of the state from each of up to this many peers at once."""
+    exclude_rounds: int = 10
+    """A peer that sent an invalid contribution (NaN/Inf, undecodable, wrong size) or whose update was
+    clipped in two rounds in a row is refused at matchmaking for this many outer steps. 0: never."""
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -240,6 +264,8 @@ class SwarmConfig:
         _check(isinstance(self.round_retries, int) and self.round_retries >= 0, "swarm.round_retries",
                self.round_retries, "must be an integer >= 0")
         _non_negative("swarm.retry_grace", self.retry_grace)
+        _check(isinstance(self.exclude_rounds, int) and self.exclude_rounds >= 0, "swarm.exclude_rounds",
+               self.exclude_rounds, "must be an integer >= 0")
         _check(isinstance(self.download_sources, int) and 1 <= self.download_sources <= 64, "swarm.download_sources",
                self.download_sources, "must be an integer from 1 to 64")
         for name in ("ready_timeout", "matchmaking_time", "request_timeout", "allreduce_timeout",
@@ -280,7 +306,7 @@ class StatusConfig:
                "must be an integer in [0, 65535]")
 
 
-MANIFEST_SECTIONS = ("model", "data", "inner", "outer", "codec")
+MANIFEST_SECTIONS = ("model", "data", "inner", "outer", "codec", "access")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,6 +322,7 @@ class RunConfig:
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
@@ -322,6 +349,7 @@ _SECTIONS = {
     "inner": InnerConfig,
     "outer": OuterConfig,
     "codec": CodecConfig,
+    "access": AccessConfig,
     "swarm": SwarmConfig,
     "checkpoint": CheckpointConfig,
     "status": StatusConfig,

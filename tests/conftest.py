@@ -44,9 +44,9 @@ def spawn(tmp_path: Path):
     """Start peer processes; every one of them (and its process group) is killed at teardown."""
     started: list[PeerProcess] = []
 
-    def start(name: str, config: Path, *args: str, initial_peers: list[str] = (),
-              env: dict[str, str] | None = None) -> PeerProcess:
-        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers, env=env)
+    def start(name: str, config: Path | None, *args: str, initial_peers: list[str] = (),
+              env: dict[str, str] | None = None, command: str = "run") -> PeerProcess:
+        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers, env=env, command=command)
         started.append(peer)
         return peer
 

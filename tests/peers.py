@@ -16,15 +16,17 @@ PREFIX = "@@swarmloco "
 
 
 class PeerProcess:
-    """`python -m swarmloco run ...` in its own session, with its JSON events in a queue."""
+    """`python -m swarmloco run ...` (or ``command``: join, init-run) in its own session, with its JSON
+    events in a queue. ``config`` None: the command takes no config file (join: pass MADDR in ``args``)."""
 
-    def __init__(self, name: str, config: Path, workdir: Path, *args: str, initial_peers: list[str] = (),
-                 env: dict[str, str] | None = None):
+    def __init__(self, name: str, config: Path | None, workdir: Path, *args: str, initial_peers: list[str] = (),
+                 env: dict[str, str] | None = None, command: str = "run"):
         self.name = name
         self.maddrs_file = workdir / f"{name}.maddrs"
         self.log_path = workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "swarmloco", "run", str(config), "--json-events",
-               "--maddrs-file", str(self.maddrs_file), *args]
+        cmd = [sys.executable, "-m", "swarmloco", command, *([str(config)] if config is not None else []),
+               *(["--json-events"] if command in ("run", "join") else []), "--maddrs-file", str(self.maddrs_file),
+               *args]
         for m in initial_peers:
             cmd += ["--initial-peers", m]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -12,6 +12,7 @@ import torch
 
 from swarmloco.config import RunConfig
 from swarmloco.node.peer import Peer, PeerOptions
+from swarmloco.protocol.identity import Identity
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -21,9 +22,9 @@ from conftest import tiny_config  # noqa: E402
 class LoneTransport:
     """Just enough of a Transport for a peer alone (rounds of one never touch the network)."""
 
-    peer_id = "12D3KooWcudaTestPeer"
-
     def __init__(self):
+        self.identity = Identity.generate()
+        self.peer_id = self.identity.libp2p_peer_id()
         self.records: dict[str, dict[str, bytes]] = {}
 
     def visible_maddrs(self):
@@ -39,6 +40,9 @@ class LoneTransport:
     def set_state_provider(self, provider):
         self.provider = provider
 
+    def set_gate(self, private, admitted, excluded):
+        pass
+
     def start_round(self, *args, **kwargs):
         raise AssertionError("a lone peer must not start a network round")
 
@@ -50,7 +54,8 @@ class LoneTransport:
 
 
 def lone_peer(cfg: RunConfig) -> Peer:
-    return Peer(cfg, LoneTransport(), PeerOptions(device="cuda", max_outer_steps=2))
+    transport = LoneTransport()
+    return Peer(cfg, transport, PeerOptions(device="cuda", max_outer_steps=2), identity=transport.identity)
 
 
 def test_a_peer_trains_on_cuda_with_bf16_autocast_and_pinned_staging() -> None:

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from swarmloco.config import RunConfig
 from swarmloco.node.model import GPT
 from swarmloco.node.peer import Peer, PeerOptions
 from swarmloco.node.status import JsonLinesReporter, NullReporter, StatusBoard
+from swarmloco.node.membership import AccessRefused
+from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch, RunManifest
 
 logger = logging.getLogger(__name__)
@@ -91,22 +94,67 @@ def stop_monitor(monitor: subprocess.Popen | None) -> None:
         monitor.wait(10)
 
 
+def load_identity(path: str) -> Identity:
+    """The peer's key: loaded from ``path`` (created there if missing), or fresh for this run if empty.
+    Raises ValueError with a one-line reason for an unreadable key file."""
+    if not path:
+        return Identity.generate()
+    try:
+        if not os.path.exists(path):
+            identity = Identity.generate()
+            identity.write_libp2p_key(path)
+            logger.info("generated a new identity %s at %s", identity.libp2p_peer_id(), path)
+            return identity
+        return Identity.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"identity file {path}: {e}") from None
+
+
+def p2pd_key_file(identity: Identity, workdir: str) -> str:
+    """Write ``identity`` as the libp2p key p2pd reads (0600, in a private temp dir): p2pd then runs with the
+    same key that signs our records, so our peer id inlines our public key."""
+    path = os.path.join(workdir, "p2pd.key")
+    identity.write_libp2p_key(path)
+    return path
+
+
+def start_transport(cfg: RunConfig, manifest: RunManifest, identity: Identity, dht=None):
+    """The hivemind transport of a peer (its DHT validating this run's records)."""
+    from swarmloco.protocol.transport import SwarmTransport
+
+    templates = [p.detach() for p in GPT(cfg.model, seed=cfg.seed).parameters()]
+    with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
+        return SwarmTransport(cfg.swarm, prefix=manifest.key_prefix, templates=templates, codec=get_codec(cfg.codec),
+                              identity_path=p2pd_key_file(identity, keydir) if dht is None else None,
+                              record_validators=[manifest.validator()], clip_factor=cfg.outer.clip_factor, dht=dht)
+
+
 def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
-             maddrs_file: str | None = None, status_server_factory=None, tui: bool = False) -> int:
-    """Run one peer until it stops; returns the process exit code."""
-    from swarmloco.protocol.transport import SwarmTransport, route_hivemind_logs
+             maddrs_file: str | None = None, status_server_factory=None, tui: bool = False,
+             identity: Identity | None = None, dht=None) -> int:
+    """Run one peer until it stops; returns the process exit code.
+
+    ``identity`` and ``dht``: a key and a DHT node already started with it (``swarmloco join``)."""
+    from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
     stop = threading.Event()
     manifest = RunManifest.from_config(cfg)
-    codec = get_codec(cfg.codec)
-    templates = [p.detach() for p in GPT(cfg.model, seed=cfg.seed).parameters()]
+    if cfg.access.private and not cfg.access.owner:
+        print("swarmloco: access.private needs access.owner, the key that signs tokens (swarmloco init-run sets it)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    if identity is None:
+        try:
+            identity = load_identity(cfg.swarm.identity_path)
+        except ValueError as e:
+            print(f"swarmloco: {e}", file=sys.stderr)
+            return EXIT_CONFIG
 
     die_with_parent()
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children (and p2pd) inherit "ignore"
     try:
-        transport = SwarmTransport(cfg.swarm, prefix=manifest.key_prefix, templates=templates, codec=codec,
-                                   identity_path=cfg.swarm.identity_path or None, clip_factor=cfg.outer.clip_factor)
+        transport = start_transport(cfg, manifest, identity, dht)
     except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
         signal.signal(signal.SIGINT, old_int)
         print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr)
@@ -129,7 +177,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
 
         board = StatusBoard(reporter=JsonLinesReporter() if json_events else NullReporter())
         try:
-            peer = Peer(cfg, transport, options, board=board, stop=stop)
+            peer = Peer(cfg, transport, options, board=board, stop=stop, identity=identity)
         except ValueError as e:  # config that only shows up once the model and data exist
             print(f"swarmloco: {e}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
@@ -140,7 +188,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
             monitor = start_monitor(status_server.port, maddrs, manifest.run_id, stop)
         try:
             steps = peer.run()
-        except ManifestMismatch as e:
+        except (ManifestMismatch, AccessRefused) as e:
             print(f"swarmloco: refused: {e}", file=sys.stderr, flush=True)
             return EXIT_MANIFEST
         except FloatingPointError as e:  # the local model diverged: say so in one line, leave cleanly

@@ -42,7 +42,9 @@ from swarmloco.node.status import StatusBoard
 from swarmloco.node.sync import READY_STATES, Synchronizer
 from swarmloco.outer_optim import OuterNesterov, apply_outer_step
 from swarmloco.protocol import faults
-from swarmloco.protocol.manifest import RunManifest, check_against_swarm, manifest_from_bytes
+from swarmloco.node.membership import REFRESH_BEATS, Membership
+from swarmloco.protocol.identity import Identity
+from swarmloco.protocol.manifest import RunManifest
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import Transport
 
@@ -72,8 +74,13 @@ class Peer(PeerState):
 
     def __init__(self, cfg: RunConfig, transport: Transport, options: PeerOptions | None = None,
                  board: StatusBoard | None = None, stop: threading.Event | None = None,
-                 corpus: Corpus | None = None):
+                 corpus: Corpus | None = None, identity: Identity | None = None):
+        """``identity``: the key p2pd runs with (it signs our records); fresh if None, for transports that
+        take any peer id (tests)."""
         self.cfg, self.transport = cfg, transport
+        self.identity = identity or Identity.generate()
+        if identity is not None and identity.libp2p_peer_id() != transport.peer_id:
+            raise ValueError(f"identity {identity.libp2p_peer_id()} is not the transport's peer id {transport.peer_id}")
         self.options = options or PeerOptions()
         self.board = board or StatusBoard()
         self.stop = stop or threading.Event()
@@ -97,8 +104,11 @@ class Peer(PeerState):
         self.batches = self.corpus.train_batches(self.shard, stream_seed=0)
         self.eval_set = self.corpus.eval_batches()
 
-        self.tracker = ProgressTracker(transport, f"{self.manifest.key_prefix}_progress", cfg.swarm.heartbeat_ttl)
-        self.sync = Synchronizer(transport, self.tracker, cfg.swarm, heartbeat=self._progress, stop=self.stop)
+        self.membership = Membership(self.manifest, transport, self.identity, cfg.swarm, self.board)
+        self.tracker = ProgressTracker(transport, self.manifest.progress_key, cfg.swarm.heartbeat_ttl, self.identity,
+                                       admits=self.membership.admits)
+        self.sync = Synchronizer(transport, self.tracker, cfg.swarm, heartbeat=self._progress, stop=self.stop,
+                                 refused=lambda peer_id: self.membership.refused(peer_id, self.outer_step))
         self.codec = get_codec(cfg.codec)
         self.error_feedback = ErrorFeedback() if (cfg.codec.error_feedback and self.codec.info.lossy) else None
         self._pseudo = [torch.zeros_like(p) for p in self.global_params]
@@ -136,15 +146,10 @@ class Peer(PeerState):
         )
 
     def announce(self) -> None:
-        """Check our manifest against the swarm's (ManifestMismatch if it differs), then publish ours."""
-        published = [m for m in map(manifest_from_bytes, self.transport.get(self.manifest.run_key).values()) if m]
-        check_against_swarm(self.manifest, published)
-        self._publish_manifest()
+        """Check our manifest (ManifestMismatch) and access token (AccessRefused) against the swarm's, then
+        publish our manifest and first heartbeat."""
+        self.membership.announce(wait_s=min(10.0, self.cfg.swarm.ready_timeout))
         self.tracker.publish(self._progress())
-
-    def _publish_manifest(self) -> None:
-        ttl = max(60.0, 3 * self.cfg.swarm.heartbeat_ttl)
-        self.transport.store(self.manifest.run_key, self.transport.peer_id, self.manifest.to_bytes(), time.time() + ttl)
 
     def _heartbeat_loop(self) -> None:
         beats = 0
@@ -152,8 +157,11 @@ class Peer(PeerState):
             if self._state != "stopped":  # also while averaging: a long round must not look like a dead peer
                 self.tracker.publish(self._progress())
             beats += 1
-            if beats % 10 == 0:
-                self._publish_manifest()
+            if beats % REFRESH_BEATS == 0:
+                try:
+                    self.membership.refresh()
+                except Exception as e:  # noqa: BLE001 - a DHT hiccup: the next refresh tries again
+                    logger.warning("refreshing the manifest and tokens failed: %s", e)
             try:
                 peers = self.tracker.fetch()
             except Exception as e:  # noqa: BLE001
@@ -275,7 +283,7 @@ class Peer(PeerState):
         to_send = faults.poison(to_send)  # a hostile peer, in tests only (SWARMLOCO_FAULT)
         self._set_state("ready")
         t1 = time.perf_counter()
-        attempt, barrier_s, retried = 0, 0.0, []
+        attempt, barrier_s, retried, rejected = 0, 0.0, [], set()
         while True:
             self._attempt = attempt
             handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged,
@@ -289,9 +297,11 @@ class Peer(PeerState):
                         f" (re-run {attempt})" if attempt else "")
             self._set_state("averaging")
             outcome = self.sync.decide(handle.result(), self.outer_step)
+            rejected.update(outcome.rejected)
             if outcome.ok or len(barrier.ready) <= 1 or attempt >= self.cfg.swarm.round_retries or self.stop.is_set():
                 break
             self.sync.note_failure(outcome)
+            self.membership.note_round(outcome, self.outer_step)  # rejected peers: not in the re-run either
             retried.append(outcome.error)
             attempt += 1
             self.board.add(rounds_retried=1)
@@ -302,6 +312,7 @@ class Peer(PeerState):
             self._set_state("ready")
         sync_s = time.perf_counter() - t1
         self._attempt = 0
+        self.membership.note_round(outcome, self.outer_step)
 
         t2 = time.perf_counter()
         sent_norm = _norm(to_send)  # what this peer contributed, and the group's average it applies
@@ -321,6 +332,9 @@ class Peer(PeerState):
             for peer_id in outcome.clipped:
                 self.board.event("contribution_clipped", f"outer step {self.outer_step - 1}: the update of peer "
                                  f"{peer_id[-8:]} was far above the group's median and was clipped")
+            for peer_id in outcome.capped:
+                self.board.event("contribution_clipped", f"outer step {self.outer_step - 1}: peer {peer_id[-8:]} "
+                                 "claimed far more samples than the group's median; its weight was capped")
         else:
             self.board.add(rounds_failed=1)
             self.board.event("round_failed", f"outer step {self.outer_step}: {outcome.error}")
@@ -351,6 +365,8 @@ class Peer(PeerState):
             "initial_eval_loss": self.initial_eval_loss, "attempts": attempt + 1, "inner_steps": result.steps,
             "samples": result.samples, "adopted": False, "retried": retried,
             "sent_norm": sent_norm, "update_norm": update_norm, "clipped": list(outcome.clipped),
+            "capped": list(outcome.capped),
+            "rejected": sorted(rejected), "excluded": sorted(self.membership.excluded),
         })
         if outcome.ok:
             self.checkpoint_if_due()

@@ -79,8 +79,11 @@ class Synchronizer:
 
     def __init__(self, transport: Transport, tracker: ProgressTracker, cfg: SwarmConfig,
                  heartbeat: Callable[[], PeerProgress], stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time, poll_interval: float = 0.2):
+                 clock: Callable[[], float] = time.time, poll_interval: float = 0.2,
+                 refused: Callable[[str], bool] | None = None):
+        """``refused(peer_id)``: peers this one does not average with now (excluded, see membership.py)."""
         self.transport, self.tracker, self.cfg = transport, tracker, cfg
+        self.refused = refused or (lambda peer_id: False)
         self.heartbeat = heartbeat
         self.stop = stop or threading.Event()
         self.clock, self.poll_interval = clock, poll_interval
@@ -99,9 +102,12 @@ class Synchronizer:
                 self.suspects[peer_id] = now
 
     def live(self, peers: Sequence[PeerProgress]) -> list[PeerProgress]:
-        """Peers minus suspects; a suspect that heartbeats after it was suspected is alive again."""
+        """Peers minus suspects and refused peers; a suspect that heartbeats after it was suspected is alive
+        again."""
         out = []
         for p in peers:
+            if p.peer_id != self.transport.peer_id and self.refused(p.peer_id):
+                continue
             since = self.suspects.get(p.peer_id)
             if since is not None and p.time > since:
                 self.suspects.pop(p.peer_id, None)

@@ -59,3 +59,27 @@ def verify_token(
         logger.debug("token refused for run %s: %s", run_id, e)
         return False
     return True
+
+
+def token_subkey(owner_public: bytes, peer_public: bytes) -> str:
+    """Where a token is stored: the owner's subkey, tagged with the peer's key (one entry per peer)."""
+    return f"{owner_public.hex()}:{peer_public.hex()}"
+
+
+def read_tokens(values: dict[str, bytes], owner_public: bytes, run_id: str, now: float,
+                *, prefix: str = DEFAULT_PREFIX) -> dict[bytes, float]:
+    """The peers holding a valid token among a DHT dictionary's ``{subkey: value}``: {public key: expiry}.
+    Entries that are not the owner's valid, unexpired token for the peer their subkey names are ignored."""
+    admitted: dict[bytes, float] = {}
+    for subkey, raw in values.items():
+        try:
+            record = decode_record(raw, now=now)
+            peer = record.body.get("peer")
+            if not isinstance(peer, bytes) or subkey != token_subkey(owner_public, peer):
+                raise RecordError("token stored under another subkey")
+            check_token(raw, owner_public, peer, run_id, now, prefix=prefix)
+        except RecordError as e:
+            logger.debug("ignoring token entry %.24s: %s", subkey, e)
+            continue
+        admitted[peer] = max(admitted.get(peer, 0.0), record.expires)
+    return admitted

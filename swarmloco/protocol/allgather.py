@@ -34,7 +34,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, anext
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import TAG_PREFIX
 from swarmloco.protocol import faults
-from swarmloco.protocol.errors import RoundFailures
+from swarmloco.protocol.errors import InvalidContribution, RoundFailures
 from swarmloco.protocol.robust import robust_combine
 
 
@@ -71,7 +71,8 @@ class SparseAllGatherRunner:
         self.me = self.peers.index(self.peer_id)
         self.dialable = list(dialable)
         self.weight, self.timeout, self.clip_factor = float(weight), float(timeout), float(clip_factor)
-        self.clipped = [0] * len(self.peers)  # per member: 1 if its contribution was clipped
+        self.clipped = [0] * len(self.peers)  # per member: 1 if its update's norm was clipped
+        self.capped = [0] * len(self.peers)  # per member: 1 if its claimed weight was capped
         self.tag = TAG_PREFIX + codec.info.name
         self._tensors = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
         self.numel = sum(t.numel() for t in self._tensors)
@@ -116,7 +117,7 @@ class SparseAllGatherRunner:
             raise CodecError(f"payload of {size} bytes, this codec sends {len(self.payload)} for this model")
         weight = first.weight
         if not (weight >= 0 and weight < float("inf")):
-            raise AllreduceException(f"sent invalid weight {weight}")
+            raise InvalidContribution(f"sent invalid weight {weight}")
         buf = bytearray(first.tensor_part.buffer)
         if len(buf) < len(self.payload):
             async for msg in aiter_with_timeout(stream, self.timeout):
@@ -233,10 +234,20 @@ class SparseAllGatherRunner:
     def _average(self, contributions: dict[int, tuple[float, bytes]]) -> torch.Tensor:
         """The group's order, the same checks (:func:`robust_combine`) and so the same bits on every member."""
         members = sorted(contributions)
-        mean, clipped = robust_combine([self.decode(contributions[i][1]) for i in members],
-                                       [contributions[i][0] for i in members], self.clip_factor)
+        decoded = {}
+        for i in members:  # every member decodes the same payloads: all reject the same peers
+            try:
+                decoded[i] = self.decode(contributions[i][1])
+            except CodecError as e:
+                self.failures.reject(self.peers[i].to_base58(), e, self.failures.role)
+        if len(decoded) < len(members):
+            raise self.failures.error(f"all-gather got {len(decoded)} valid of {len(members)} contributions")
+        mean, clipped, capped = robust_combine([decoded[i] for i in members],
+                                               [contributions[i][0] for i in members], self.clip_factor)
         for k in clipped:
             self.clipped[members[k]] = 1
+        for k in capped:
+            self.capped[members[k]] = 1
         return mean
 
     def decode(self, payload: bytes) -> torch.Tensor:

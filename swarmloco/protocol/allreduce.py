@@ -42,7 +42,8 @@ from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import SparseAllGatherRunner, serving
-from swarmloco.protocol.errors import PartialAllReduce, RoundFailures
+from swarmloco.protocol.errors import InvalidContribution, PartialAllReduce, RoundFailures, is_invalid
+from swarmloco.protocol.gate import Gate, gate_matchmaking
 from swarmloco.protocol.robust import RobustPartReducer
 from swarmloco.protocol.state_transfer import StateSharing
 
@@ -118,7 +119,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
                 if index >= len(shapes):
-                    raise AllreduceException(f"{peer_id} sent more parts than expected")
+                    raise InvalidContribution(f"{peer_id} sent more parts than expected")
                 return self._decode(msg.tensor_part, shapes[index].numel()).reshape(shapes[index])
 
             async for averaged in amap_in_executor(
@@ -175,12 +176,12 @@ class ExactAllReduceRunner(AllReduceRunner):
             def _decode_msg(index_and_msg):
                 index, msg = index_and_msg
                 if index >= len(shapes):
-                    raise AllreduceException("sender sent more parts than expected")
+                    raise InvalidContribution("sender sent more parts than expected")
                 return self._decode(msg.tensor_part, shapes[index].numel()).reshape(shapes[index]), msg.weight
 
             async for tensor_part, weight in amap_in_executor(_decode_msg, _numbered(stream), max_prefetch=1):
                 if not (weight >= 0 and weight < float("inf")):
-                    raise AllreduceException(f"sender sent invalid weight {weight}")
+                    raise InvalidContribution(f"sender sent invalid weight {weight}")
                 try:
                     averaged_part = await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, tensor_part, weight=weight
@@ -198,6 +199,10 @@ class ExactAllReduceRunner(AllReduceRunner):
                     code=averaging_pb2.AVERAGED_PART,
                     tensor_part=HivemindCodec(self.codec).compress_payload(payload, averaged_part.shape),
                 )
+        except BaseException as e:
+            if is_invalid(e):  # NaN/Inf, undecodable, wrong size or weight: name it, the node excludes it
+                self.failures.reject(self.sender_peer_ids[sender_index].to_base58(), e, "sender")
+            raise
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
@@ -218,10 +223,33 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
     included.
     """
 
-    def __init__(self, *args, codec: Codec, clip_factor: float = 0.0, **kwargs):
+    def __init__(self, *args, codec: Codec, clip_factor: float = 0.0, gate: Gate | None = None, **kwargs):
         self._codec = codec
         self._clip_factor = clip_factor
+        self._gate = gate or Gate()  # who may average with us (protocol/gate.py); set before the fork
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
+
+    @property
+    def _matchmaking(self):
+        try:
+            return self.__dict__["_gated_matchmaking"]
+        except KeyError:
+            raise AttributeError("_matchmaking") from None
+
+    @_matchmaking.setter
+    def _matchmaking(self, matchmaking) -> None:  # hivemind builds it in the averager process
+        self.__dict__["_gated_matchmaking"] = gate_matchmaking(matchmaking, self._gate)
+
+    def set_gate(self, private: bool, admitted, excluded, timeout: float = 10.0) -> None:
+        """Tell the averager process whom to refuse at matchmaking (and, if private, at state download)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_gate", [], dict(private=bool(private), admitted=frozenset(admitted),
+                                                    excluded=frozenset(excluded), future=future)))
+        future.result(timeout)
+
+    async def _set_gate(self, private: bool, admitted, excluded, future: MPFuture) -> None:
+        self._gate.update(private, admitted, excluded)
+        future.set_result(None)
 
     def drain(self, timeout: float) -> bool:
         """Wait (at most ``timeout``) until this peer has sent its group mates every averaged part it owes
@@ -289,8 +317,9 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         try:
             await self._run_exact(runner, tensors, start)
         finally:
-            clipped = _log_clipped(runner.sender_peer_ids, runner.tensor_part_reducer.clipped_parts)
-        self._round_stats["clipped"] = clipped
+            reducer = runner.tensor_part_reducer
+            clipped, capped = _log_clipped(runner.sender_peer_ids, reducer.clipped_parts, reducer.capped_parts)
+        self._round_stats.update(clipped=clipped, capped=capped, rejected=list(runner.failures.rejected))
 
     async def _run_exact(self, runner: ExactAllReduceRunner, tensors, start: float) -> None:
         if runner.modes[runner.ordered_peer_ids.index(self.peer_id)] == AveragingMode.AUX:
@@ -346,7 +375,7 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         try:
             flat = await runner.run()
         finally:
-            clipped = _log_clipped(runner.peers, runner.clipped)
+            clipped, capped = _log_clipped(runner.peers, runner.clipped, runner.capped)
         offset = 0
         for tensor in tensors:
             tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
@@ -356,18 +385,27 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             "bytes_received": runner.bytes_received,
             "allreduce_s": time.perf_counter() - start,
             "clipped": clipped,
+            "capped": capped,
+            "rejected": list(runner.failures.rejected),
         }
 
 
-def _log_clipped(peer_ids, clipped_parts) -> list[str]:
-    """Name every peer whose contribution this peer had to clip (one line each); returns their ids."""
-    named = []
-    for peer, count in zip(peer_ids, clipped_parts):
-        if count:
-            named.append(peer.to_base58())
-            logger.warning("clipped the contribution of peer %s in %d part(s): its update or weight was far "
-                           "above the group's median", named[-1][-8:], count)
-    return named
+def _log_clipped(peer_ids, clipped_parts, capped_parts) -> tuple[list[str], list[str]]:
+    """Name every peer whose contribution this peer had to clip or cap (one line each); returns the ids of
+    those whose update norm was clipped (a strike) and of those whose claimed weight was capped (no strike:
+    a fast GPU among CPUs honestly claims many more samples; the cap alone bounds it)."""
+    clipped, capped = [], []
+    for peer, n_clipped, n_capped in zip(peer_ids, clipped_parts, capped_parts):
+        name = peer.to_base58()
+        if n_clipped:
+            clipped.append(name)
+            logger.warning("clipped the update of peer %s in %d part(s): its norm was far above the group's "
+                           "median", name[-8:], n_clipped)
+        if n_capped:
+            capped.append(name)
+            logger.warning("capped the claimed samples of peer %s in %d part(s) at the group's bound",
+                           name[-8:], n_capped)
+    return clipped, capped
 
 
 __all__ = ["ExactAllReduceRunner", "SwarmAverager", "PartialAllReduce", "CodecError"]

@@ -11,8 +11,8 @@ with no sleeps.
 heterogeneous-speed tests.
 
 A hostile peer, for the robustness tests: ``poison_scale:K`` multiplies the pseudo-gradient it sends by
-K, ``poison_random:S`` sends Gaussian noise of standard deviation S instead, ``poison_weight:K`` claims K
-times the samples it processed. Nothing else reads the variable; unset or malformed means no fault.
+K, ``poison_random:S`` sends Gaussian noise of standard deviation S instead, ``poison_nan:1`` sends NaN,
+``poison_weight:K`` claims K times the samples it processed. Nothing else reads the variable; unset or malformed means no fault.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def _arg(kind: str) -> float | None:
 def poison(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """What a hostile peer sends instead of its pseudo-gradient (unchanged without a poison fault)."""
     scale, noise = _arg("poison_scale"), _arg("poison_random")
+    if _arg("poison_nan") is not None:
+        return [torch.full_like(t, float("nan")) for t in tensors]
     if scale is not None:
         return [t * scale for t in tensors]
     if noise is not None:

@@ -52,6 +52,40 @@ def _b58encode(data: bytes) -> str:
     return "1" * leading_zeros + "".join(reversed(out))
 
 
+def _b58decode(text: str) -> bytes:
+    n = 0
+    for ch in text:
+        digit = _B58_ALPHABET.find(ch)
+        if digit < 0:
+            raise ValueError("not base58")
+        n = n * 58 + digit
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
+    return b"\0" * (len(text) - len(text.lstrip("1"))) + body
+
+
+def public_key_of_peer_id(peer_id: str | bytes) -> bytes | None:
+    """The Ed25519 public key inlined in a libp2p peer id (base58 text or multihash bytes), or None.
+
+    swarmloco peers always run p2pd with their Ed25519 key, whose peer id is the *identity* multihash
+    of the protobuf public key: the key can be read back from the id, so whoever p2pd authenticated
+    (Noise) as that peer id holds that key. Ids of other key types (hashed RSA keys) give None.
+    """
+    try:
+        raw = _b58decode(peer_id) if isinstance(peer_id, str) else bytes(peer_id)
+    except (ValueError, TypeError):
+        return None
+    expected = 2 + len(_LIBP2P_PUB_PREFIX) + PUBLIC_KEY_SIZE
+    if len(raw) != expected or raw[0] != 0x00 or raw[1] != expected - 2 or raw[2:6] != _LIBP2P_PUB_PREFIX:
+        return None
+    return raw[6:]
+
+
+def peer_id_of_public_key(public: bytes) -> str:
+    """The base58 libp2p peer id of an Ed25519 public key (inverse of :func:`public_key_of_peer_id`)."""
+    public_pb = _LIBP2P_PUB_PREFIX + public
+    return _b58encode(bytes([0x00, len(public_pb)]) + public_pb)
+
+
 def _atomic_write(path: PathLike, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` so that ``path`` is either the old file or the complete new one."""
     path = Path(path)
@@ -195,7 +229,7 @@ class Identity:
 
     def libp2p_peer_id(self) -> str:
         """The base58btc peer id p2pd derives from this key (starts with ``12D3KooW``)."""
-        return _b58encode(self.libp2p_peer_id_bytes())
+        return peer_id_of_public_key(self.public_bytes)
 
     def __repr__(self) -> str:
         return f"Identity(public={self.public_hex[:16]}…)"

@@ -1,22 +1,43 @@
 """The run manifest: the part of the config every peer of a swarm must share.
 
 Its hash is part of every DHT key and of the averager's group prefix, so peers whose model, data,
-optimizer or codec settings differ can never average together. Peers also publish the manifest
-itself under the run's name, so that a peer with a different manifest is told which fields differ
-and exits instead of silently training alone.
+optimizer, codec or access settings differ can never average together. The manifest itself is
+published under the run's name (``sl_<run>_manifest``) as a signed record (``records.py``, kind
+``manifest``), so that a peer with a different manifest is told which fields differ and exits instead
+of silently training alone, and so that ``swarmloco join`` can build a peer from it:
+
+* an **owned** run (``access.owner`` set, by ``swarmloco init-run``) counts only the manifest signed by
+  that owner; the DHT validators of its peers accept no other author under the key. Its peers
+  re-publish the owner's record as it is (it stays valid: the owner's key signed it), so the manifest
+  lives as long as the swarm does, until the expiry the owner chose;
+* an **unowned** run (``swarmloco run CONFIG`` without an owner): each peer publishes the manifest it
+  runs, signed by itself. ``join`` refuses such runs: nobody vouches for them.
+
+Peers also list their run in a small directory (``sl_index_runs``), so ``swarmloco join MADDR`` can
+find the run when the swarm runs only one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from swarmloco.config import RunConfig
+from swarmloco.protocol.identity import Identity
+from swarmloco.protocol.records import RecordError, decode_record, encode_record
+from swarmloco.protocol.validators import DEFAULT_PREFIX, SignedRecordValidator, swarm_key
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+KIND = "manifest"
+INDEX_KIND = "runs"
+INDEX_KEY = f"{DEFAULT_PREFIX}index_runs"
+"""Where peers list the runs they take part in (``swarmloco join MADDR`` with no run named)."""
 
 
 class ManifestMismatch(RuntimeError):
@@ -68,25 +89,111 @@ class RunManifest:
     def run_key(self) -> str:
         return run_key(self.run_id)
 
-    def to_bytes(self) -> bytes:
-        return canonical_bytes({"v": SCHEMA_VERSION, "hash": self.hash, "manifest": self.data})
+    @property
+    def progress_key(self) -> str:
+        return f"{self.key_prefix}_progress"
+
+    @property
+    def tokens_key(self) -> str:
+        return swarm_key(self.run_id, "token")
+
+    @property
+    def owner(self) -> bytes | None:
+        """The owner's public key (``access.owner``), None for an unowned run."""
+        access = self.data.get("access")
+        text = access.get("owner") if isinstance(access, dict) else None
+        try:
+            return bytes.fromhex(text) if isinstance(text, str) and len(text) == 64 else None
+        except ValueError:
+            return None
+
+    @property
+    def private(self) -> bool:
+        access = self.data.get("access")
+        return isinstance(access, dict) and access.get("private") is True
+
+    def validator(self) -> SignedRecordValidator:
+        """The DHT validator of this run's keys: signed records, author-owned subkeys; in an owned run only
+        the owner may write the manifest and tokens."""
+        keys = [self.progress_key, self.run_key, self.tokens_key, INDEX_KEY]
+        owner = self.owner
+        authors = {self.run_key: [owner], self.tokens_key: [owner]} if owner else {}
+        return SignedRecordValidator(keys, allowed_authors=authors)
 
 
 def run_key(run_id: str) -> str:
-    """Where peers publish the manifest itself, under the run's name only."""
-    return f"sl_{run_id}_manifest"
+    """Where the manifest itself is published, under the run's name only."""
+    return swarm_key(run_id, KIND)
 
 
-def manifest_from_bytes(raw: bytes) -> RunManifest | None:
-    """Parse a published manifest; None if it is malformed or its hash does not match its content."""
+@dataclass(frozen=True)
+class SignedManifest:
+    """A manifest record whose signature, key and hash were checked."""
+
+    manifest: RunManifest
+    author: bytes
+    expires: float
+    raw: bytes
+
+    @property
+    def by_owner(self) -> bool:
+        """Signed by the owner the manifest itself names."""
+        return self.manifest.owner is not None and self.manifest.owner == self.author
+
+
+def sign_manifest(manifest: RunManifest, identity: Identity, expires_at: float) -> bytes:
+    return encode_record(KIND, {"hash": manifest.hash, "manifest": manifest.data}, identity, expires_at,
+                         key=manifest.run_key)
+
+
+def read_manifest(raw: bytes, *, run_id: str, subkey: str, now: float) -> SignedManifest | None:
+    """A valid manifest record of ``run_id`` stored under its author's subkey, else None (logged at debug)."""
     try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=1 << 16, max_str_len=1 << 16)
-    except Exception:  # noqa: BLE001 - hostile bytes
+        record = decode_record(raw, now=now)
+    except RecordError as e:
+        logger.debug("ignoring manifest record under subkey %.16s: %s", subkey, e)
         return None
-    if not isinstance(obj, dict) or obj.get("v") != SCHEMA_VERSION or not isinstance(obj.get("manifest"), dict):
+    body = record.body
+    if record.kind != KIND or record.key != run_key(run_id) or subkey != record.author_hex \
+            or not isinstance(body.get("manifest"), dict):
+        logger.debug("ignoring manifest record under subkey %.16s: wrong kind, key, subkey or body", subkey)
         return None
-    manifest = RunManifest.from_dict(obj["manifest"])
-    return manifest if manifest.hash == obj.get("hash") else None
+    try:
+        manifest = RunManifest.from_dict(body["manifest"])
+    except Exception:  # noqa: BLE001 - values msgpack cannot re-pack (never from a valid record)
+        return None
+    if manifest.hash != body.get("hash") or manifest.data.get("run_id") != run_id:
+        logger.debug("ignoring manifest record under subkey %.16s: hash or run id does not match", subkey)
+        return None
+    return SignedManifest(manifest, record.author, record.expires, bytes(raw))
+
+
+def read_manifests(values: dict[str, bytes], run_id: str, now: float) -> list[SignedManifest]:
+    """Every valid manifest record among a DHT dictionary's ``{subkey: value}``."""
+    found = (read_manifest(raw, run_id=run_id, subkey=subkey, now=now) for subkey, raw in values.items())
+    return [m for m in found if m is not None]
+
+
+def sign_index_entry(manifest: RunManifest, identity: Identity, expires_at: float) -> bytes:
+    owner = manifest.owner
+    return encode_record(INDEX_KIND, {"run": manifest.run_id, "owner": owner.hex() if owner else ""}, identity,
+                         expires_at, key=INDEX_KEY)
+
+
+def read_index(values: dict[str, bytes], now: float) -> list[tuple[str, str]]:
+    """The (run id, owner hex) pairs the swarm's peers list, most listed first."""
+    counts: dict[tuple[str, str], int] = {}
+    for subkey, raw in values.items():
+        try:
+            record = decode_record(raw, now=now)
+        except RecordError:
+            continue
+        run, owner = record.body.get("run"), record.body.get("owner")
+        if record.kind != INDEX_KIND or record.key != INDEX_KEY or subkey != record.author_hex \
+                or not isinstance(run, str) or not isinstance(owner, str) or len(run) > 64 or len(owner) > 64:
+            continue
+        counts[(run, owner)] = counts.get((run, owner), 0) + 1
+    return sorted(counts, key=lambda k: (-counts[k], k))
 
 
 def diff_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

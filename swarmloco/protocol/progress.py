@@ -1,10 +1,15 @@
-"""Peer discovery and progress tracking: each peer's heartbeat in the DHT.
+"""Peer discovery and progress tracking: each peer's signed heartbeat in the DHT.
 
-Every peer stores a small record under ``<run prefix>_progress`` (subkey: its peer id) every
-``heartbeat_period`` seconds, expiring after ``heartbeat_ttl``. Reading the key gives the live
-swarm: who is training, who is ready to average which round, how fast each one is. A peer that
-stops heartbeating (crash, SIGKILL, lost network) drops out of the view within ``heartbeat_ttl``.
-Malformed records are ignored, never trusted.
+Every peer stores a small signed record (``records.py``, kind ``progress``) under
+``<run prefix>_progress`` every ``heartbeat_period`` seconds, expiring after ``heartbeat_ttl``; the
+subkey is its public key (hex), so nobody can overwrite another peer's heartbeat (the DHT validator
+checks it on every node that stores one, the reader checks it again). Reading the key gives the live
+swarm: who is training, who is ready to average which round, how fast each one is. A peer that stops
+heartbeating (crash, SIGKILL, lost network) drops out of the view within ``heartbeat_ttl``.
+
+A heartbeat counts only if its signature, key, expiry and schema hold and the ``peer_id`` it claims is
+the libp2p id of the key that signed it (so the peer the record names is the one matchmaking and
+state download talk to). Anything else is ignored, never trusted.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import msgpack
-
+from swarmloco.protocol.identity import Identity, peer_id_of_public_key
+from swarmloco.protocol.records import RecordError, decode_record, encode_record
 from swarmloco.protocol.transport import Transport
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+KIND = "progress"
 STATES = ("joining", "training", "ready", "averaging", "idle", "stopped")
+_MAX_STR = 256
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,17 @@ class PeerProgress:
     """Which try of the round for ``outer_step`` this peer is in (a failed round is re-run among survivors)."""
     extra: dict = field(default_factory=dict)
 
-    def to_bytes(self) -> bytes:
-        data = asdict(self)
-        data["maddrs"] = list(self.maddrs)
-        return msgpack.packb({"v": SCHEMA_VERSION, **data}, use_bin_type=True)
-
     @classmethod
-    def from_bytes(cls, raw: bytes) -> PeerProgress | None:
+    def from_body(cls, obj: object) -> PeerProgress | None:
+        """Parse a heartbeat record's body; None if anything is missing, mistyped or out of range."""
         try:
-            obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=1 << 14, max_array_len=64,
-                                  max_map_len=64, max_bin_len=1 << 14)
-            if not isinstance(obj, dict) or obj.pop("v", None) != SCHEMA_VERSION:
+            if not isinstance(obj, dict):
+                return None
+            maddrs = obj.get("maddrs", ())
+            if not isinstance(maddrs, (list, tuple)) or len(maddrs) > 16:
+                return None
+            extra = obj.get("extra") or {}
+            if not isinstance(extra, dict) or len(extra) > 32:
                 return None
             rec = cls(
                 peer_id=str(obj["peer_id"]),
@@ -64,16 +70,17 @@ class PeerProgress:
                 time=float(obj["time"]),
                 samples=int(obj.get("samples", 0)),
                 samples_per_second=float(obj.get("samples_per_second", 0.0)),
-                maddrs=tuple(str(m) for m in obj.get("maddrs", ())),
+                maddrs=tuple(str(m)[:_MAX_STR] for m in maddrs),
                 round_time=None if obj.get("round_time") is None else float(obj["round_time"]),
                 bytes_per_round=None if obj.get("bytes_per_round") is None else int(obj["bytes_per_round"]),
                 digest=str(obj.get("digest", ""))[:64],
                 attempt=int(obj.get("attempt", 0)),
-                extra=dict(obj.get("extra") or {}),
+                extra=dict(extra),
             )
-        except Exception:  # noqa: BLE001 - hostile or stale-schema bytes are ignored
+        except Exception:  # noqa: BLE001 - hostile or stale-schema values are ignored
             return None
-        if rec.state not in STATES or rec.outer_step < 0 or rec.attempt < 0 or not math.isfinite(rec.time):
+        if rec.state not in STATES or rec.outer_step < 0 or rec.attempt < 0 or not math.isfinite(rec.time) \
+                or len(rec.peer_id) > _MAX_STR or not math.isfinite(rec.samples_per_second):
             return None
         return rec
 
@@ -83,24 +90,51 @@ class PeerProgress:
         return data
 
 
-class ProgressTracker:
-    """Publishes this peer's heartbeat and reads everyone's."""
+def read_progress(raw: bytes, *, key: str, subkey: str, now: float) -> tuple[PeerProgress, bytes] | None:
+    """A signed heartbeat and its author's public key, or None (reason logged at debug) unless it is a valid
+    progress record for ``key``, stored under its author's subkey, naming its author's own peer id."""
+    try:
+        record = decode_record(raw, now=now)
+    except RecordError as e:
+        logger.debug("ignoring heartbeat under subkey %.16s: %s", subkey, e)
+        return None
+    progress = PeerProgress.from_body(record.body) if record.kind == KIND and record.key == key else None
+    if progress is None or subkey != record.author_hex or progress.peer_id != peer_id_of_public_key(record.author):
+        logger.debug("ignoring heartbeat under subkey %.16s: wrong kind, key, body, subkey or peer id", subkey)
+        return None
+    return progress, record.author
 
-    def __init__(self, transport: Transport, key: str, ttl: float, clock: Callable[[], float] = time.time):
-        self.transport, self.key, self.ttl, self.clock = transport, key, ttl, clock
+
+class ProgressTracker:
+    """Publishes this peer's signed heartbeat and reads everyone's.
+
+    ``admits(public_key)`` (private runs: holds an access token) filters whose heartbeats count."""
+
+    def __init__(self, transport: Transport, key: str, ttl: float, identity: Identity | None,
+                 clock: Callable[[], float] = time.time, admits: Callable[[bytes], bool] | None = None):
+        self.transport, self.key, self.ttl, self.identity, self.clock = transport, key, ttl, identity, clock
+        self.admits = admits
 
     def publish(self, progress: PeerProgress) -> bool:
-        return self.transport.store(self.key, progress.peer_id, progress.to_bytes(), self.clock() + self.ttl)
+        if self.identity is None:
+            raise RuntimeError("a read-only tracker (no identity) cannot publish")
+        expires = self.clock() + self.ttl
+        try:
+            raw = encode_record(KIND, progress.to_dict(), self.identity, expires, key=self.key)
+        except RecordError as e:  # our own heartbeat does not fit: say so, never crash the heartbeat
+            logger.warning("heartbeat not published: %s", e)
+            return False
+        return self.transport.store(self.key, self.identity.public_hex, raw, expires)
 
     def fetch(self) -> list[PeerProgress]:
         """Live peers (heartbeat younger than ttl), one record each, sorted by peer id."""
         now = self.clock()
         out = []
         for subkey, raw in self.transport.get(self.key).items():
-            rec = PeerProgress.from_bytes(raw)
-            if rec is None or rec.peer_id != subkey:
-                logger.debug("ignoring malformed progress record under subkey %s", subkey)
+            got = read_progress(raw, key=self.key, subkey=subkey, now=now)
+            if got is None or (self.admits is not None and not self.admits(got[1])):
                 continue
+            rec = got[0]
             if now - rec.time <= self.ttl and rec.state != "stopped":
                 out.append(rec)
         return sorted(out, key=lambda r: r.peer_id)
@@ -113,15 +147,16 @@ class SwarmWatcher:
         from swarmloco.protocol.manifest import run_key
 
         self.transport, self.ttl, self.clock = transport, ttl, clock
-        self.run_key = run_key(run_id)
+        self.run_id, self.run_key = run_id, run_key(run_id)
 
     def fetch(self) -> list[dict]:
-        from swarmloco.protocol.manifest import manifest_from_bytes
+        from swarmloco.protocol.manifest import read_manifests
 
-        manifests = {m.hash: m for m in map(manifest_from_bytes, self.transport.get(self.run_key).values()) if m}
+        found = read_manifests(self.transport.get(self.run_key), self.run_id, self.clock())
+        manifests = {m.manifest.hash: m.manifest for m in found}
         peers: list[dict] = []
         for manifest in manifests.values():
-            tracker = ProgressTracker(self.transport, f"{manifest.key_prefix}_progress", self.ttl, self.clock)
+            tracker = ProgressTracker(self.transport, manifest.progress_key, self.ttl, None, self.clock)
             for rec in tracker.fetch():
                 peers.append({**rec.to_dict(), "manifest": manifest.short})
         return peers

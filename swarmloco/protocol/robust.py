@@ -34,10 +34,15 @@ def lower_median(values: Sequence[float]) -> float:
 
 
 def robust_combine(parts: Sequence[torch.Tensor], weights: Sequence[float],
-                   clip_factor: float) -> tuple[torch.Tensor, list[int]]:
-    """Weighted mean of ``parts`` after clipping norms and weights; returns (mean, indices clipped)."""
+                   clip_factor: float) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Weighted mean of ``parts`` after clipping norms and weights.
+
+    Returns (mean, indices whose norm was clipped, indices whose weight was capped): a clipped norm is a
+    strike against the sender (see ``swarm.exclude_rounds``); a capped weight is not (a fast GPU among
+    CPUs honestly claims many more samples), the cap alone bounds it."""
     weights = [float(w) for w in weights]
     clipped: set[int] = set()
+    capped: set[int] = set()
     scales = [1.0] * len(parts)
     if clip_factor > 0:
         norms = [float(torch.linalg.vector_norm(p.float())) for p in parts]
@@ -53,14 +58,14 @@ def robust_combine(parts: Sequence[torch.Tensor], weights: Sequence[float],
                     clipped.add(i)
                 if weights[i] > cap:
                     weights[i] = cap
-                    clipped.add(i)
+                    capped.add(i)
     total = sum(weights)
     if not total > 0:
         raise AllreduceException("contributions' weights sum to zero")
     acc = torch.zeros_like(parts[0], dtype=torch.float32)
     for part, weight, scale in zip(parts, weights, scales):
         acc.add_(part.float(), alpha=weight * scale)
-    return acc.div_(total), sorted(clipped)
+    return acc.div_(total), sorted(clipped), sorted(capped)
 
 
 MIN_CONTRIBUTORS = 3
@@ -77,7 +82,9 @@ class RobustPartReducer(TensorPartReducer):
         self.clip_factor = clip_factor
         self._pending: dict[int, tuple[torch.Tensor, float]] = {}
         self.clipped_parts = [0] * num_senders
-        """Per sender: how many of its parts were clipped (its peer is named in the log)."""
+        """Per sender: how many of its parts had their norm clipped (its peer is named in the log)."""
+        self.capped_parts = [0] * num_senders
+        """Per sender: how many of its parts had their claimed weight capped."""
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -110,10 +117,12 @@ class RobustPartReducer(TensorPartReducer):
         if self.current_part_accumulated_from == self.num_current_senders:
             senders = sorted(self._pending)
             if senders:
-                mean, clipped = robust_combine([self._pending[i][0] for i in senders],
-                                               [self._pending[i][1] for i in senders], self.clip_factor)
+                mean, clipped, capped = robust_combine([self._pending[i][0] for i in senders],
+                                                       [self._pending[i][1] for i in senders], self.clip_factor)
                 for k in clipped:
                     self.clipped_parts[senders[k]] += 1
+                for k in capped:
+                    self.capped_parts[senders[k]] += 1
             else:
                 mean = torch.zeros(self.part_shapes[self.current_part_index])
             self.current_part_future.set_result(mean)

@@ -72,10 +72,22 @@ class StateSharing:
         metadata, tensors = self.state_provider()
         return metadata, tensors, None
 
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """hivemind's whole-state download, refused (nothing sent) to peers the gate refuses."""
+        if not self._gate.may_download(context.remote_id):
+            self._gate.note_refusal(context.remote_id, "at state download")
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
     async def rpc_download_shard(self, request: averaging_pb2.DownloadData,
                                  context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
         """Serve shard ``i`` of ``k`` of our state: first message {"state", "count", "indices"}, then tensors
         (``state``: the metadata, serialized by the host process)."""
+        if not self._gate.may_download(context.remote_id):
+            self._gate.note_refusal(context.remote_id, "at state download")
+            return
         try:
             spec = self.serializer.loads(request.metadata)
             shard, shards = int(spec["shard"]), int(spec["of"])

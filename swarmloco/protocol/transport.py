@@ -44,7 +44,11 @@ class RoundOutcome:
     suspects: tuple[str, ...] = ()
     """Peers known to have failed this round (dead reducers): a re-run leaves them out."""
     clipped: tuple[str, ...] = ()
-    """Peers whose contribution this peer's reducer had to clip (far above the group's median)."""
+    """Peers whose update norm this peer's reducer had to clip (far above the group's median)."""
+    capped: tuple[str, ...] = ()
+    """Peers whose claimed weight (samples) this peer's reducer had to cap."""
+    rejected: tuple[str, ...] = ()
+    """Peers that sent this peer invalid data (NaN/Inf, undecodable, wrong size or weight)."""
 
     @property
     def group_size(self) -> int:
@@ -88,6 +92,9 @@ class Transport(Protocol):
 
     def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None: ...
 
+    def set_gate(self, private: bool, admitted: frozenset[bytes], excluded: frozenset[str]) -> None:
+        """Whom to refuse at matchmaking: excluded peer ids; if ``private``, every key not ``admitted``."""
+
     def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int,
                        parallel: int = 1) -> tuple[DownloadedState | None, list[str]]: ...
 
@@ -106,8 +113,9 @@ class _HivemindRound:
             info = self._control.result()
         except BaseException as e:  # noqa: BLE001 - every failure of a round is a value
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            suspects = getattr(e, "suspects", ())
-            return RoundOutcome(ok=False, error=reason, suspects=tuple(s for s in suspects if isinstance(s, str)))
+            suspects, rejected = getattr(e, "suspects", ()), getattr(e, "rejected", ())
+            return RoundOutcome(ok=False, error=reason, suspects=tuple(s for s in suspects if isinstance(s, str)),
+                                rejected=tuple(s for s in rejected if isinstance(s, str)))
         if not isinstance(info, dict):
             return RoundOutcome(ok=False, error="averager returned no result")
         with self._transport.averager.get_tensors() as averaged:
@@ -123,34 +131,45 @@ class _HivemindRound:
             matchmaking_s=max(0.0, total - allreduce_s),
             allreduce_s=allreduce_s,
             clipped=tuple(str(c) for c in info.get("clipped", ())),
+            capped=tuple(str(c) for c in info.get("capped", ())),
+            rejected=tuple(str(c) for c in info.get("rejected", ())),
         )
+
+
+def start_dht(cfg: SwarmConfig, *, identity_path: str | None = None, record_validators: Sequence[Any] = (),
+              client_mode: bool | None = None):
+    """A started hivemind DHT node (and its p2pd) with this peer's libp2p settings and identity key."""
+    import hivemind
+
+    kwargs: dict[str, Any] = dict(
+        initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.host_maddrs),
+        client_mode=cfg.client_mode if client_mode is None else client_mode,
+        use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay, record_validators=list(record_validators),
+        start=True, startup_timeout=30,
+    )
+    if cfg.announce_maddrs:
+        kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
+    if identity_path:  # hivemind's "identity taken?" probe only parses RSA keys: ours are Ed25519
+        kwargs.update(identity_path=identity_path, check_if_identity_free=False)
+    return hivemind.DHT(**kwargs)
 
 
 class SwarmTransport:
     """A hivemind DHT node plus a :class:`SwarmAverager` for the run's pseudo-gradients."""
 
     def __init__(self, cfg: SwarmConfig, *, prefix: str, templates: Sequence[torch.Tensor], codec: Codec,
-                 record_validators: Sequence[Any] = (), identity_path: str | None = None, clip_factor: float = 0.0):
-        import hivemind
-
+                 record_validators: Sequence[Any] = (), identity_path: str | None = None, clip_factor: float = 0.0,
+                 dht: Any = None):
+        """``dht``: an already started DHT node to use (``swarmloco join`` starts one to fetch the manifest
+        before it knows the model); it is shut down with this transport."""
         from swarmloco.protocol.allreduce import SwarmAverager
 
         self.cfg = cfg
-        dht_kwargs: dict[str, Any] = dict(
-            initial_peers=list(cfg.initial_peers),
-            host_maddrs=list(cfg.host_maddrs),
-            client_mode=cfg.client_mode,
-            use_relay=cfg.use_relay,
-            use_auto_relay=cfg.use_auto_relay,
-            record_validators=list(record_validators),
-            start=True,
-            startup_timeout=30,
-        )
-        if cfg.announce_maddrs:
-            dht_kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
-        if identity_path:  # hivemind's "identity taken?" probe only parses RSA keys: ours are Ed25519
-            dht_kwargs.update(identity_path=identity_path, check_if_identity_free=False)
-        self.dht = hivemind.DHT(**dht_kwargs)
+        if dht is None:
+            dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
+        elif record_validators:
+            dht.add_validators(list(record_validators))
+        self.dht = dht
         try:
             self.averager = SwarmAverager(
                 [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates],
@@ -224,6 +243,12 @@ class SwarmTransport:
         """``provider()`` -> (msgpack-able metadata, tensors): what a peer downloading our state receives."""
         self.averager.state_provider = provider
 
+    def set_gate(self, private: bool, admitted: frozenset[bytes], excluded: frozenset[str]) -> None:
+        try:
+            self.averager.set_gate(private, admitted, excluded)
+        except Exception as e:  # noqa: BLE001 - the previous gate stays; the next refresh tries again
+            logger.warning("could not update the matchmaking gate: %s", e)
+
     def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int,
                        parallel: int = 1) -> tuple[DownloadedState | None, list[str]]:
         """Fetch a state: a shard from each of up to ``parallel`` of ``peer_ids`` at once, else the whole
@@ -262,25 +287,25 @@ class SwarmTransport:
 class DhtClient:
     """A DHT-only hivemind node (no averager): for the monitor (client mode) and bootstrap peers."""
 
-    def __init__(self, cfg: SwarmConfig, *, identity_path: str | None = None):
-        import hivemind
-
-        kwargs: dict[str, Any] = dict(
-            initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.host_maddrs), client_mode=cfg.client_mode,
-            use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay, start=True, startup_timeout=30,
-        )
-        if cfg.announce_maddrs:
-            kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
-        if identity_path:
-            kwargs.update(identity_path=identity_path, check_if_identity_free=False)
-        self.dht = hivemind.DHT(**kwargs)
+    def __init__(self, cfg: SwarmConfig, *, identity_path: str | None = None, record_validators: Sequence[Any] = ()):
+        self.dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
         self.peer_id = self.dht.peer_id.to_base58()
+
+    def add_validators(self, validators: Sequence[Any]) -> None:
+        self.dht.add_validators(list(validators))
+
+    def detach_dht(self) -> Any:
+        """Hand the started DHT node over (to a SwarmTransport); this client no longer owns it."""
+        dht, self.dht = self.dht, None
+        return dht
 
     visible_maddrs = SwarmTransport.visible_maddrs
     store = SwarmTransport.store
     get = SwarmTransport.get
 
     def shutdown(self) -> None:
+        if self.dht is None:
+            return
         try:
             self.dht.shutdown()
         except Exception as e:  # noqa: BLE001

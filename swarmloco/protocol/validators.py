@@ -45,7 +45,8 @@ from swarmloco.protocol.records import MAX_RECORD_SIZE, RecordError, decode_reco
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "sl_"
-SUFFIX_KINDS: Tuple[Tuple[str, str], ...] = (("_progress", "progress"), ("_manifest", "manifest"), ("_tokens", "token"))
+SUFFIX_KINDS: Tuple[Tuple[str, str], ...] = (
+    ("_progress", "progress"), ("_manifest", "manifest"), ("_tokens", "token"), ("_runs", "runs"))
 _SUBKEY_RE = re.compile(r"([0-9a-f]{64})(?::[A-Za-z0-9_.:-]{1,128})?")
 _MAX_SUBKEY_BYTES = 256
 _WRAPPER_OVERHEAD = 5  # msgpack bin32 header that hivemind's serializer puts around our bytes
@@ -118,7 +119,7 @@ class SignedRecordValidator(RecordValidatorBase):
     ) -> "SignedRecordValidator":
         """Protect a run's progress/manifest/token keys; if ``owner_public`` is given, only the
         owner may write manifest and token entries."""
-        keys = [swarm_key(run_id, kind, prefix) for _, kind in SUFFIX_KINDS]
+        keys = [swarm_key(run_id, kind, prefix) for _, kind in SUFFIX_KINDS if kind != "runs"]
         authors = {}
         if owner_public is not None:
             authors = {swarm_key(run_id, kind, prefix): [owner_public] for kind in ("manifest", "token")}

@@ -1,0 +1,71 @@
+"""Owned runs end to end: init-run publishes a signed manifest, join builds peers from it, tokens gate it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from swarmloco.protocol.identity import Identity
+
+LOOPBACK = ("--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+
+
+def keyfile(tmp_path: Path, name: str) -> tuple[Identity, str]:
+    identity = Identity.generate()
+    path = tmp_path / f"{name}.key"
+    identity.write_libp2p_key(path)
+    return identity, str(path)
+
+
+def start_owner(spawn, write_config, tmp_path: Path, **sections):
+    owner, owner_key = keyfile(tmp_path, "owner")
+    init = spawn("owner", write_config(**sections), "--identity", owner_key, *LOOPBACK, command="init-run")
+    return owner, owner_key, init.maddrs()[0]
+
+
+def join(spawn, name: str, maddr: str, *args: str):
+    return spawn(name, None, maddr, *args, *LOOPBACK, command="join")
+
+
+@pytest.mark.slow
+def test_peers_join_an_owned_run_with_no_config_file_and_train_together(spawn, write_config, tmp_path) -> None:
+    owner, _, maddr = start_owner(spawn, write_config, tmp_path)
+    a = join(spawn, "a", maddr, "--min-peers", "2", "--max-outer-steps", "3")  # the swarm's only run: found
+    b = join(spawn, "b", maddr, f"test@{owner.public_hex}", "--min-peers", "2", "--max-outer-steps", "3")
+    rounds_a = [a.next_round() for _ in range(3)]
+    rounds_b = [b.next_round() for _ in range(3)]
+    assert all(r["ok"] for r in rounds_a + rounds_b)
+    assert any(r["peers"] == 2 for r in rounds_a)  # they found each other through the owner's node
+    last = {r["outer_step"]: r["digest"] for r in rounds_a}
+    common = [r for r in rounds_b if r["outer_step"] in last]
+    assert common and all(last[r["outer_step"]] == r["digest"] for r in common)  # one model
+    assert a.wait(60) == 0 and b.wait(60) == 0
+    assert f"of owner {owner.public_hex}" in a.log_text() and "signature checked" in b.log_text()
+
+
+@pytest.mark.slow
+def test_a_join_pinned_to_another_owner_is_refused(spawn, write_config, tmp_path) -> None:
+    _, _, maddr = start_owner(spawn, write_config, tmp_path)
+    mallory = Identity.generate()
+    p = join(spawn, "p", maddr, f"test@{mallory.public_hex}", "--manifest-timeout", "4")
+    assert p.wait(90) == 3
+    assert "no manifest of run 'test' signed by" in p.log_text()
+
+
+@pytest.mark.slow
+def test_a_private_run_admits_token_holders_only(spawn, write_config, tmp_path) -> None:
+    owner, owner_key, maddr = start_owner(spawn, write_config, tmp_path, access={"private": True})
+    member, member_key = keyfile(tmp_path, "member")
+    _, stranger_key = keyfile(tmp_path, "stranger")
+    issued = subprocess.run([sys.executable, "-m", "swarmloco", "token", owner_key, "test", member.libp2p_peer_id(),
+                             "--initial-peers", maddr, *LOOPBACK], capture_output=True, text=True, timeout=90)
+    assert issued.returncode == 0, issued.stderr
+    ok = join(spawn, "member", maddr, "--identity", member_key, "--max-outer-steps", "2")
+    refused = join(spawn, "stranger", maddr, "--identity", stranger_key)
+    assert refused.wait(120) == 3
+    assert "no valid access token" in refused.log_text()
+    assert [ok.next_round()["ok"] for _ in range(2)] == [True, True]
+    assert ok.wait(60) == 0

@@ -288,3 +288,32 @@ def test_hostile_peer_without_validator_cannot_inject(two_dhts):
             assert garbage_sub not in _entries(dht, PROGRESS)
     finally:
         hostile.shutdown()
+
+
+def test_the_validator_a_peer_registers_protects_the_keys_it_uses():
+    """RunManifest.validator() (what run/join register): heartbeats under the hash-suffixed key, and in
+    an owned run only the owner writes the manifest and tokens."""
+    from swarmloco.protocol.access import issue_token, token_subkey
+    from swarmloco.protocol.manifest import RunManifest, sign_manifest
+
+    manifest = RunManifest.from_dict({"run_id": RUN, "access": {"owner": ALICE.public_hex, "private": True}})
+    validator = manifest.validator()
+    validator.max_size = DHT_MAX_SIZE
+    a = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[validator])
+    try:
+        exp = get_dht_time() + 120
+        beat = encode_record("progress", {"step": 1}, BOB, exp, key=manifest.progress_key)
+        assert _store(a, manifest.progress_key, beat, exp, subkey=author_subkey(BOB.public_bytes))
+        assert not _store(a, manifest.progress_key, beat, exp, subkey=author_subkey(ALICE.public_bytes))
+        by_bob = sign_manifest(manifest, BOB, exp)
+        assert not _store(a, manifest.run_key, by_bob, exp, subkey=author_subkey(BOB.public_bytes))
+        assert _store(a, manifest.run_key, sign_manifest(manifest, ALICE, exp), exp,
+                      subkey=author_subkey(ALICE.public_bytes))
+        self_issued = issue_token(BOB, BOB.public_bytes, RUN, exp)
+        assert not _store(a, manifest.tokens_key, self_issued, exp, subkey=token_subkey(BOB.public_bytes, BOB.public_bytes))
+        genuine = issue_token(ALICE, BOB.public_bytes, RUN, exp)
+        assert _store(a, manifest.tokens_key, genuine, exp, subkey=token_subkey(ALICE.public_bytes, BOB.public_bytes))
+        assert not _store(a, manifest.tokens_key, genuine, exp + 3600,  # a DHT expiry beyond the signed one
+                          subkey=token_subkey(ALICE.public_bytes, BOB.public_bytes))
+    finally:
+        a.shutdown()

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_util import fuzz_settings
 from swarmloco.compression import CodecError, get_codec
 from swarmloco.config import CodecConfig
 
 NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk"]
 LEVELS = {"int8": 127, "int4": 7}
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(50)  # the 10,000-input fuzzing of every decode is in test_decoder_fuzz.py
 
 
 @st.composite

@@ -2,18 +2,20 @@
 
 ~10,500 generated inputs in total: random bytes, random msgpack structures (including
 record-shaped maps), mutations of valid records, and random DHTRecords for the validator.
+test_decoder_fuzz.py fuzzes the same functions further (and counts these inputs towards its bar).
 """
 
 import math
 import time
 
 import msgpack
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
+from fuzz_util import fuzz_settings
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.records import Record, RecordError, decode_record, encode_record
 from swarmloco.protocol.validators import SignedRecordValidator, author_subkey, swarm_key
@@ -26,15 +28,6 @@ VALID = encode_record("progress", {"step": 1, "loss": 0.5, "peers": ["a", "b"]},
 SUBKEY = author_subkey(AUTHOR.public_bytes)
 VALIDATOR = SignedRecordValidator([KEY], max_size=4096)
 KEY_ID = DHTID.generate(source=KEY).to_bytes()
-
-
-def fuzz_settings(n: int):
-    return settings(
-        max_examples=n,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 def _decode_is_total(raw) -> None:

@@ -56,6 +56,9 @@ class Membership:
         self.excluded: dict[str, int] = {}  # peer id -> first outer step it is welcome again
         self._strikes: dict[str, int] = {}  # peer id -> the outer step of its last clipped round
         self._gate_pushed: tuple | None = None
+        self.tokens_due = False
+        """A heartbeat from a key without a known token was seen: re-read the tokens at the next beat (a
+        newly admitted peer is then welcome within a heartbeat, not a refresh period)."""
 
     # ----- manifest -----------------------------------------------------------------------------
     def announce(self, wait_s: float = 0.0) -> None:
@@ -116,17 +119,22 @@ class Membership:
     # ----- access -------------------------------------------------------------------------------
     def refresh_tokens(self) -> bool:
         """Re-read the owner's tokens; True if this peer holds a valid one."""
+        self.tokens_due = False
         values = self.transport.get(self.manifest.tokens_key)
         now = self.clock()
         self.admitted = read_tokens(values, self.owner, self.manifest.run_id, now)
         self._tokens = {k: v for k, v in values.items() if k.split(":", 1)[-1] in {p.hex() for p in self.admitted}}
-        return self.admits(self.identity.public_bytes)
+        self.push_gate()
+        return self.identity.public_bytes == self.owner or self.admitted.get(self.identity.public_bytes, 0.0) > now
 
     def admits(self, public_key: bytes) -> bool:
         """Whether records and rounds of the peer with ``public_key`` count (always, unless private)."""
         if not self.manifest.private:
             return True
-        return public_key == self.owner or self.admitted.get(public_key, 0.0) > self.clock()
+        if public_key == self.owner or self.admitted.get(public_key, 0.0) > self.clock():
+            return True
+        self.tokens_due = True
+        return False
 
     # ----- exclusion ----------------------------------------------------------------------------
     def note_round(self, outcome: RoundOutcome, outer_step: int) -> None:

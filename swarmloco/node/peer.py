@@ -157,11 +157,13 @@ class Peer(PeerState):
             if self._state != "stopped":  # also while averaging: a long round must not look like a dead peer
                 self.tracker.publish(self._progress())
             beats += 1
-            if beats % REFRESH_BEATS == 0:
-                try:
+            try:
+                if beats % REFRESH_BEATS == 0:
                     self.membership.refresh()
-                except Exception as e:  # noqa: BLE001 - a DHT hiccup: the next refresh tries again
-                    logger.warning("refreshing the manifest and tokens failed: %s", e)
+                elif self.membership.tokens_due:  # a stranger's heartbeat: maybe a token was just issued
+                    self.membership.refresh_tokens()
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup: the next refresh tries again
+                logger.warning("refreshing the manifest and tokens failed: %s", e)
             try:
                 peers = self.tracker.fetch()
             except Exception as e:  # noqa: BLE001

@@ -58,7 +58,7 @@ def main() -> None:
     sign = per_second(lambda: encode_record("progress", beats[0].to_dict(), ids[0], now + 60, key=KEY))
     read_all = per_second(lambda: [read_progress(r, key=KEY, subkey=i.public_hex, now=now) for r, i in zip(raws, ids)])
     validate_all = per_second(lambda: [validator.validate(r) for r in dht_records])
-    assert all(read_progress(r, key=KEY, subkey=i.public_hex, now=now) for r, i in zip(raws, ids))
+    assert all(read_progress(r, key=KEY, subkey=i.public_hex, now=now)[0] for r, i in zip(raws, ids))
     assert all(validator.validate(r) for r in dht_records)
     result = {
         "peers": args.peers, "machine": platform.processor() or platform.machine(), "record_bytes": len(raws[0]),

@@ -111,6 +111,10 @@ class Membership:
 
     def refresh(self) -> None:
         """Every few heartbeats: re-read tokens, re-publish, push the gate if it changed."""
+        if self.owner is not None and self.owner_record is None:  # the owner published after we started
+            found = read_manifests(self.transport.get(self.manifest.run_key), self.manifest.run_id, self.clock())
+            self.owner_record = next((m.raw for m in found if m.author == self.owner
+                                      and m.manifest.hash == self.manifest.hash), None)
         if self.manifest.private:
             self.refresh_tokens()
         self.publish()

@@ -44,7 +44,7 @@ from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import SparseAllGatherRunner, serving
 from swarmloco.protocol.errors import InvalidContribution, PartialAllReduce, RoundFailures, is_invalid
 from swarmloco.protocol.gate import Gate, gate_matchmaking
-from swarmloco.protocol.robust import RobustPartReducer
+from swarmloco.protocol.robust import RobustPartReducer, name_clipped
 from swarmloco.protocol.state_transfer import StateSharing
 
 logger = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             await self._run_exact(runner, tensors, start)
         finally:
             reducer = runner.tensor_part_reducer
-            clipped, capped = _log_clipped(runner.sender_peer_ids, reducer.clipped_parts, reducer.capped_parts)
+            clipped, capped = name_clipped(runner.sender_peer_ids, reducer.clipped_parts, reducer.capped_parts)
         self._round_stats.update(clipped=clipped, capped=capped, rejected=list(runner.failures.rejected))
 
     async def _run_exact(self, runner: ExactAllReduceRunner, tensors, start: float) -> None:
@@ -375,7 +375,7 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         try:
             flat = await runner.run()
         finally:
-            clipped, capped = _log_clipped(runner.peers, runner.clipped, runner.capped)
+            clipped, capped = name_clipped(runner.peers, runner.clipped, runner.capped)
         offset = 0
         for tensor in tensors:
             tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
@@ -388,24 +388,6 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             "capped": capped,
             "rejected": list(runner.failures.rejected),
         }
-
-
-def _log_clipped(peer_ids, clipped_parts, capped_parts) -> tuple[list[str], list[str]]:
-    """Name every peer whose contribution this peer had to clip or cap (one line each); returns the ids of
-    those whose update norm was clipped (a strike) and of those whose claimed weight was capped (no strike:
-    a fast GPU among CPUs honestly claims many more samples; the cap alone bounds it)."""
-    clipped, capped = [], []
-    for peer, n_clipped, n_capped in zip(peer_ids, clipped_parts, capped_parts):
-        name = peer.to_base58()
-        if n_clipped:
-            clipped.append(name)
-            logger.warning("clipped the update of peer %s in %d part(s): its norm was far above the group's "
-                           "median", name[-8:], n_clipped)
-        if n_capped:
-            capped.append(name)
-            logger.warning("capped the claimed samples of peer %s in %d part(s) at the group's bound",
-                           name[-8:], n_capped)
-    return clipped, capped
 
 
 __all__ = ["ExactAllReduceRunner", "SwarmAverager", "PartialAllReduce", "CodecError"]

@@ -90,18 +90,19 @@ class PeerProgress:
         return data
 
 
-def read_progress(raw: bytes, *, key: str, subkey: str, now: float) -> tuple[PeerProgress, bytes] | None:
-    """A signed heartbeat and its author's public key, or None (reason logged at debug) unless it is a valid
+def read_progress(raw: bytes, *, key: str, subkey: str, now: float) -> tuple[PeerProgress, bytes]:
+    """A signed heartbeat and its author's public key; ``RecordError`` (one-line reason) unless it is a valid
     progress record for ``key``, stored under its author's subkey, naming its author's own peer id."""
-    try:
-        record = decode_record(raw, now=now)
-    except RecordError as e:
-        logger.debug("ignoring heartbeat under subkey %.16s: %s", subkey, e)
-        return None
-    progress = PeerProgress.from_body(record.body) if record.kind == KIND and record.key == key else None
-    if progress is None or subkey != record.author_hex or progress.peer_id != peer_id_of_public_key(record.author):
-        logger.debug("ignoring heartbeat under subkey %.16s: wrong kind, key, body, subkey or peer id", subkey)
-        return None
+    record = decode_record(raw, now=now)
+    if record.kind != KIND or record.key != key:
+        raise RecordError(f"a {record.kind!r} record bound to another key")
+    if subkey != record.author_hex:
+        raise RecordError("stored under another author's subkey")
+    progress = PeerProgress.from_body(record.body)
+    if progress is None:
+        raise RecordError("malformed heartbeat body")
+    if progress.peer_id != peer_id_of_public_key(record.author):
+        raise RecordError("claims a peer id that is not its signer's")
     return progress, record.author
 
 
@@ -114,6 +115,7 @@ class ProgressTracker:
                  clock: Callable[[], float] = time.time, admits: Callable[[bytes], bool] | None = None):
         self.transport, self.key, self.ttl, self.identity, self.clock = transport, key, ttl, identity, clock
         self.admits = admits
+        self._warned: set[tuple[str, str]] = set()
 
     def publish(self, progress: PeerProgress) -> bool:
         if self.identity is None:
@@ -131,13 +133,25 @@ class ProgressTracker:
         now = self.clock()
         out = []
         for subkey, raw in self.transport.get(self.key).items():
-            got = read_progress(raw, key=self.key, subkey=subkey, now=now)
-            if got is None or (self.admits is not None and not self.admits(got[1])):
+            try:
+                rec, author = read_progress(raw, key=self.key, subkey=subkey, now=now)
+            except RecordError as e:
+                self._ignore(subkey, str(e))
                 continue
-            rec = got[0]
+            if self.admits is not None and not self.admits(author):
+                continue
             if now - rec.time <= self.ttl and rec.state != "stopped":
                 out.append(rec)
         return sorted(out, key=lambda r: r.peer_id)
+
+
+    def _ignore(self, subkey: str, reason: str) -> None:
+        """Log an invalid heartbeat once per (subkey, reason); an expired one is only a peer that left."""
+        if reason.startswith("expired") or (subkey, reason) in self._warned:
+            return
+        if len(self._warned) < 1024:
+            self._warned.add((subkey, reason))
+        logger.warning("ignoring an invalid heartbeat under subkey %.16s...: %s", str(subkey), reason)
 
 
 class SwarmWatcher:

@@ -22,10 +22,13 @@ combination is the plain weighted mean.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 import torch
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+
+logger = logging.getLogger(__name__)
 
 
 def lower_median(values: Sequence[float]) -> float:
@@ -129,4 +132,22 @@ class RobustPartReducer(TensorPartReducer):
             self.reset_accumulators()
 
 
-__all__ = ["RobustPartReducer", "lower_median", "robust_combine"]
+def name_clipped(peer_ids, clipped_parts, capped_parts) -> tuple[list[str], list[str]]:
+    """Name every peer whose contribution this peer had to clip or cap (one line each); returns the ids of
+    those whose update norm was clipped (a strike) and of those whose claimed weight was capped (no strike:
+    a fast GPU among CPUs honestly claims many more samples; the cap alone bounds it)."""
+    clipped, capped = [], []
+    for peer, n_clipped, n_capped in zip(peer_ids, clipped_parts, capped_parts):
+        name = peer.to_base58()
+        if n_clipped:
+            clipped.append(name)
+            logger.warning("clipped the update of peer %s in %d part(s): its norm was far above the group's "
+                           "median", name[-8:], n_clipped)
+        if n_capped:
+            capped.append(name)
+            logger.warning("capped the claimed samples of peer %s in %d part(s) at the group's bound",
+                           name[-8:], n_capped)
+    return clipped, capped
+
+
+__all__ = ["RobustPartReducer", "lower_median", "name_clipped", "robust_combine"]

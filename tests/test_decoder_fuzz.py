@@ -7,7 +7,7 @@ re-encoding of one).
 ``test_every_target_gets_enough_inputs`` holds every entry, with what other fuzz tests feed it
 (``elsewhere``), to the issue's 10,000. To fuzz a new decoder, append one entry, e.g.::
 
-    FuzzTarget("progress.parse_heartbeat", lambda raw: parse_heartbeat(raw, now=NOW),
+    FuzzTarget("progress.read_progress", lambda raw: read_progress(raw, key=KEY, subkey=SUB, now=NOW),
                hostile_msgpack([<a few genuine encodings>]), (RecordError,))
 
 Inputs are random bytes, genuine encodings after random byte edits, and (for msgpack formats)
@@ -29,7 +29,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from fuzz_util import (
-    REQUIRED_INPUTS, SCALE, FuzzTarget, HostileBytes, digits, edit_program, fields_program, hostile, hostile_msgpack,
+    REQUIRED_INPUTS, SCALE, FuzzTarget, HostileBytes, digits, edit_program, fields_program, hostile, hostile_bytes,
+    hostile_msgpack,
     mutate, mutate_msgpack, random_bytes, run_target,
 )
 from swarmloco.compression import CodecError, codec_names, get_codec
@@ -38,8 +39,11 @@ from swarmloco.compression.header import (
 )
 from swarmloco.compression.hivemind_bridge import TAG_PREFIX, decode_part
 from swarmloco.config import CodecConfig
-from swarmloco.protocol.access import check_token, issue_token
-from swarmloco.protocol.identity import Identity
+from swarmloco.node.joining import JoinError, RunSpec
+from swarmloco.protocol.access import check_token, issue_token, read_tokens, token_subkey
+from swarmloco.protocol.identity import Identity, public_key_of_peer_id
+from swarmloco.protocol.manifest import RunManifest, read_index, read_manifest, sign_index_entry, sign_manifest
+from swarmloco.protocol.progress import STATES, PeerProgress, read_progress
 from swarmloco.protocol.records import Record, RecordError, decode_record, encode_record
 from swarmloco.protocol.validators import SignedRecordValidator, author_subkey, swarm_key
 
@@ -402,6 +406,72 @@ DECODE_PART = FuzzTarget(
     check=_check_part,
 )
 
+# ----- what a peer reads from the run's DHT keys (signed heartbeats, manifests, tokens, directory) -----
+
+RUN_MANIFEST = RunManifest.from_dict({"run_id": RUN, "seed": 0, "access": {"owner": OWNER.public_hex, "private": True}})
+BEAT = PeerProgress(peer_id=PEER.libp2p_peer_id(), outer_step=4, state="ready", time=NOW, samples=64,
+                    maddrs=("/ip4/1.2.3.4/tcp/5",), digest="00ff00ff00ff00ff", extra={"gpu": "h100"})
+HEARTBEATS = [encode_record("progress", BEAT.to_dict(), PEER, EXPIRES, key=RUN_MANIFEST.progress_key),
+              encode_record("progress", {**BEAT.to_dict(), "peer_id": OTHER.libp2p_peer_id()}, PEER, EXPIRES,
+                            key=RUN_MANIFEST.progress_key)]  # claims someone else's peer id
+
+
+def _check_heartbeat(raw, result) -> None:
+    progress, author = result
+    assert author == PEER.public_bytes and progress.peer_id == PEER.libp2p_peer_id()
+    assert progress.state in STATES and math.isfinite(progress.time) and progress.outer_step >= 0
+
+
+READ_PROGRESS = FuzzTarget(
+    "progress.read_progress",
+    lambda raw: read_progress(raw, key=RUN_MANIFEST.progress_key, subkey=PEER.public_hex, now=NOW),
+    hostile_msgpack(HEARTBEATS), (RecordError,), check=_check_heartbeat,
+)
+SIGNED_MANIFESTS = [sign_manifest(RUN_MANIFEST, OWNER, EXPIRES), sign_manifest(RUN_MANIFEST, OTHER, EXPIRES)]
+
+
+def _check_manifest(raw, result) -> None:
+    if result is not None:
+        assert result.manifest.hash == RUN_MANIFEST.hash and result.author == OWNER.public_bytes and result.by_owner
+
+
+READ_MANIFEST = FuzzTarget(
+    "manifest.read_manifest", lambda raw: read_manifest(raw, run_id=RUN, subkey=OWNER.public_hex, now=NOW),
+    hostile_msgpack(SIGNED_MANIFESTS), (), check=_check_manifest,
+)
+
+
+def _check_tokens(raw, result) -> None:
+    assert set(result) <= {PEER.public_bytes}
+
+
+READ_TOKENS = FuzzTarget(
+    "access.read_tokens",
+    lambda raw: read_tokens({token_subkey(OWNER.public_bytes, PEER.public_bytes): raw}, OWNER.public_bytes, RUN, NOW),
+    hostile_msgpack([TOKEN, TOKEN_OTHER_PEER, TOKEN_NOT_OWNER]), (), check=_check_tokens,
+)
+READ_INDEX = FuzzTarget(
+    "manifest.read_index", lambda raw: read_index({PEER.public_hex: raw}, NOW),
+    hostile_msgpack([sign_index_entry(RUN_MANIFEST, PEER, EXPIRES)]), (),
+    check=lambda raw, result: all(isinstance(r, str) and isinstance(o, str) for r, o in result),
+)
+PEER_IDS = [bytes.fromhex("0024080112") + b"\x20" + PEER.public_bytes, PEER.libp2p_peer_id().encode()]
+
+
+def _peer_key(raw: bytes):
+    """Both forms a peer id arrives in: multihash bytes (from libp2p) and base58 text (from records)."""
+    return public_key_of_peer_id(raw), public_key_of_peer_id(raw.decode("latin-1"))
+
+
+PEER_ID_KEY = FuzzTarget(
+    "identity.public_key_of_peer_id", _peer_key, hostile_bytes(PEER_IDS), (),
+    check=lambda raw, keys: all(k is None or len(k) == 32 for k in keys),
+)
+RUN_SPEC = FuzzTarget(
+    "joining.RunSpec.parse", lambda raw: RunSpec.parse(raw.decode("utf-8", "replace")),
+    hostile_bytes([f"{RUN}@{OWNER.public_hex}".encode(), b"run-1", b"a@b"]), (JoinError,),
+)
+
 # ----- the fuzz set ---------------------------------------------------------------------------------
 
 TARGETS: list[FuzzTarget] = [
@@ -411,6 +481,12 @@ TARGETS: list[FuzzTarget] = [
     *(_codec_target(name) for name in codec_names()),
     READ_HEADER,
     DECODE_PART,
+    READ_PROGRESS,
+    READ_MANIFEST,
+    READ_TOKENS,
+    READ_INDEX,
+    PEER_ID_KEY,
+    RUN_SPEC,
 ]
 
 
@@ -456,6 +532,13 @@ def test_genuine_inputs_are_accepted():
     for index in range(len(PART_SEEDS)):
         args = _part_input(index * 4, b"")
         _check_part(args, decode_part(*args))
+    _check_heartbeat(HEARTBEATS[0], READ_PROGRESS.call(HEARTBEATS[0]))
+    with pytest.raises(RecordError, match="peer id"):
+        READ_PROGRESS.call(HEARTBEATS[1])
+    assert READ_MANIFEST.call(SIGNED_MANIFESTS[0]).by_owner and READ_MANIFEST.call(SIGNED_MANIFESTS[1]) is None
+    assert READ_TOKENS.call(TOKEN) == {PEER.public_bytes: EXPIRES} and READ_TOKENS.call(TOKEN_NOT_OWNER) == {}
+    assert READ_INDEX.call(sign_index_entry(RUN_MANIFEST, PEER, EXPIRES)) == [(RUN, OWNER.public_hex)]
+    assert _peer_key(PEER_IDS[0])[0] == PEER.public_bytes and _peer_key(PEER_IDS[1])[1] == PEER.public_bytes
 
 
 def test_mutation_programs_are_total():

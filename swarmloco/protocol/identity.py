@@ -70,11 +70,13 @@ def public_key_of_peer_id(peer_id: str | bytes) -> bytes | None:
     of the protobuf public key: the key can be read back from the id, so whoever p2pd authenticated
     (Noise) as that peer id holds that key. Ids of other key types (hashed RSA keys) give None.
     """
+    expected = 2 + len(_LIBP2P_PUB_PREFIX) + PUBLIC_KEY_SIZE
+    if not isinstance(peer_id, (str, bytes, bytearray)) or len(peer_id) > 2 * expected:
+        return None  # bounded before decoding: base58 decoding is quadratic in the length
     try:
         raw = _b58decode(peer_id) if isinstance(peer_id, str) else bytes(peer_id)
     except (ValueError, TypeError):
         return None
-    expected = 2 + len(_LIBP2P_PUB_PREFIX) + PUBLIC_KEY_SIZE
     if len(raw) != expected or raw[0] != 0x00 or raw[1] != expected - 2 or raw[2:6] != _LIBP2P_PUB_PREFIX:
         return None
     return raw[6:]

@@ -215,7 +215,7 @@ class SparseAllGatherRunner:
             await asyncio.sleep(3600)
         parts = await loop.run_in_executor(None, lambda: [self.codec.encode(t) for t in self._tensors])
         self._lengths = [len(part) for part in parts]
-        self.payload = b"".join(parts)
+        self.payload = faults.corrupt(b"".join(parts))  # unchanged unless a test makes this peer hostile
         self._ready.set()
         dials = [asyncio.create_task(self._dial(i)) for i in self._received if self.dials(self.me, i)]
         try:

@@ -164,6 +164,7 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super()._generate_input_for_peer(peer_index):
+            message.tensor_part.buffer = faults.corrupt(message.tensor_part.buffer)  # a hostile peer (tests)
             self.bytes_sent += len(message.tensor_part.buffer)
             yield message
 

@@ -12,7 +12,8 @@ heterogeneous-speed tests.
 
 A hostile peer, for the robustness tests: ``poison_scale:K`` multiplies the pseudo-gradient it sends by
 K, ``poison_random:S`` sends Gaussian noise of standard deviation S instead, ``poison_nan:1`` sends NaN,
-``poison_weight:K`` claims K times the samples it processed. Nothing else reads the variable; unset or malformed means no fault.
+``poison_weight:K`` claims K times the samples it processed, ``poison_bytes:1`` sends undecodable bytes
+(every encoded part or payload inverted after encoding: what a peer not running our code can send). Nothing else reads the variable; unset or malformed means no fault.
 """
 
 from __future__ import annotations
@@ -73,3 +74,8 @@ def poison(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def poison_weight(samples: int) -> int:
     factor = _arg("poison_weight")
     return int(samples * factor) if factor is not None else samples
+
+
+def corrupt(payload: bytes) -> bytes:
+    """What a hostile peer sends instead of an encoded part (unchanged without ``poison_bytes``)."""
+    return bytes(b ^ 0xFF for b in payload) if _arg("poison_bytes") is not None else payload

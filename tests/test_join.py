@@ -26,23 +26,30 @@ def start_owner(spawn, write_config, tmp_path: Path, **sections):
     return owner, owner_key, init.maddrs()[0]
 
 
-def join(spawn, name: str, maddr: str, *args: str):
-    return spawn(name, None, maddr, *args, *LOOPBACK, command="join")
+def join(spawn, name: str, maddr: str, *args: str, env: dict[str, str] | None = None):
+    return spawn(name, None, maddr, *args, *LOOPBACK, command="join", env=env)
 
 
 @pytest.mark.slow
 def test_peers_join_an_owned_run_with_no_config_file_and_train_together(spawn, write_config, tmp_path) -> None:
     owner, _, maddr = start_owner(spawn, write_config, tmp_path)
-    a = join(spawn, "a", maddr, "--min-peers", "2", "--max-outer-steps", "3")  # the swarm's only run: found
-    b = join(spawn, "b", maddr, f"test@{owner.public_hex}", "--min-peers", "2", "--max-outer-steps", "3")
-    rounds_a = [a.next_round() for _ in range(3)]
-    rounds_b = [b.next_round() for _ in range(3)]
-    assert all(r["ok"] for r in rounds_a + rounds_b)
-    assert any(r["peers"] == 2 for r in rounds_a)  # they found each other through the owner's node
-    last = {r["outer_step"]: r["digest"] for r in rounds_a}
-    common = [r for r in rounds_b if r["outer_step"] in last]
-    assert common and all(last[r["outer_step"]] == r["digest"] for r in common)  # one model
-    assert a.wait(60) == 0 and b.wait(60) == 0
+    paced = {"SWARMLOCO_FAULT": "slow_steps:0.1"}  # rounds of ~1 s: the swarm still trains when `late` comes
+    a = join(spawn, "a", maddr, "--min-peers", "2", env=paced)  # the swarm's only run: found
+    b = join(spawn, "b", maddr, f"test@{owner.public_hex}", "--min-peers", "2", env=paced)
+    rounds_a = [a.next_round() for _ in range(2)]
+    late = join(spawn, "late", maddr, "--max-outer-steps", "2")  # joins a swarm that is already training
+    rounds_late = [late.next_round() for _ in range(2)]
+    rounds_a += [a.next_round() for _ in range(2)]
+    while rounds_a[-1]["outer_step"] < rounds_late[-1]["outer_step"]:
+        rounds_a.append(a.next_round())
+    rounds_b = [b.next_round() for _ in range(len(rounds_a) - 1)]
+    assert all(r["ok"] for r in rounds_a + rounds_b + rounds_late)
+    assert any(r["peers"] >= 2 for r in rounds_a)  # they found each other through the owner's node
+    assert rounds_late[0]["outer_step"] > 2  # it started from the swarm's downloaded state, not from scratch
+    digests = {r["outer_step"]: r["digest"] for r in rounds_a}
+    common = [r for r in rounds_b + rounds_late if r["outer_step"] in digests]
+    assert len(common) >= 4 and all(digests[r["outer_step"]] == r["digest"] for r in common)  # one model
+    assert late.wait(60) == 0
     assert f"of owner {owner.public_hex}" in a.log_text() and "signature checked" in b.log_text()
 
 

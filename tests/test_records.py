@@ -305,6 +305,9 @@ def test_the_validator_a_peer_registers_protects_the_keys_it_uses():
         beat = encode_record("progress", {"step": 1}, BOB, exp, key=manifest.progress_key)
         assert _store(a, manifest.progress_key, beat, exp, subkey=author_subkey(BOB.public_bytes))
         assert not _store(a, manifest.progress_key, beat, exp, subkey=author_subkey(ALICE.public_bytes))
+        older = encode_record("progress", {"step": 0}, BOB, exp - 60, key=manifest.progress_key)
+        assert not _store(a, manifest.progress_key, older, exp - 60, subkey=author_subkey(BOB.public_bytes))
+        assert _entries(a, manifest.progress_key)[author_subkey(BOB.public_bytes)] == beat  # a replay never wins
         by_bob = sign_manifest(manifest, BOB, exp)
         assert not _store(a, manifest.run_key, by_bob, exp, subkey=author_subkey(BOB.public_bytes))
         assert _store(a, manifest.run_key, sign_manifest(manifest, ALICE, exp), exp,

@@ -35,6 +35,7 @@ from swarmloco.compression.error_feedback import ErrorFeedback
 from swarmloco.config import RunConfig
 from swarmloco.node.data import Corpus, shard_for_peer
 from swarmloco.node.inner_loop import InnerTrainer, evaluate
+from swarmloco.node.membership import REFRESH_BEATS, Membership
 from swarmloco.node.model import GPT, num_params
 from swarmloco.node.peer_state import PeerState
 from swarmloco.node.state_sync import DIGEST_CHARS, params_digest
@@ -42,7 +43,6 @@ from swarmloco.node.status import StatusBoard
 from swarmloco.node.sync import READY_STATES, Synchronizer
 from swarmloco.outer_optim import OuterNesterov, apply_outer_step
 from swarmloco.protocol import faults
-from swarmloco.node.membership import REFRESH_BEATS, Membership
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import RunManifest
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker

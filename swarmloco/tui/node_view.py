@@ -18,7 +18,8 @@ PHASES = (  # key in last_round, legend label, bar colour
     ("outer_step_s", "outer", "cyan"),
 )
 EVENT_STYLES = {"peer_joined": "green", "peer_left": "yellow", "round_failed": "bold red",
-                "checkpoint": "cyan", "state_downloaded": "blue", "info": "dim"}
+                "checkpoint": "cyan", "state_downloaded": "blue", "info": "dim",
+                "contribution_clipped": "magenta", "peer_excluded": "bold magenta", "round_retry": "yellow"}
 SPLIT_BAR_WIDTH = 24
 
 

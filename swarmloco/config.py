@@ -249,8 +249,9 @@ class SwarmConfig:
     download_sources: int = 4
     """A peer catching up downloads a shard of the state from each of up to this many peers at once."""
     exclude_rounds: int = 10
-    """A peer that sent an invalid contribution (NaN/Inf, undecodable, wrong size) or whose update was
-    clipped in two rounds in a row is refused at matchmaking for this many outer steps. 0: never."""
+    """A peer that sent an invalid contribution (NaN/Inf, undecodable, wrong size or weight), whose update was
+    clipped in two rounds in a row, or that alone timed out in two failed attempts in a row, is refused at
+    matchmaking for this many outer steps. 0: never."""
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):

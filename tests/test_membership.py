@@ -192,3 +192,17 @@ def test_invalid_data_excludes_at_once_and_clipping_twice_in_a_row_too() -> None
     off = member(None, me, {}, exclude_rounds=0)
     off.note_round(RoundOutcome(ok=False, rejected=(x,)), outer_step=1)
     assert not off.refused(x, 2)
+
+
+def test_a_peer_that_alone_times_out_twice_in_a_row_is_excluded_but_not_one_slowed_by_a_death() -> None:
+    me, staller, slowed, dead = Identity.generate(), "12D3KooWs", "12D3KooWl", "12D3KooWd"
+    m = member(None, me, {}, exclude_rounds=5)
+    m.note_round(RoundOutcome(ok=False, slow=(slowed,), suspects=(dead,)), outer_step=1)  # explained by a death
+    m.note_round(RoundOutcome(ok=False, slow=(slowed,), suspects=(dead,)), outer_step=1)
+    assert not m.refused(slowed, 2)
+    m.note_round(RoundOutcome(ok=False, slow=(staller,)), outer_step=2)
+    m.note_round(RoundOutcome(ok=True, gathered={staller: {}, me.libp2p_peer_id(): {}}), outer_step=2)  # answered
+    m.note_round(RoundOutcome(ok=False, slow=(staller,)), outer_step=3)
+    assert not m.refused(staller, 3)
+    m.note_round(RoundOutcome(ok=False, slow=(staller,)), outer_step=3)  # the re-run: twice in a row
+    assert m.refused(staller, 4)

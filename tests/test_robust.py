@@ -131,3 +131,26 @@ def test_a_hostile_peer_in_a_4_peer_swarm_is_bounded_named_and_excluded(spawn, w
         assert excluded_at is not None and after_exclusion >= 2, (excluded_at, after_exclusion)
         assert hostile_id[-8:] in honest[0].wait_event("peer_excluded")["message"]
     assert r0["eval_loss"] < r0["initial_eval_loss"]  # the honest work still trains the model
+
+
+@pytest.mark.slow
+def test_a_staller_that_joins_groups_and_never_answers_is_excluded(spawn, write_config) -> None:
+    config = write_config(swarm={"min_peers": 4})
+    honest = [spawn("honest0", config, "--shard", "0")]
+    first = honest[0].maddrs()
+    honest += [spawn(f"honest{i}", config, "--shard", str(i), initial_peers=first) for i in (1, 2)]
+    staller = spawn("staller", config, "--shard", "3", initial_peers=first, env={"SWARMLOCO_FAULT": "stall_allreduce:1"})
+    staller_id = staller.maddrs()[0].rsplit("/", 1)[-1]
+    together = 0
+    for _ in range(8):
+        r0 = honest[0].next_round(timeout=180)
+        rounds = [r0] + [round_at(p, r0["outer_step"]) for p in honest[1:]]
+        if len({r["outer_step"] for r in rounds}) > 1 or not all(r["ok"] for r in rounds):
+            continue
+        assert len({r["digest"] for r in rounds}) == 1
+        if staller_id in r0["excluded"] and all(r["peers"] == 3 for r in rounds):
+            together += 1  # the three honest peers train on without it
+            if together == 2:
+                break
+    assert together == 2
+    assert staller_id[-8:] in honest[0].wait_event("peer_excluded")["message"]

@@ -11,7 +11,8 @@
   An expired token drops its peer at the next refresh.
 * **Exclusion.** A peer that sent invalid data in a round (NaN/Inf, undecodable, wrong size or weight) is
   excluded at once; one whose update norm was clipped (far above the group's median) in two rounds in a
-  row is excluded too. Excluded peers are refused at matchmaking and not waited for, for
+  row is excluded too, and so is one that timed out in two failed attempts in a row in which no peer
+  died or cheated (a live peer is only late because of a dead one when someone did die). Excluded peers are refused at matchmaking and not waited for, for
   ``swarm.exclude_rounds`` outer steps; then they are welcome again (and excluded again if they go on).
 """
 
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 CLIP_STRIKES = 2
 """Rounds in a row a peer's update may be clipped before it is excluded."""
+STALL_STRIKES = 2
+"""Failed rounds (or re-runs) in a row a peer may time out in, with nobody else failing, before it is
+excluded: a peer that joins groups and never answers (a staller) would otherwise fail every round."""
 REFRESH_BEATS = 10
 """Heartbeats between two refreshes of the manifest, the directory entry and the tokens."""
 
@@ -55,6 +59,7 @@ class Membership:
         self._tokens: dict[str, bytes] = {}
         self.excluded: dict[str, int] = {}  # peer id -> first outer step it is welcome again
         self._strikes: dict[str, int] = {}  # peer id -> the outer step of its last clipped round
+        self._stalls: dict[str, int] = {}  # peer id -> failed attempts in a row it alone timed out in
         self._gate_pushed: tuple | None = None
         self.tokens_due = False
         """A heartbeat from a key without a known token was seen: re-read the tokens at the next beat (a
@@ -153,6 +158,15 @@ class Membership:
             if self._strikes.get(peer) == outer_step - 1:
                 self.exclude(peer, outer_step, f"its update was clipped in {CLIP_STRIKES} rounds in a row")
             self._strikes[peer] = outer_step
+        if outcome.ok:
+            for peer in outcome.gathered:  # it answered: its count starts over
+                self._stalls.pop(peer, None)
+        elif outcome.slow and not outcome.suspects:  # nobody died or cheated: the timeouts are their own
+            for peer in outcome.slow:
+                self._stalls[peer] = self._stalls.get(peer, 0) + 1
+                if peer != me and self._stalls[peer] >= STALL_STRIKES:
+                    self.exclude(peer, outer_step, f"it timed out in {STALL_STRIKES} failed rounds in a row "
+                                 "in which no other peer failed")
 
     def exclude(self, peer_id: str, outer_step: int, why: str) -> None:
         if not self.swarm.exclude_rounds:

@@ -191,7 +191,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     break
                 if self._hang:  # injected fault (tests): a reducer that has its inputs and never answers
-                    self._hang = False
+                    self._hang = faults.stalling()  # a staller hangs every stream; hang_allreduce only this one
                     faults.announce("reducer hanging in the middle of an all-reduce")
                     await asyncio.sleep(3600)
                 payload = await loop.run_in_executor(None, self.codec.encode, averaged_part)

@@ -15,13 +15,15 @@ logger = logging.getLogger(__name__)
 
 class PartialAllReduce(AllreduceException):
     """Some parts of the vector were not averaged (a reducer failed). ``suspects``: the failed reducers;
-    ``rejected``: peers that sent something invalid (also suspects)."""
+    ``rejected``: peers that sent something invalid (also suspects); ``slow``: peers that timed out."""
 
-    def __init__(self, message: str, suspects: Sequence[str] = (), rejected: Sequence[str] = ()):
+    def __init__(self, message: str, suspects: Sequence[str] = (), rejected: Sequence[str] = (),
+                 slow: Sequence[str] = ()):
         # all in args, so they survive pickling across processes
-        super().__init__(message, tuple(suspects), tuple(rejected))
+        super().__init__(message, tuple(suspects), tuple(rejected), tuple(slow))
         self.suspects = tuple(suspects)
         self.rejected = tuple(rejected)
+        self.slow = tuple(slow)
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -69,7 +71,7 @@ class RoundFailures:
         slow = sorted(set(self.slow) - set(suspects))
         named = [f"{self.role}(s) {', '.join(p[-8:] for p in suspects)} failed"] if suspects else []
         named += [f"{self.role}(s) {', '.join(p[-8:] for p in slow)} timed out"] if slow else []
-        return PartialAllReduce(f"{what}: {'; '.join(named) or f'a {self.role} failed'}", suspects, rejected)
+        return PartialAllReduce(f"{what}: {'; '.join(named) or f'a {self.role} failed'}", suspects, rejected, slow)
 
 
 def is_invalid(error: BaseException) -> bool:

@@ -5,7 +5,8 @@ averager process) hang as a reducer: it takes the others' parts and never sends 
 (with a sparse codec: it joins the all-gather and never sends its payload). It prints one
 ``@@swarmloco {"type": "event", "kind": "fault", ...}`` line on stdout and hang there. A test that
 reads that line knows the peer is in the middle of an all-reduce and kills it at that exact moment,
-with no sleeps.
+with no sleeps. ``SWARMLOCO_FAULT=stall_allreduce:1`` hangs in every all-reduce: a staller, a peer that joins
+groups and never answers.
 
 ``SWARMLOCO_FAULT=slow_steps:SECONDS`` adds SECONDS to each inner step: a slow peer, for the
 heterogeneous-speed tests.
@@ -29,11 +30,16 @@ _allreduce_count = 0
 
 
 def next_allreduce_hangs() -> bool:
-    """Count one all-reduce; True if this is the one ``hang_allreduce:N`` names."""
+    """Count one all-reduce; True if this is the one ``hang_allreduce:N`` names (or any, ``stall_allreduce``)."""
     global _allreduce_count
     _allreduce_count += 1
     kind, _, arg = os.environ.get(ENV, "").partition(":")
-    return kind == "hang_allreduce" and arg.isdigit() and int(arg) == _allreduce_count
+    return (kind == "hang_allreduce" and arg.isdigit() and int(arg) == _allreduce_count) or kind == "stall_allreduce"
+
+
+def stalling() -> bool:
+    """``stall_allreduce``: this peer joins every group and never answers."""
+    return os.environ.get(ENV, "").partition(":")[0] == "stall_allreduce"
 
 
 def inner_step_delay() -> float:

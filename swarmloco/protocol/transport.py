@@ -49,6 +49,8 @@ class RoundOutcome:
     """Peers whose claimed weight (samples) this peer's reducer had to cap."""
     rejected: tuple[str, ...] = ()
     """Peers that sent this peer invalid data (NaN/Inf, undecodable, wrong size or weight)."""
+    slow: tuple[str, ...] = ()
+    """Peers that timed out in this (failed) round."""
 
     @property
     def group_size(self) -> int:
@@ -113,9 +115,9 @@ class _HivemindRound:
             info = self._control.result()
         except BaseException as e:  # noqa: BLE001 - every failure of a round is a value
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            suspects, rejected = getattr(e, "suspects", ()), getattr(e, "rejected", ())
-            return RoundOutcome(ok=False, error=reason, suspects=tuple(s for s in suspects if isinstance(s, str)),
-                                rejected=tuple(s for s in rejected if isinstance(s, str)))
+            names = {attr: tuple(s for s in getattr(e, attr, ()) if isinstance(s, str))
+                     for attr in ("suspects", "rejected", "slow")}
+            return RoundOutcome(ok=False, error=reason, **names)
         if not isinstance(info, dict):
             return RoundOutcome(ok=False, error="averager returned no result")
         with self._transport.averager.get_tensors() as averaged:

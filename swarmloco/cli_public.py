@@ -17,7 +17,7 @@ from swarmloco.cli import _load, _peer_overrides, _start_peer, _swarm_overrides
 def cmd_join(args: argparse.Namespace) -> int:
     """Join an owned run with no config file: the manifest comes from the DHT, signed by the owner."""
     from swarmloco.node import joining
-    from swarmloco.node.launcher import EXIT_CONFIG, EXIT_ERROR, load_identity, p2pd_key_file
+    from swarmloco.node.launcher import EXIT_CONFIG, EXIT_ERROR, die_with_parent, load_identity, p2pd_key_file
     from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
 
     route_hivemind_logs()
@@ -30,12 +30,16 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(f"swarmloco: {e}", file=sys.stderr)
         return EXIT_CONFIG
     validators = [joining.join_validator(spec)] if spec else []
+    die_with_parent()  # as for `run`: the DHT process dies with us, and a terminal's Ctrl-C reaches us only
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
             client = DhtClient(local.swarm, identity_path=p2pd_key_file(identity, keydir), record_validators=validators)
     except Exception as e:  # noqa: BLE001
         print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGINT, old_int)
     try:
         spec = joining.find_run(client.get, spec)
         signed = joining.fetch_manifest(client.get, spec, timeout=args.manifest_timeout)
@@ -52,7 +56,7 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_init_run(args: argparse.Namespace) -> int:
     """Sign and publish a run's manifest; keep a DHT node up that serves it (and bootstraps the swarm)."""
     from swarmloco.node import joining
-    from swarmloco.node.launcher import install_stop_handlers, p2pd_key_file
+    from swarmloco.node.launcher import die_with_parent, install_stop_handlers, p2pd_key_file
     from swarmloco.protocol.identity import Identity
     from swarmloco.protocol.manifest import RunManifest
     from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
@@ -65,6 +69,10 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     if not args.identity:
         print("swarmloco: init-run needs --identity OWNER_KEY (make one with: swarmloco keygen PATH)", file=sys.stderr)
         return 2
+    if not args.valid_days > 0 or (args.once and not args.initial_peers):
+        print("swarmloco: --valid-days must be > 0, and --once needs --initial-peers (a swarm to publish into)",
+              file=sys.stderr)
+        return 2
     try:
         owner = Identity.load(args.identity)
         cfg = joining.owned_config(cfg, owner)
@@ -76,6 +84,7 @@ def cmd_init_run(args: argparse.Namespace) -> int:
         return e.exit_code
     manifest = RunManifest.from_config(cfg)
     valid_s = args.valid_days * 86400.0
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish
         with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
@@ -129,6 +138,9 @@ def cmd_token(args: argparse.Namespace) -> int:
             peer = b""
     if len(peer) != 32:
         print("swarmloco: PEER must be a peer's public key (64 hex chars) or its 12D3KooW... peer id", file=sys.stderr)
+        return 2
+    if not args.valid_days > 0:
+        print("swarmloco: --valid-days must be > 0", file=sys.stderr)
         return 2
     expires = time.time() + args.valid_days * 86400.0
     try:

@@ -36,10 +36,15 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_MANIFEST = 0, 1, 2, 3
 
 
+_dying_with_parent = False
+
+
 def die_with_parent() -> None:
     """Make every process forked from now on (hivemind's DHT and averager) get SIGKILL when we die."""
-    if not sys.platform.startswith("linux"):
+    global _dying_with_parent
+    if not sys.platform.startswith("linux") or _dying_with_parent:
         return
+    _dying_with_parent = True
     try:
         import ctypes
 

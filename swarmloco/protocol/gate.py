@@ -60,7 +60,8 @@ class Gate:
     def note_refusal(self, peer_id: Any, where: str) -> None:
         name = self._peer_str(peer_id)
         if (name, where) not in self._refusals:  # once per peer and place, not at every request
-            self._refusals.add((name, where))
+            if len(self._refusals) < 4096:  # bounded: a flood of fresh peer ids must not grow it forever
+                self._refusals.add((name, where))
             reason = "excluded" if name in self.excluded else "no valid access token"
             logger.info("refused peer %s %s: %s", name[-8:], where, reason)
 

@@ -166,17 +166,30 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    """A DHT-only peer with a stable address: no model, no GPU."""
-    from swarmloco.node.launcher import install_stop_handlers
+    """A DHT-only peer with a stable address: no model, no GPU. With ``--run``, it validates those runs'
+    records like their peers do (a node without validators stores anything)."""
+    import tempfile
+
+    from swarmloco.node import joining
+    from swarmloco.node.launcher import die_with_parent, install_stop_handlers, load_identity, p2pd_key_file
     from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
 
     route_hivemind_logs()
     overrides = _swarm_overrides(args)
     overrides["swarm.host_maddrs"] = args.host_maddrs or ["/ip4/0.0.0.0/tcp/31337"]
     cfg = _load(None, overrides)
+    try:
+        specs = [joining.RunSpec.parse(r) for r in args.run or []]
+        identity = load_identity(cfg.swarm.identity_path)
+    except (joining.JoinError, ValueError) as e:
+        print(f"swarmloco: {e}", file=sys.stderr)
+        return 2
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        dht = DhtClient(cfg.swarm, identity_path=cfg.swarm.identity_path or None)
+        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
+            dht = DhtClient(cfg.swarm, identity_path=p2pd_key_file(identity, keydir),
+                            record_validators=[joining.join_validator(s) for s in specs])
     except Exception as e:  # noqa: BLE001
         print(f"swarmloco: could not start the bootstrap peer: {e}", file=sys.stderr)
         return 1
@@ -186,7 +199,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         for m in dht.visible_maddrs():
             print(f"swarmloco: bootstrap peer listening on {m}", file=sys.stderr, flush=True)
         print("swarmloco: peers join with --initial-peers <one of the addresses above>", file=sys.stderr, flush=True)
-        stop.wait()
+        if args.maddrs_file:
+            tmp = Path(args.maddrs_file).with_suffix(".tmp")
+            tmp.write_text("\n".join(dht.visible_maddrs()) + "\n")
+            tmp.replace(args.maddrs_file)
+        if specs:
+            joining.guard_runs(dht, specs, stop)
+        else:
+            stop.wait()
     finally:
         dht.shutdown()
     return 0
@@ -270,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("bootstrap", help="run a DHT-only peer with a stable address for others to join through")
+    p.add_argument("--run", action="append", metavar="RUN[@OWNER]",
+                   help="validate this run's records like its peers do (repeatable; @OWNER: also its heartbeats)")
+    p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
     _add_swarm_flags(p)
     p.set_defaults(func=cmd_bootstrap)
     return parser

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from swarmloco.protocol.identity import Identity
+from swarmloco.protocol.records import encode_record
 
 LOOPBACK = ("--host-maddrs", "/ip4/127.0.0.1/tcp/0")
 
@@ -80,3 +82,31 @@ def test_a_private_run_admits_token_holders_only(spawn, write_config, tmp_path) 
     rounds = [p.next_round() for p in ok for _ in range(2)]
     assert all(r["ok"] for r in rounds) and any(r["peers"] == 2 for r in rounds)  # token holders average
     assert all(p.wait(60) == 0 for p in ok)
+
+
+@pytest.mark.slow
+def test_a_bootstrap_guarding_a_run_refuses_records_its_peers_would(spawn, tmp_path) -> None:
+    import hivemind
+
+    from swarmloco.protocol.manifest import RunManifest, sign_manifest
+
+    owner, mallory = Identity.generate(), Identity.generate()
+    boot = spawn("boot", None, "--run", f"test@{owner.public_hex}", *LOOPBACK, command="bootstrap")
+    client = hivemind.DHT(start=True, initial_peers=boot.maddrs(), client_mode=True)
+    try:
+        manifest = RunManifest.from_dict({"run_id": "test", "access": {"owner": owner.public_hex}})
+        claimed = RunManifest.from_dict({"run_id": "test", "access": {"owner": mallory.public_hex}})
+        exp = time.time() + 120
+
+        def store(raw, author) -> bool:
+            return bool(client.store(manifest.run_key, raw, exp, subkey=author.public_hex))
+
+        assert not store(sign_manifest(claimed, mallory, exp), mallory)  # another owner claims the run
+        assert store(sign_manifest(manifest, owner, exp), owner)
+        deadline = time.monotonic() + 60  # the node then guards the run's heartbeats too (validator added)
+        forged = encode_record("progress", {"peer_id": "x"}, mallory, exp, key=manifest.progress_key)
+        while client.store(manifest.progress_key, forged, exp, subkey=owner.public_hex):
+            assert time.monotonic() < deadline, "the bootstrap never started validating the run's heartbeats"
+            time.sleep(1.0)
+    finally:
+        client.shutdown()

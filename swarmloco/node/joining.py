@@ -94,10 +94,32 @@ def serve_owned_run(transport: Any, manifest: RunManifest, owner: Identity, vali
 
 
 def join_validator(spec: RunSpec) -> SignedRecordValidator:
-    """Validator for what ``join`` reads before it knows the manifest."""
+    """Validator for the keys of ``spec`` known before its manifest is (what ``join`` reads first, what a
+    ``bootstrap --run`` node guards): the manifest key, the directory and, with an owner, the tokens."""
     key = run_key(spec.run_id)
-    authors = {key: [spec.owner]} if spec.owner else {}
-    return SignedRecordValidator([key, INDEX_KEY], allowed_authors=authors)
+    if not spec.owner:
+        return SignedRecordValidator([key, INDEX_KEY])
+    tokens = RunManifest.from_dict({"run_id": spec.run_id}).tokens_key
+    return SignedRecordValidator([key, INDEX_KEY, tokens], allowed_authors={key: [spec.owner], tokens: [spec.owner]})
+
+
+def guard_runs(client: Any, specs: list[RunSpec], stop: threading.Event, every_s: float = 30.0) -> None:
+    """Until ``stop``: look up the owner-signed manifests of ``specs`` and register each new one's full
+    validator (its heartbeat key depends on the manifest hash), so a bootstrap node validates those too."""
+    known: set[str] = set()
+    while True:
+        for spec in specs:
+            if spec.owner is None:
+                continue
+            found = read_manifests(client.get(run_key(spec.run_id)), spec.run_id, time.time())
+            for signed in found:
+                if signed.by_owner and signed.author == spec.owner and signed.manifest.hash not in known:
+                    known.add(signed.manifest.hash)
+                    client.add_validators([signed.manifest.validator()])
+                    logger.info("validating the records of run '%s' (manifest %s)", spec.run_id,
+                                signed.manifest.short)
+        if stop.wait(every_s if known else min(every_s, 5.0)):  # look often until the owner has published
+            return
 
 
 def find_run(get: Callable[[str], dict[str, bytes]], spec: RunSpec | None) -> RunSpec:
@@ -153,5 +175,5 @@ def config_from_manifest(signed: SignedManifest, local: RunConfig, trust_data_pa
     return cfg
 
 
-__all__ = ["JoinError", "RunSpec", "config_from_manifest", "fetch_manifest", "find_run", "join_validator",
+__all__ = ["JoinError", "RunSpec", "config_from_manifest", "fetch_manifest", "find_run", "guard_runs", "join_validator",
            "owned_config", "publish_owned_run", "serve_owned_run"]

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -61,6 +62,7 @@ class Membership:
         self._strikes: dict[str, int] = {}  # peer id -> the outer step of its last clipped round
         self._stalls: dict[str, int] = {}  # peer id -> failed attempts in a row it alone timed out in
         self._gate_pushed: tuple | None = None
+        self._lock = threading.RLock()  # the heartbeat thread and the training loop both read and decide
         self.tokens_due = False
         """A heartbeat from a key without a known token was seen: re-read the tokens at the next beat (a
         newly admitted peer is then welcome within a heartbeat, not a refresh period)."""
@@ -172,9 +174,10 @@ class Membership:
         if not self.swarm.exclude_rounds:
             return
         until = outer_step + self.swarm.exclude_rounds
-        if self.excluded.get(peer_id, -1) >= until:
-            return
-        self.excluded[peer_id] = until
+        with self._lock:
+            if self.excluded.get(peer_id, -1) >= until:
+                return
+            self.excluded[peer_id] = until
         message = f"peer {peer_id[-8:]} excluded until outer step {until}: {why}"
         logger.warning(message)
         self.board.event("peer_excluded", message)
@@ -182,22 +185,28 @@ class Membership:
 
     def refused(self, peer_id: str, outer_step: int) -> bool:
         """Whether this peer does not average with (or wait for) ``peer_id`` at ``outer_step``."""
-        until = self.excluded.get(peer_id)
-        if until is not None and outer_step >= until:
-            del self.excluded[peer_id]
-            self.push_gate()
-            until = None
+        with self._lock:
+            until = self.excluded.get(peer_id)
+            if until is not None and outer_step >= until:
+                del self.excluded[peer_id]
+                self.push_gate()
+                until = None
         return until is not None
+
+    def excluded_peers(self) -> list[str]:
+        with self._lock:
+            return sorted(self.excluded)
 
     def push_gate(self, force: bool = False) -> None:
         """Hand the averager process the current decisions (only when they changed)."""
-        now = self.clock()
-        admitted = frozenset(k for k, expires in self.admitted.items() if expires > now) | (
-            {self.owner} if self.owner else set())
-        gate = (self.manifest.private, admitted, frozenset(self.excluded))
-        if force or gate != self._gate_pushed:
-            self.transport.set_gate(*gate)
-            self._gate_pushed = gate
+        with self._lock:
+            now = self.clock()
+            admitted = frozenset(k for k, expires in self.admitted.items() if expires > now) | (
+                {self.owner} if self.owner else set())
+            gate = (self.manifest.private, admitted, frozenset(self.excluded))
+            if force or gate != self._gate_pushed:
+                self.transport.set_gate(*gate)
+                self._gate_pushed = gate
 
 
 __all__ = ["AccessRefused", "Membership", "ManifestMismatch"]

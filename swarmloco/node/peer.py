@@ -368,7 +368,7 @@ class Peer(PeerState):
             "samples": result.samples, "adopted": False, "retried": retried,
             "sent_norm": sent_norm, "update_norm": update_norm, "clipped": list(outcome.clipped),
             "capped": list(outcome.capped),
-            "rejected": sorted(rejected), "excluded": sorted(self.membership.excluded),
+            "rejected": sorted(rejected), "excluded": self.membership.excluded_peers(),
         })
         if outcome.ok:
             self.checkpoint_if_due()

@@ -159,7 +159,7 @@ class PeerState:
             "digest": self.digest, "error": None if ok else "could not download the swarm's state",
             "fp32_bytes": 4 * sum(p.numel() for p in self.global_params), "initial_eval_loss": self.initial_eval_loss,
             "attempts": 0, "inner_steps": result.steps, "samples": result.samples, "clipped": [], "capped": [], "rejected": [],
-            "excluded": sorted(self.membership.excluded),
+            "excluded": self.membership.excluded_peers(),
         })
         if ok:
             self.checkpoint_if_due()  # an adopted state is as good a restart point as a committed one

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
@@ -168,11 +167,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """A DHT-only peer with a stable address: no model, no GPU. With ``--run``, it validates those runs'
     records like their peers do (a node without validators stores anything)."""
-    import tempfile
-
     from swarmloco.node import joining
-    from swarmloco.node.launcher import die_with_parent, install_stop_handlers, load_identity, p2pd_key_file
-    from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+    from swarmloco.node.launcher import install_stop_handlers, load_identity, start_dht_node, write_maddrs
+    from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
     overrides = _swarm_overrides(args)
@@ -184,12 +181,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     except (joining.JoinError, ValueError) as e:
         print(f"swarmloco: {e}", file=sys.stderr)
         return 2
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
-            dht = DhtClient(cfg.swarm, identity_path=p2pd_key_file(identity, keydir),
-                            record_validators=[joining.join_validator(s) for s in specs])
+        dht = start_dht_node(cfg.swarm, identity, [joining.join_validator(s) for s in specs])
     except Exception as e:  # noqa: BLE001
         print(f"swarmloco: could not start the bootstrap peer: {e}", file=sys.stderr)
         return 1
@@ -200,9 +193,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             print(f"swarmloco: bootstrap peer listening on {m}", file=sys.stderr, flush=True)
         print("swarmloco: peers join with --initial-peers <one of the addresses above>", file=sys.stderr, flush=True)
         if args.maddrs_file:
-            tmp = Path(args.maddrs_file).with_suffix(".tmp")
-            tmp.write_text("\n".join(dht.visible_maddrs()) + "\n")
-            tmp.replace(args.maddrs_file)
+            write_maddrs(args.maddrs_file, dht.visible_maddrs())
         if specs:
             joining.guard_runs(dht, specs, stop)
         else:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from swarmloco.cli import _load, _peer_overrides, _start_peer, _swarm_overrides
 
@@ -17,8 +13,8 @@ from swarmloco.cli import _load, _peer_overrides, _start_peer, _swarm_overrides
 def cmd_join(args: argparse.Namespace) -> int:
     """Join an owned run with no config file: the manifest comes from the DHT, signed by the owner."""
     from swarmloco.node import joining
-    from swarmloco.node.launcher import EXIT_CONFIG, EXIT_ERROR, die_with_parent, load_identity, p2pd_key_file
-    from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+    from swarmloco.node.launcher import EXIT_CONFIG, EXIT_ERROR, load_identity, start_dht_node
+    from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
     args.initial_peers = [args.maddr, *(args.initial_peers or [])]
@@ -30,16 +26,11 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(f"swarmloco: {e}", file=sys.stderr)
         return EXIT_CONFIG
     validators = [joining.join_validator(spec)] if spec else []
-    die_with_parent()  # as for `run`: the DHT process dies with us, and a terminal's Ctrl-C reaches us only
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
-            client = DhtClient(local.swarm, identity_path=p2pd_key_file(identity, keydir), record_validators=validators)
+        client = start_dht_node(local.swarm, identity, validators)
     except Exception as e:  # noqa: BLE001
         print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
         return EXIT_ERROR
-    finally:
-        signal.signal(signal.SIGINT, old_int)
     try:
         spec = joining.find_run(client.get, spec)
         signed = joining.fetch_manifest(client.get, spec, timeout=args.manifest_timeout)
@@ -56,10 +47,10 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_init_run(args: argparse.Namespace) -> int:
     """Sign and publish a run's manifest; keep a DHT node up that serves it (and bootstraps the swarm)."""
     from swarmloco.node import joining
-    from swarmloco.node.launcher import die_with_parent, install_stop_handlers, p2pd_key_file
+    from swarmloco.node.launcher import install_stop_handlers, start_dht_node, write_maddrs
     from swarmloco.protocol.identity import Identity
     from swarmloco.protocol.manifest import RunManifest
-    from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
+    from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
     overrides = {**_swarm_overrides(args), "swarm.identity_path": None}
@@ -84,12 +75,8 @@ def cmd_init_run(args: argparse.Namespace) -> int:
         return e.exit_code
     manifest = RunManifest.from_config(cfg)
     valid_s = args.valid_days * 86400.0
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish
-        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:
-            client = DhtClient(cfg.swarm, identity_path=p2pd_key_file(owner, keydir),
-                               record_validators=[manifest.validator()])
+        client = start_dht_node(cfg.swarm, owner, [manifest.validator()])
     except Exception as e:  # noqa: BLE001
         print(f"swarmloco: could not start the DHT node: {e}", file=sys.stderr)
         return 1
@@ -104,7 +91,7 @@ def cmd_init_run(args: argparse.Namespace) -> int:
             print(f"swarmloco: join with: swarmloco join {m} {manifest.run_id}@{owner.public_hex}",
                   file=sys.stderr, flush=True)
         if args.maddrs_file:
-            _write_atomic(args.maddrs_file, "\n".join(client.visible_maddrs()) + "\n")
+            write_maddrs(args.maddrs_file, client.visible_maddrs())
         if not args.once:
             joining.serve_owned_run(client, manifest, owner, valid_s, stop)
     finally:
@@ -112,17 +99,11 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def cmd_token(args: argparse.Namespace) -> int:
     """The owner of a private run lets one peer key in: a signed token, published in the DHT."""
     from swarmloco.protocol.access import issue_token, token_subkey
     from swarmloco.protocol.identity import Identity, public_key_of_peer_id
-    from swarmloco.protocol.manifest import RunManifest
+    from swarmloco.protocol.manifest import tokens_key
     from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
 
     try:
@@ -159,8 +140,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
         return 1
     try:
-        key = RunManifest.from_dict({"run_id": args.run}).tokens_key
-        ok = client.store(key, token_subkey(owner.public_bytes, peer), token, expires)
+        ok = client.store(tokens_key(args.run), token_subkey(owner.public_bytes, peer), token, expires)
     finally:
         client.shutdown()
     if not ok:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from swarmloco.config import RunConfig, config_from_dict, config_to_dict
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import (INDEX_KEY, RunManifest, SignedManifest, read_index, read_manifests,
-                                         run_key, sign_index_entry, sign_manifest)
+                                         run_key, sign_index_entry, sign_manifest, tokens_key)
 from swarmloco.protocol.validators import SignedRecordValidator
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def join_validator(spec: RunSpec) -> SignedRecordValidator:
     key = run_key(spec.run_id)
     if not spec.owner:
         return SignedRecordValidator([key, INDEX_KEY])
-    tokens = RunManifest.from_dict({"run_id": spec.run_id}).tokens_key
+    tokens = tokens_key(spec.run_id)
     return SignedRecordValidator([key, INDEX_KEY, tokens], allowed_authors={key: [spec.owner], tokens: [spec.owner]})
 
 

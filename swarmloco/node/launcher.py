@@ -123,6 +123,28 @@ def p2pd_key_file(identity: Identity, workdir: str) -> str:
     return path
 
 
+def write_maddrs(path: str, maddrs: list[str]) -> None:
+    """Write this node's addresses atomically (tests and scripts wait for the file, then read it whole)."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text("\n".join(maddrs) + "\n")
+    os.replace(tmp, path)
+
+
+def start_dht_node(swarm, identity: Identity, record_validators=()):
+    """A DHT-only node (join, init-run, bootstrap) running with ``identity``'s key. Like a peer's
+    transport, its processes die with us and ignore the terminal's Ctrl-C (they are stopped in order)."""
+    from swarmloco.protocol.transport import DhtClient
+
+    die_with_parent()
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children (and p2pd) inherit "ignore"
+    try:
+        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
+            return DhtClient(swarm, identity_path=p2pd_key_file(identity, keydir),
+                             record_validators=list(record_validators))
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+
+
 def start_transport(cfg: RunConfig, manifest: RunManifest, identity: Identity, dht=None):
     """The hivemind transport of a peer (its DHT validating this run's records)."""
     from swarmloco.protocol.transport import SwarmTransport
@@ -176,9 +198,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         if maddrs and not cfg.swarm.initial_peers:
             print(f"swarmloco: others join with: --initial-peers {maddrs[0]}", file=sys.stderr, flush=True)
         if maddrs_file:
-            tmp = Path(maddrs_file).with_suffix(".tmp")
-            tmp.write_text("\n".join(maddrs) + "\n")
-            os.replace(tmp, maddrs_file)
+            write_maddrs(maddrs_file, maddrs)
 
         board = StatusBoard(reporter=JsonLinesReporter() if json_events else NullReporter())
         try:

@@ -27,8 +27,8 @@ from swarmloco.config import SwarmConfig
 from swarmloco.node.status import StatusBoard
 from swarmloco.protocol.access import read_tokens
 from swarmloco.protocol.identity import Identity
-from swarmloco.protocol.manifest import (INDEX_KEY, ManifestMismatch, RunManifest, check_against_swarm,
-                                         read_manifests, sign_index_entry, sign_manifest)
+from swarmloco.protocol.manifest import (INDEX_KEY, ManifestMismatch, RunManifest, SignedManifest,
+                                         check_against_swarm, read_manifests, sign_index_entry, sign_manifest)
 from swarmloco.protocol.transport import RoundOutcome, Transport
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Membership:
         self.board = board or StatusBoard()
         self.clock = clock
         self.owner = manifest.owner
-        self.owner_record: bytes | None = None  # the owner's signed manifest, re-published as it is
+        self.owner_record: SignedManifest | None = None  # the owner's signed manifest, re-published as it is
         self.admitted: dict[bytes, float] = {}  # private runs: token holders' keys -> token expiry
         self._tokens: dict[str, bytes] = {}
         self.excluded: dict[str, int] = {}  # peer id -> first outer step it is welcome again
@@ -72,13 +72,10 @@ class Membership:
         """Check our manifest against the swarm's, check our access token, then publish.
 
         ``wait_s``: how long a private run's peer waits for its token to show up in the DHT."""
-        published = read_manifests(self.transport.get(self.manifest.run_key), self.manifest.run_id, self.clock())
+        published = self._published()
         if self.owner is not None:
-            published = [m for m in published if m.author == self.owner]
-            mine = next((m for m in published if m.manifest.hash == self.manifest.hash), None)
-            if mine is not None:
-                self.owner_record = mine.raw
-            elif not published:
+            self.owner_record = self._ours(published)
+            if not published:
                 logger.warning("the owner's signed manifest of run '%s' is not in the DHT (yet); running the "
                                "one in the config, which names owner %s", self.manifest.run_id, self.owner.hex()[:16])
         check_against_swarm(self.manifest, [m.manifest for m in published])
@@ -94,6 +91,14 @@ class Membership:
         self.publish()
         self.push_gate(force=True)
 
+    def _published(self) -> list[SignedManifest]:
+        """The manifests under the run's key that count: in an owned run, only the owner's."""
+        found = read_manifests(self.transport.get(self.manifest.run_key), self.manifest.run_id, self.clock())
+        return [m for m in found if m.author == self.owner] if self.owner is not None else found
+
+    def _ours(self, published: list[SignedManifest]) -> SignedManifest | None:
+        return next((m for m in published if m.manifest.hash == self.manifest.hash), None)
+
     def publish(self) -> None:
         """(Re-)publish the manifest record, our directory entry and the tokens we know."""
         now = self.clock()
@@ -101,10 +106,9 @@ class Membership:
         if self.owner is None:
             raw = sign_manifest(self.manifest, self.identity, now + ttl)
             self.transport.store(self.manifest.run_key, self.identity.public_hex, raw, now + ttl)
-        elif self.owner_record is not None:
-            expires = self._expiry_of_owner_record()
-            if expires > now:
-                self.transport.store(self.manifest.run_key, self.owner.hex(), self.owner_record, expires)
+        elif self.owner_record is not None and self.owner_record.expires > now:
+            self.transport.store(self.manifest.run_key, self.owner.hex(), self.owner_record.raw,
+                                 self.owner_record.expires)
         self.transport.store(INDEX_KEY, self.identity.public_hex,
                              sign_index_entry(self.manifest, self.identity, now + ttl), now + ttl)
         for subkey, raw in self._tokens.items():
@@ -112,16 +116,10 @@ class Membership:
             if self.admitted.get(peer, 0.0) > now:
                 self.transport.store(self.manifest.tokens_key, subkey, raw, self.admitted[peer])
 
-    def _expiry_of_owner_record(self) -> float:
-        found = read_manifests({self.owner.hex(): self.owner_record}, self.manifest.run_id, self.clock())
-        return found[0].expires if found else 0.0
-
     def refresh(self) -> None:
         """Every few heartbeats: re-read tokens, re-publish, push the gate if it changed."""
         if self.owner is not None and self.owner_record is None:  # the owner published after we started
-            found = read_manifests(self.transport.get(self.manifest.run_key), self.manifest.run_id, self.clock())
-            self.owner_record = next((m.raw for m in found if m.author == self.owner
-                                      and m.manifest.hash == self.manifest.hash), None)
+            self.owner_record = self._ours(self._published())
         if self.manifest.private:
             self.refresh_tokens()
         self.publish()

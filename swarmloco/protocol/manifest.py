@@ -95,7 +95,7 @@ class RunManifest:
 
     @property
     def tokens_key(self) -> str:
-        return swarm_key(self.run_id, "token")
+        return tokens_key(self.run_id)
 
     @property
     def owner(self) -> bytes | None:
@@ -124,6 +124,11 @@ class RunManifest:
 def run_key(run_id: str) -> str:
     """Where the manifest itself is published, under the run's name only."""
     return swarm_key(run_id, KIND)
+
+
+def tokens_key(run_id: str) -> str:
+    """Where the owner's access tokens of a run are published."""
+    return swarm_key(run_id, "token")
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,12 @@ def test_demo_cli_smoke() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("outer")]
     assert len(lines) == 2 and all("peers 2/2" in line and "in sync" in line for line in lines), proc.stdout
+
+
+def test_demo_line_averages_the_peers_that_report_a_loss() -> None:
+    from swarmloco.node.demo import format_step_line
+
+    reports = [{"ok": True, "train_loss": 2.0, "eval_loss": 1.5, "digest": "d", "peers": 2},
+               {"ok": True, "train_loss": float("nan"), "eval_loss": 1.5, "digest": "d", "peers": 2}]  # no inner step
+    line = format_step_line(3, reports, 2)
+    assert "train 2.0000 | eval 1.5000" in line and "in sync" in line

@@ -9,6 +9,7 @@ every peer, waits for their clean exit, and kills whatever is left of their proc
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -87,7 +88,12 @@ def _fmt_bytes(n: float) -> str:
 def format_step_line(step: int, reports: list[dict], n_peers: int) -> str:
     ok = [r for r in reports if r.get("ok")]
     use = ok or reports
-    mean = lambda key: sum(float(r.get(key) or 0.0) for r in use) / max(1, len(use))  # noqa: E731
+    def mean(key: str) -> float:
+        """Over the peers that report a finite value (a peer that did no inner step this round has no loss)."""
+        values = [float(r.get(key) or 0.0) for r in use]
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else float("nan")
+
     digests = {r.get("digest") for r in ok}
     sync = "in sync" if len(digests) == 1 else f"{len(digests)} distinct models!"
     return (f"outer {step:3d} | train {mean('train_loss'):.4f} | eval {mean('eval_loss'):.4f} | "

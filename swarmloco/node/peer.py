@@ -10,9 +10,11 @@ One outer step: H inner steps -> pseudo-gradient ``global - local`` -> averaged 
 peers (weighted by samples) -> outer step on ``global_params`` -> local model := global params.
 A failed round is re-run at once among the survivors (:mod:`swarmloco.node.sync`); if it still
 fails, nothing global changes: the local model keeps its inner progress and the next round's
-pseudo-gradient carries it. A peer behind the swarm (late join, restart, failed round while its group
-committed, woken from SIGSTOP) adopts the swarm's state (:mod:`swarmloco.node.peer_state`) and
-drops its unfinished inner work: the local model restarts from the adopted global parameters.
+pseudo-gradient carries it. Every committed round is certified: each member signs the round's header
+and the certificates chain back to the run's genesis (:mod:`swarmloco.node.lineage`). A peer whose
+lineage the swarm outweighs - proven by certificates, never by a heartbeat's claim - adopts the heavier
+one (:mod:`swarmloco.node.catch_up`, :mod:`swarmloco.node.peer_state`) and drops its unfinished inner
+work: the local model restarts from the adopted global parameters.
 
 Rounds start after ``inner.steps`` inner steps, or, with ``outer.target_samples``, as soon as the
 live peers at this outer step processed that many samples together (tracked in their heartbeats).
@@ -25,6 +27,7 @@ import os
 import resource
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +36,10 @@ import torch
 from swarmloco.compression import get_codec
 from swarmloco.compression.error_feedback import ErrorFeedback
 from swarmloco.config import RunConfig
+from swarmloco.node.catch_up import CatchUp
 from swarmloco.node.data import Corpus, shard_for_peer
 from swarmloco.node.inner_loop import InnerTrainer, evaluate
+from swarmloco.node.lineage import Chain
 from swarmloco.node.membership import REFRESH_BEATS, Membership
 from swarmloco.node.model import GPT, num_params
 from swarmloco.node.peer_state import PeerState
@@ -44,6 +49,7 @@ from swarmloco.node.sync import READY_STATES, Synchronizer
 from swarmloco.outer_optim import OuterNesterov, apply_outer_step
 from swarmloco.protocol import faults
 from swarmloco.protocol.identity import Identity
+from swarmloco.protocol.progress import MAX_ATTEST
 from swarmloco.protocol.manifest import RunManifest
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import Transport
@@ -108,7 +114,8 @@ class Peer(PeerState):
         self.tracker = ProgressTracker(transport, self.manifest.progress_key, cfg.swarm.heartbeat_ttl, self.identity,
                                        admits=self.membership.admits)
         self.sync = Synchronizer(transport, self.tracker, cfg.swarm, heartbeat=self._progress, stop=self.stop,
-                                 refused=lambda peer_id: self.membership.refused(peer_id, self.outer_step))
+                                 refused=lambda peer_id: self.membership.refused(peer_id, self.outer_step),
+                                 behind=self._behind_check)
         self.codec = get_codec(cfg.codec)
         self.error_feedback = ErrorFeedback() if (cfg.codec.error_feedback and self.codec.info.lossy) else None
         self._pseudo = [torch.zeros_like(p) for p in self.global_params]
@@ -122,7 +129,16 @@ class Peer(PeerState):
         self._heartbeat_thread: threading.Thread | None = None
         self._lock = threading.Lock()  # global params, momentum and outer step change together under it
         self.digest = params_digest(self.global_params)
-        self._behind = threading.Event()  # the heartbeat saw the swarm ahead: stop inner steps, catch up
+        self.chain = Chain(self.manifest.hash, 0, bytes.fromhex(self.digest))  # rooted at the run's genesis
+        self._attest: deque[tuple[int, bytes]] = deque(maxlen=MAX_ATTEST)  # our signatures of recent rounds
+        self._mates: set[str] = set()  # peers of this step's attempts and of our last commit
+        self.catchup = CatchUp(
+            manifest=self.manifest.hash, transport=transport, cfg=cfg.swarm, snapshot=self._chain_snapshot,
+            counts=self._counts, fetch=lambda: self.sync.live(self.tracker.fetch()),
+            blame=lambda peer_id, why: self.membership.exclude(peer_id, self.outer_step, why),
+            templates=self.global_params, download_sources=cfg.swarm.download_sources, stop=self.stop)
+        self.catchup.paused = lambda: self._state == "averaging"
+        self._behind = threading.Event()  # a heavier lineage is proven and downloaded: stop inner steps, adopt
         self._round_due = threading.Event()  # target_samples mode: the swarm has done enough samples
         self._swarm_samples = 0
         self._attempt = 0  # which try of the current round (heartbeats say it)
@@ -136,13 +152,15 @@ class Peer(PeerState):
 
     # ----- swarm membership ---------------------------------------------------------------------
     def _progress(self) -> PeerProgress:
+        with self._lock:  # the step and digest change together
+            step, digest = self.outer_step, self.digest
         return PeerProgress(
-            peer_id=self.transport.peer_id, outer_step=self.outer_step, state=self._state, time=time.time(),
+            peer_id=self.transport.peer_id, outer_step=step, state=self._state, time=time.time(),
             samples=self._samples_since_sync, samples_per_second=self._last_sps,
             maddrs=self._maddrs,
             round_time=self.board.get("last_round_time"),
             bytes_per_round=self._last_round_bytes,
-            digest=self.digest[:DIGEST_CHARS], attempt=self._attempt,
+            digest=digest[:DIGEST_CHARS], attempt=self._attempt, attest=tuple(self._attest),
         )
 
     def announce(self) -> None:
@@ -169,16 +187,19 @@ class Peer(PeerState):
             except Exception as e:  # noqa: BLE001
                 logger.debug("progress fetch failed: %s", e)
                 continue
-            self.board.update(peers_online=len(peers), swarm=[p.to_dict() for p in peers])
+            self.board.update(peers_online=len(peers), swarm=[p.display_dict() for p in peers])
             self._note_membership({p.peer_id for p in peers} - {self.transport.peer_id})
+            self._collect_signatures(peers)
+            self.catchup.offer(self.sync.live(peers))
             self._check_swarm(peers)
 
     def _check_swarm(self, peers: list[PeerProgress]) -> None:
-        """While training: stop early if the swarm is ahead of us, or (target_samples) the round is due."""
+        """While training: stop early if a heavier lineage is ready to adopt, or (target_samples) the round is
+        due."""
         step, state = self.outer_step, self._state
         if state != "training":
             return
-        if self.sync.behind(peers, step, self.digest) is not None and self.outer_step == step:
+        if self.catchup.pending is not None:
             self._behind.set()
         if self.cfg.outer.target_samples:
             now, me = time.time(), self.transport.peer_id
@@ -205,15 +226,17 @@ class Peer(PeerState):
     # ----- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
         """Train until max_outer_steps or stop; returns the number of outer steps this run took."""
+        self.push_lineage(0)
         self.maybe_resume()
         self.announce()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
-        target = self.sync.behind(self.tracker.fetch(), self.outer_step, self.digest)
-        if target is not None:  # late joiner, or a restart older than the swarm
-            logger.info("the swarm is at outer step %d, this peer at %d: downloading its state",
-                        target.outer_step, self.outer_step)
-            self.catch_up(target)
+        pending = self.catchup.check(self.sync.live(self.tracker.fetch()))  # a late joiner, an old restart
+        if pending is not None:
+            taken = self.catchup.take(self._chain_snapshot())
+            if taken is not None:
+                self.adopt(taken)
+        self.catchup.start()
         start_step = self.outer_step
         initial_eval = evaluate(self.model, self.eval_set, self.device)
         self.initial_eval_loss = initial_eval
@@ -258,6 +281,10 @@ class Peer(PeerState):
 
     def one_outer_step(self) -> None:
         t0 = time.perf_counter()
+        if self.catchup.pending is not None:  # proven and downloaded while we were busy: adopt it first
+            taken = self.catchup.take(self._chain_snapshot())
+            if taken is not None:
+                self.adopt(taken)
         self._behind.clear()
         self._round_due.clear()
         self._swarm_samples = 0  # the others' count for this step comes with their next heartbeats
@@ -291,14 +318,15 @@ class Peer(PeerState):
             handle, barrier = self.sync.start(self.outer_step, to_send, self._averaged,
                                               faults.poison_weight(self._samples_since_sync), attempt)
             barrier_s += barrier.waited_s
-            if handle is None:  # the swarm is ahead of us: adopt its state, drop this round's inner work
+            if handle is None:  # a heavier lineage is ready: adopt its state, drop this round's inner work
                 self._catch_up_instead_of_round(barrier.behind, result, t0)
                 return
+            self._mates.update(barrier.ready)
             logger.info("outer step %d: %d peer(s) ready after %.1fs%s%s", self.outer_step, len(barrier.ready),
                         barrier.waited_s, " (timed out)" if barrier.timed_out else "",
                         f" (re-run {attempt})" if attempt else "")
             self._set_state("averaging")
-            outcome = self.sync.decide(handle.result(), self.outer_step)
+            outcome = self.sync.wait(handle, self.outer_step, attempt, barrier.ready)
             rejected.update(outcome.rejected)
             if outcome.ok or len(barrier.ready) <= 1 or attempt >= self.cfg.swarm.round_retries or self.stop.is_set():
                 break
@@ -324,9 +352,12 @@ class Peer(PeerState):
                 for i, sent in enumerate(to_send):
                     self.error_feedback.update(i, sent, self.codec.roundtrip(sent))
             with self._lock:
+                parent = self.digest
                 apply_outer_step(self.outer_opt, self.global_params, self._averaged)
                 self.outer_step += 1
                 self.digest = params_digest(self.global_params)
+                self._certify(outcome, self.outer_step - 1, parent, self.digest)
+            self._mates = set(outcome.gathered)
             self.sync.committed(self.outer_step - 1, attempt)
             self._copy_global_into_model()
             self._samples_since_sync = 0

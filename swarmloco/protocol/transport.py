@@ -73,6 +73,9 @@ class DownloadedState:
 class RoundHandle(Protocol):
     def done(self) -> bool: ...
 
+    def abort(self, reason: str) -> None:
+        """Give the round up now (it fails at once with ``reason``); no-op once it ended."""
+
     def result(self) -> RoundOutcome:
         """Block until the round ends (bounded by the round's own deadlines); write results into outputs."""
 
@@ -100,6 +103,15 @@ class Transport(Protocol):
     def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int,
                        parallel: int = 1) -> tuple[DownloadedState | None, list[str]]: ...
 
+    def set_lineage(self, root_step: int, root_digest: bytes, start: int,
+                    entries: Sequence[tuple[bytes, bytes]]) -> None:
+        """The chain this peer serves as proof: entries (digest after, encoded certificate) from ``start``."""
+
+    def fetch_lineage(self, peer_id: str, locator: Sequence[tuple[int, bytes]], timeout: float,
+                      max_bytes: int) -> tuple[dict | None, str | None]:
+        """Another peer's proof since the newest shared locator point: (``{"root", "from", "tip", "certs"}``,
+        None), or (None, a one-line error)."""
+
     def shutdown(self) -> None: ...
 
 
@@ -109,6 +121,13 @@ class _HivemindRound:
 
     def done(self) -> bool:
         return self._control.done()
+
+    def abort(self, reason: str) -> None:
+        if not self._control.done():
+            try:
+                self._transport.averager.abort_round(reason)
+            except Exception as e:  # noqa: BLE001 - the round then ends by its own timeouts
+                logger.debug("could not abort the round: %s", e)
 
     def result(self) -> RoundOutcome:
         try:
@@ -264,6 +283,20 @@ class SwarmTransport:
         return DownloadedState(got["peer"], got["metadata"], list(got["tensors"]), int(got["bytes"]),
                                float(got["seconds"]), tuple(got.get("sources", [got["peer"]]))), \
             list(got.get("errors", []))
+
+    def set_lineage(self, root_step: int, root_digest: bytes, start: int,
+                    entries: Sequence[tuple[bytes, bytes]]) -> None:
+        try:
+            self.averager.set_lineage(root_step, root_digest, start, list(entries))
+        except Exception as e:  # noqa: BLE001 - peers asking for proof get the previous chain meanwhile
+            logger.warning("could not hand the lineage to the averager: %s", e)
+
+    def fetch_lineage(self, peer_id: str, locator: Sequence[tuple[int, bytes]], timeout: float,
+                      max_bytes: int) -> tuple[dict | None, str | None]:
+        try:
+            return self.averager.fetch_lineage(peer_id, list(locator), timeout=timeout, max_bytes=max_bytes), None
+        except Exception as e:  # noqa: BLE001 - a dead, refusing or lying peer: the caller decides
+            return None, (str(e) or type(e).__name__)[:300]
 
     def shutdown(self) -> None:
         """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time.

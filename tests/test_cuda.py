@@ -49,6 +49,12 @@ class LoneTransport:
     def download_state(self, *args, **kwargs):
         return None, ["no peers"]
 
+    def set_lineage(self, root_step, root_digest, start, entries):
+        self.lineage = (root_step, root_digest, start, list(entries))
+
+    def fetch_lineage(self, *args, **kwargs):
+        return None, "no peers"
+
     def shutdown(self):
         pass
 

@@ -253,3 +253,27 @@ def test_the_heaviest_of_several_heavier_claims_is_the_one_prepared() -> None:
     beats = [swarm.holds("a0", two, "two"), swarm.holds("a1", two, "two"), swarm.holds("b0", three, "three")]
     pending = catch_up_for(genesis(), swarm, blamed).check(beats)  # a newcomer at genesis
     assert pending is not None and pending.chain.tip_digest == three.tip_digest
+
+
+# ----- a real peer's own chain (a lone peer: its rounds never touch the network) ----------------------
+def test_a_peer_certifies_every_round_it_commits_and_resumes_its_lineage(tmp_path) -> None:
+    from conftest import tiny_config
+    from swarmloco.node.peer import Peer, PeerOptions
+    from test_cuda import LoneTransport
+
+    cfg = tiny_config(checkpoint={"dir": str(tmp_path)})
+    transport = LoneTransport()
+    peer = Peer(cfg, transport, PeerOptions(device="cpu", max_outer_steps=3), identity=transport.identity)
+    genesis_digest = peer.chain.root_digest
+    assert peer.run() == 3
+    chain = peer.chain
+    chain.verify()
+    assert (chain.root_step, chain.root_digest, chain.tip_step) == (0, genesis_digest, 3)
+    assert chain.tip_digest.hex() == peer.digest
+    assert all(c.signers() == {transport.identity.public_bytes} for c in chain.certs)
+    assert [step for step, _ in peer._progress().attest] == [0, 1, 2]  # its signatures ride on its heartbeat
+    assert transport.lineage[:2] == (0, genesis_digest)  # and the averager serves the chain as proof
+
+    again = Peer(cfg, LoneTransport(), PeerOptions(device="cpu", resume=True, max_outer_steps=1))
+    again.maybe_resume()
+    assert again.outer_step == 3 and [c.encode() for c in again.chain.certs] == [c.encode() for c in chain.certs]

@@ -168,7 +168,7 @@ def main() -> None:
 
 
 def load_params_template(cfg) -> list[torch.Tensor]:
-    from swarmloco.node.model import GPT
+    from swarmloco.models.gpt import GPT
 
     return list(GPT(cfg.model, seed=cfg.seed).parameters())
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from swarmloco.compression import get_codec
 from swarmloco.config import RunConfig
-from swarmloco.node.model import GPT
+from swarmloco.models.gpt import GPT
 from swarmloco.node.peer import Peer, PeerOptions
 from swarmloco.node.status import JsonLinesReporter, NullReporter, StatusBoard
 from swarmloco.node.membership import AccessRefused

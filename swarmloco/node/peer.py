@@ -37,11 +37,11 @@ from swarmloco.compression import get_codec
 from swarmloco.compression.error_feedback import ErrorFeedback
 from swarmloco.config import RunConfig
 from swarmloco.node.catch_up import CatchUp
-from swarmloco.node.data import Corpus, shard_for_peer
+from swarmloco.data.text import Corpus, shard_for_peer
 from swarmloco.node.inner_loop import InnerTrainer, evaluate
 from swarmloco.node.lineage import Chain
 from swarmloco.node.membership import REFRESH_BEATS, Membership
-from swarmloco.node.model import GPT, num_params
+from swarmloco.models.gpt import GPT, num_params
 from swarmloco.node.peer_state import PeerState
 from swarmloco.node.state_sync import DIGEST_CHARS, params_digest
 from swarmloco.node.status import StatusBoard

@@ -228,6 +228,7 @@ def main() -> None:
         "bytes_sent": sum(r.get("bytes_sent", 0) for r in swarm.rounds),
         "bytes_received": sum(r.get("bytes_received", 0) for r in swarm.rounds),
         "final_tips": {name: max(h, default=None) for name, h in finals.items()},
+        "rounds_per_peer": {name: sum(1 for r in swarm.rounds if r["name"] == name) for name in finals},
         "final_step": common, "final_digests_equal": common is not None and len(set(final_digests.values())) == 1,
         "final_digests": final_digests,
     }

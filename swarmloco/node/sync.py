@@ -218,14 +218,16 @@ class Synchronizer:
         self.last_commit, self.last_commit_attempt = outer_step, attempt
 
     def wait(self, handle: RoundHandle, outer_step: int, attempt: int, members: Sequence[str]) -> RoundOutcome:
-        """The round's outcome; the attempt is abandoned as soon as a group mate heartbeats a re-run of this
-        step (it failed for them: waiting out its timeouts would only stall this peer)."""
+        """The round's outcome; the attempt is abandoned as soon as a mate of this step waits at the barrier of
+        a later attempt (it failed for them: waiting out its timeouts would only stall this peer)."""
         mates = set(members) - {self.transport.peer_id}
         while not handle.done() and mates:
             if self.stop.wait(max(self.poll_interval, 0.05)):
                 break
+            # a mate at the barrier of a later attempt of this step gave this one up; one already averaging
+            # that later attempt may be in this very group (it came to this round from a re-run of its own)
             rerun = next((p for p in self.tracker.fetch() if p.peer_id in mates and p.outer_step == outer_step
-                          and p.attempt > attempt and p.state in READY_STATES), None)
+                          and p.attempt > attempt and p.state == "ready"), None)
             if rerun is not None and not handle.done():
                 logger.info("outer step %d: peer %s already re-runs the round: abandoning attempt %d",
                             outer_step, rerun.peer_id[-8:], attempt)

@@ -49,7 +49,6 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     from swarmloco.node import joining
     from swarmloco.node.launcher import install_stop_handlers, start_dht_node, write_maddrs
     from swarmloco.protocol.identity import Identity
-    from swarmloco.protocol.manifest import RunManifest
     from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
@@ -73,7 +72,9 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     except joining.JoinError as e:
         print(f"swarmloco: {e}", file=sys.stderr)
         return e.exit_code
-    manifest = RunManifest.from_config(cfg)
+    from swarmloco.node.peer import run_manifest
+
+    manifest = run_manifest(cfg)
     valid_s = args.valid_days * 86400.0
     try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish
         client = start_dht_node(cfg.swarm, owner, [manifest.validator()])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from swarmloco.config import load_config
 from swarmloco.protocol.identity import Identity
-from swarmloco.protocol.manifest import RunManifest
+from swarmloco.node.peer import run_manifest
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import DhtClient
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--initial-peers", action="append", default=[])
     args = ap.parse_args()
     cfg = load_config(args.config)
-    manifest = RunManifest.from_config(cfg)
+    manifest = run_manifest(cfg)
     identity = Identity.generate()
     key_path = Path(tempfile.mkdtemp()) / "claimer.key"
     identity.write_libp2p_key(key_path)

@@ -259,21 +259,21 @@ def test_the_heaviest_of_several_heavier_claims_is_the_one_prepared() -> None:
 def test_a_peer_certifies_every_round_it_commits_and_resumes_its_lineage(tmp_path) -> None:
     from conftest import tiny_config
     from swarmloco.node.peer import Peer, PeerOptions
-    from test_cuda import LoneTransport
+    from test_cuda import LoneSwarm
 
     cfg = tiny_config(checkpoint={"dir": str(tmp_path)})
-    transport = LoneTransport()
-    peer = Peer(cfg, transport, PeerOptions(device="cpu", max_outer_steps=3), identity=transport.identity)
-    genesis_digest = peer.chain.root_digest
+    swarm = LoneSwarm()
+    peer = Peer(cfg, swarm, PeerOptions(device="cpu", max_outer_steps=3))
+    genesis_digest = peer.diloco.chain.root_digest
     assert peer.run() == 3
-    chain = peer.chain
+    chain = peer.diloco.chain
     chain.verify()
     assert (chain.root_step, chain.root_digest, chain.tip_step) == (0, genesis_digest, 3)
-    assert chain.tip_digest.hex() == peer.digest
-    assert all(c.signers() == {transport.identity.public_bytes} for c in chain.certs)
-    assert [step for step, _ in peer._progress().attest] == [0, 1, 2]  # its signatures ride on its heartbeat
-    assert transport.lineage[:2] == (0, genesis_digest)  # and the averager serves the chain as proof
+    assert chain.tip_digest.hex() == peer.diloco.digest
+    assert all(c.signers() == {swarm.identity.public_bytes} for c in chain.certs)
+    assert [step for step, _ in peer.diloco._progress().attest] == [0, 1, 2]  # its signatures ride on heartbeats
+    assert swarm.transport.lineage[:2] == (0, genesis_digest)  # and the averager serves the chain as proof
 
-    again = Peer(cfg, LoneTransport(), PeerOptions(device="cpu", resume=True, max_outer_steps=1))
-    again.maybe_resume()
-    assert again.outer_step == 3 and [c.encode() for c in again.chain.certs] == [c.encode() for c in chain.certs]
+    again = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", resume=True, max_outer_steps=1))
+    again.diloco.maybe_resume()
+    assert again.outer_step == 3 and [c.encode() for c in again.diloco.chain.certs] == [c.encode() for c in chain.certs]

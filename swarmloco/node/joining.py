@@ -165,10 +165,13 @@ def config_from_manifest(signed: SignedManifest, local: RunConfig, trust_data_pa
                         "--trust-data-path if you mean to train on that", 3)
     mine = config_to_dict(local)
     try:
-        cfg = config_from_dict({**data, **{name: mine[name] for name in LOCAL_SECTIONS}})
+        shared = {k: v for k, v in data.items() if k not in ("fingerprint", "genesis")}  # derived from the model
+        cfg = config_from_dict({**shared, **{name: mine[name] for name in LOCAL_SECTIONS}})
     except ValueError as e:
         raise JoinError(f"the run's manifest is not a config this version understands: {e}", 3) from None
-    rebuilt = RunManifest.from_config(cfg)
+    from swarmloco.node.peer import run_manifest
+
+    rebuilt = run_manifest(cfg)
     if rebuilt.hash != signed.manifest.hash:
         raise JoinError("this swarmloco version builds a different manifest from the owner's (another "
                         "version?); upgrade to the owner's version", 3)

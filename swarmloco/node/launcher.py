@@ -22,14 +22,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from swarmloco.compression import get_codec
 from swarmloco.config import RunConfig
-from swarmloco.models.gpt import GPT
+from swarmloco.node.membership import AccessRefused
 from swarmloco.node.peer import Peer, PeerOptions
 from swarmloco.node.status import JsonLinesReporter, NullReporter, StatusBoard
-from swarmloco.node.membership import AccessRefused
 from swarmloco.protocol.identity import Identity
-from swarmloco.protocol.manifest import ManifestMismatch, RunManifest
+from swarmloco.protocol.manifest import ManifestMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -145,53 +143,47 @@ def start_dht_node(swarm, identity: Identity, record_validators=()):
         signal.signal(signal.SIGINT, old_int)
 
 
-def start_transport(cfg: RunConfig, manifest: RunManifest, identity: Identity, dht=None):
-    """The hivemind transport of a peer (its DHT validating this run's records)."""
-    from swarmloco.protocol.transport import SwarmTransport
-
-    templates = [p.detach() for p in GPT(cfg.model, seed=cfg.seed).parameters()]
-    with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
-        return SwarmTransport(cfg.swarm, prefix=manifest.key_prefix, templates=templates, codec=get_codec(cfg.codec),
-                              identity_path=p2pd_key_file(identity, keydir) if dht is None else None,
-                              record_validators=[manifest.validator()], clip_factor=cfg.outer.clip_factor, dht=dht)
-
-
 def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
              maddrs_file: str | None = None, status_server_factory=None, tui: bool = False,
              identity: Identity | None = None, dht=None) -> int:
     """Run one peer until it stops; returns the process exit code.
 
-    ``identity`` and ``dht``: a key and a DHT node already started with it (``swarmloco join``)."""
+    ``identity`` and ``dht``: a key and a DHT node already started with it (``swarmloco join``); ``dht``
+    is a DhtClient's node, handed over."""
+    from swarmloco.node.swarm import Swarm
     from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
     stop = threading.Event()
-    manifest = RunManifest.from_config(cfg)
     if cfg.access.private and not cfg.access.owner:
         print("swarmloco: access.private needs access.owner, the key that signs tokens (swarmloco init-run sets it)",
               file=sys.stderr)
         return EXIT_CONFIG
-    if identity is None:
-        try:
-            identity = load_identity(cfg.swarm.identity_path)
-        except ValueError as e:
-            print(f"swarmloco: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-
-    die_with_parent()
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children (and p2pd) inherit "ignore"
     try:
-        transport = start_transport(cfg, manifest, identity, dht)
+        swarm = Swarm(cfg.run_id, config=cfg.swarm, identity=identity, stop=stop)
+    except ValueError as e:
+        print(f"swarmloco: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        swarm.start(dht=dht)
     except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
-        signal.signal(signal.SIGINT, old_int)
         print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr)
         return EXIT_ERROR
-    install_stop_handlers(stop)
-
     status_server = monitor = None
     try:
-        maddrs = transport.visible_maddrs()
-        print(f"swarmloco: peer {transport.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})",
+        board = StatusBoard(reporter=JsonLinesReporter() if json_events else NullReporter())
+        try:
+            peer = Peer(cfg, swarm, options, board=board)
+        except ValueError as e:  # config that only shows up once the model and data exist
+            print(f"swarmloco: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        except Exception as e:  # noqa: BLE001 - the averager could not start
+            print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
+        install_stop_handlers(stop)
+        maddrs = swarm.visible_maddrs()
+        manifest = peer.diloco.manifest
+        print(f"swarmloco: peer {swarm.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})",
               file=sys.stderr, flush=True)
         for m in maddrs:
             print(f"swarmloco: listening on {m}", file=sys.stderr, flush=True)
@@ -199,13 +191,6 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
             print(f"swarmloco: others join with: --initial-peers {maddrs[0]}", file=sys.stderr, flush=True)
         if maddrs_file:
             write_maddrs(maddrs_file, maddrs)
-
-        board = StatusBoard(reporter=JsonLinesReporter() if json_events else NullReporter())
-        try:
-            peer = Peer(cfg, transport, options, board=board, stop=stop, identity=identity)
-        except ValueError as e:  # config that only shows up once the model and data exist
-            print(f"swarmloco: {e}", file=sys.stderr, flush=True)
-            return EXIT_CONFIG
         if (cfg.status.port or tui) and status_server_factory is not None:
             status_server = status_server_factory(board.snapshot, cfg.status.port)
             print(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status", file=sys.stderr, flush=True)
@@ -225,4 +210,4 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         stop_monitor(monitor)
         if status_server is not None:
             status_server.close()
-        transport.shutdown()
+        swarm.close()

@@ -1,6 +1,6 @@
 """A peer's state: its lineage, checkpoints, serving it to others, and adopting a heavier lineage.
 
-A mixin of :class:`swarmloco.node.peer.Peer` (it uses the peer's model, global parameters, outer
+A mixin of :class:`swarmloco.node.diloco.DiLoCo` (it uses the engine's model, global parameters, outer
 optimizer, chain, transport and status board). A peer whose lineage the swarm outweighs (late join,
 restart, a failed round while its group committed, woken from SIGSTOP, a loner, the lighter side of a
 partition) adopts the heavier one, proven and downloaded by :mod:`swarmloco.node.catch_up`, and drops
@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from swarmloco.node.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
-from swarmloco.node.inner_loop import evaluate
 from swarmloco.node.lineage import Chain
 from swarmloco.node.state_sync import pack_state, params_digest
 from swarmloco.protocol.certificates import CertificateError, RoundHeader, sign_round
@@ -30,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class PeerState:
-    """Checkpoints, state serving and catching up, for :class:`~swarmloco.node.peer.Peer`."""
+    """Checkpoints, state serving and catching up, for :class:`~swarmloco.node.diloco.DiLoCo`."""
 
     def _copy_global_into_model(self) -> None:
         with torch.no_grad():
@@ -42,18 +41,19 @@ class PeerState:
     def load_state(self, state: dict[str, Any]) -> None:
         """Adopt a checkpoint (or a downloaded state) as this peer's global state."""
         self.model.load_state_dict(state["model"])
-        with torch.no_grad():
-            for g, p in zip(self.global_params, self.model.parameters()):
-                g.copy_(p.detach().cpu().float())
+        with torch.no_grad():  # the global copy from the saved fp32 values, not from the model's dtype
+            for g, (name, p) in zip(self.global_params, self.model.named_parameters()):
+                g.copy_(state["model"].get(name, p).detach().cpu().float())
         self.outer_opt.load_state_dict(state["outer_optimizer"])
         if state.get("inner_optimizer"):
             try:
-                self.inner.optimizer.load_state_dict(state["inner_optimizer"])
+                self.inner_optimizer.load_state_dict(state["inner_optimizer"])
             except (ValueError, KeyError) as e:
                 logger.warning("ignoring the checkpoint's inner optimizer state: %s", e)
         if state.get("error_feedback") and self.error_feedback is not None:
             self.error_feedback.load_state_dict(state["error_feedback"])
         self.outer_step = int(state["outer_step"])
+        self.inner_step = max(self.inner_step, self.outer_step * self.H)
         self.digest = params_digest(self.global_params)
         self.chain.reset(self.outer_step, bytes.fromhex(self.digest))
         try:
@@ -118,17 +118,22 @@ class PeerState:
         self._attest.append((step, cert.sigs[0][1]))
         self.push_lineage(len(self.chain.certs) - 1)
 
-    def state_dict(self) -> dict[str, Any]:
-        self._copy_global_into_model()
-        return {
-            "outer_step": self.outer_step,
-            "manifest_hash": self.manifest.hash,
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "outer_optimizer": self.outer_opt.state_dict(),
-            "inner_optimizer": self.inner.optimizer.state_dict(),
-            "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
-            "lineage": self._chain_snapshot().to_state(),
-        }
+    def _state_dict(self) -> dict[str, Any]:
+        """The checkpoint: the model's state dict holding the global parameters (the model is not touched)."""
+        with self._lock:
+            by_id = {id(p): g for p, g in zip(self.model.parameters(), self.global_params)}
+            model = {k: by_id.get(id(v), v.detach()).cpu().clone()
+                     for k, v in self.model.state_dict(keep_vars=True).items()}
+            return {
+                "outer_step": self.outer_step,
+                "manifest_hash": self.manifest.hash,
+                "model": model,
+                "outer_optimizer": self.outer_opt.state_dict(),
+                "inner_optimizer": self.inner_optimizer.state_dict(),
+                "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
+                "lineage": Chain(self.chain.manifest, self.chain.root_step, self.chain.root_digest,
+                                 self.chain.certs).to_state(),
+            }
 
     def _serve_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a peer downloading our state gets (runs in hivemind's fetch thread: a consistent copy)."""
@@ -154,7 +159,7 @@ class PeerState:
         self.catchup.forget()
         self._copy_global_into_model()  # unfinished inner work is dropped: restart from the adopted params
         self._samples_since_sync = 0
-        self.inner.step_count = max(self.inner.step_count, state.outer_step * self.H)  # the LR schedule's position
+        self.inner_step = max(self.inner_step, state.outer_step * self.H)  # the LR schedule's position
         dropped = comparison.dropped_rounds
         line = (f"adopted outer step {state.outer_step} from {pending.who} ({pending.bytes / 1e6:.2f} MB in "
                 f"{pending.seconds:.3f}s): its lineage since outer step {comparison.fork} has "
@@ -167,46 +172,51 @@ class PeerState:
         self.board.update(outer_step=state.outer_step)
 
     def maybe_resume(self) -> None:
-        if not (self.options.resume and self.cfg.checkpoint.dir):
+        if not self.checkpoint_cfg.dir:
             return
-        state = latest_checkpoint(self.cfg.checkpoint.dir, self.manifest.hash)
+        state = latest_checkpoint(self.checkpoint_cfg.dir, self.manifest.hash)
         if state is None:
-            logger.info("no checkpoint to resume from in %s; starting at outer step 0", self.cfg.checkpoint.dir)
+            logger.info("no checkpoint to resume from in %s; starting at outer step 0", self.checkpoint_cfg.dir)
             return
         self.load_state(state)
         self.board.event("checkpoint", f"resumed from outer step {self.outer_step}")
 
     def checkpoint_if_due(self) -> None:
         """Write a checkpoint every ``checkpoint.every`` outer steps (when a directory is configured)."""
-        if self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
+        if self.checkpoint_cfg.dir and self.outer_step % self.checkpoint_cfg.every == 0:
             self.write_checkpoint()
 
     def write_checkpoint(self) -> None:
-        if not self.cfg.checkpoint.dir:
+        if not self.checkpoint_cfg.dir:
             return
         try:
-            path = save_checkpoint(self.cfg.checkpoint.dir, self.state_dict(), keep=self.cfg.checkpoint.keep)
+            path = save_checkpoint(self.checkpoint_cfg.dir, self._state_dict(), keep=self.checkpoint_cfg.keep)
         except CheckpointError as e:  # a full disk is survived: training goes on
             logger.error("%s", e)
             self.board.event("checkpoint", f"FAILED: {e}")
             return
         self.board.event("checkpoint", f"wrote {path}")
 
-    def _catch_up_instead_of_round(self, pending, result, t0: float) -> None:
+    def _catch_up_instead_of_round(self, pending, inner, t0: float):
+        """Adopt the prepared heavier lineage instead of (or before) a round; its report (a RoundReport)."""
+        from swarmloco.node.round import RoundReport
+
         pending = self.catchup.take(self._chain_snapshot())
         ok = pending is not None
         if ok:
             self.adopt(pending)
-        eval_loss = evaluate(self.model, self.eval_set, self.device) if ok else float("nan")
+        eval_loss = self._evaluate() if ok else float("nan")
         self.board.update(outer_step=self.outer_step, eval_loss=eval_loss)
-        self.board.round_done({
+        summary = {
             "peer_id": self.transport.peer_id, "outer_step": self.outer_step, "ok": ok, "adopted": True,
-            "train_loss": result.mean_loss, "eval_loss": eval_loss, "peers": 1, "samples_per_second": self._last_sps,
+            "train_loss": inner.mean_loss, "eval_loss": eval_loss, "peers": 1, "samples_per_second": self._last_sps,
             "bytes_sent": 0, "bytes_received": 0, "round_time": time.perf_counter() - t0, "sync_s": 0.0,
             "digest": self.digest, "error": None if ok else "the prepared adoption no longer outweighs this peer's lineage",
             "fp32_bytes": 4 * sum(p.numel() for p in self.global_params), "initial_eval_loss": self.initial_eval_loss,
-            "attempts": 0, "inner_steps": result.steps, "samples": result.samples, "clipped": [], "capped": [], "rejected": [],
-            "excluded": self.membership.excluded_peers(),
-        })
+            "attempts": 0, "inner_steps": inner.steps, "samples": inner.samples, "clipped": [], "capped": [],
+            "rejected": [], "excluded": self.membership.excluded_peers(),
+        }
+        self.board.round_done(summary)
         if ok:
             self.checkpoint_if_due()  # an adopted state is as good a restart point as a committed one
+        return RoundReport.of(summary)

@@ -180,9 +180,10 @@ class SwarmTransport:
 
     def __init__(self, cfg: SwarmConfig, *, prefix: str, templates: Sequence[torch.Tensor], codec: Codec,
                  record_validators: Sequence[Any] = (), identity_path: str | None = None, clip_factor: float = 0.0,
-                 dht: Any = None):
+                 dht: Any = None, own_dht: bool = True):
         """``dht``: an already started DHT node to use (``swarmloco join`` starts one to fetch the manifest
-        before it knows the model); it is shut down with this transport."""
+        before it knows the model; a :class:`~swarmloco.Swarm` holds one for its runs); it is shut down with
+        this transport if ``own_dht``."""
         from swarmloco.protocol.allreduce import SwarmAverager
 
         self.cfg = cfg
@@ -190,7 +191,7 @@ class SwarmTransport:
             dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
         elif record_validators:
             dht.add_validators(list(record_validators))
-        self.dht = dht
+        self.dht, self._own_dht, self._closed = dht, own_dht, False
         try:
             self.averager = SwarmAverager(
                 [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates],
@@ -209,7 +210,8 @@ class SwarmTransport:
                 shutdown_timeout=5,
             )
         except BaseException:
-            self.dht.shutdown()
+            if own_dht:
+                self.dht.shutdown()
             raise
         self.peer_id = self.dht.peer_id.to_base58()
         self._target_group_size = cfg.max_group_size
@@ -302,13 +304,17 @@ class SwarmTransport:
         """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time.
 
         First let the averager finish sending group mates the averaged parts it owes them (bounded by
-        ``next_chunk_timeout``), so that leaving right after a round does not fail the others' round."""
+        ``next_chunk_timeout``), so that leaving right after a round does not fail the others' round.
+        A DHT node this transport does not own stays up (its swarm stops it)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if not self.averager.drain(self.cfg.next_chunk_timeout):
                 logger.warning("left with averaged parts still owed to group mates")
         except Exception as e:  # noqa: BLE001
             logger.debug("drain before shutdown failed: %s", e)
-        for part, proc in (("averager", self.averager), ("dht", self.dht)):
+        for part, proc in (("averager", self.averager), ("dht", self.dht))[:2 if self._own_dht else 1]:
             try:
                 proc.shutdown()
             except Exception as e:  # noqa: BLE001

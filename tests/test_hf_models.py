@@ -100,6 +100,8 @@ def test_hub_model_on_an_offline_machine_is_one_line_naming_the_field(monkeypatc
     (lambda: llama(hidden_size=30), "model.config: LlamaConfig refuses"),
     (lambda: llama(num_hidden_layers="two"), "model.config: LlamaConfig refuses"),
     (lambda: llama(max_position_embeddings=16), "model.config.max_position_embeddings=16"),
+    (lambda: ModelConfig(kind="hf", architecture="GPT2LMHeadModel", block_size=128, config={"n_positions": 64}),
+     "model.config.n_positions=64 is shorter than model.block_size=128"),
 ])
 def test_bad_hf_model_configs_are_refused_in_one_line(cfg, match) -> None:
     one_line_error(lambda: build_model(cfg(), 0), match)

@@ -74,8 +74,10 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
         raise ValueError(f"model.config: {config_class.__name__} refuses these values: {one_line(e)}") from None
 
 
-def _check_context(config: Any, block_size: int) -> None:
-    for name in _POSITION_FIELDS:
+def _check_context(config: Any, block_size: int, given: dict[str, Any]) -> None:
+    """Refuse a context window shorter than block_size, naming the field as the user wrote it (GPT-2's
+    ``n_positions`` also answers to ``max_position_embeddings``)."""
+    for name in sorted(_POSITION_FIELDS, key=lambda n: n not in given):
         limit = getattr(config, name, None)
         if isinstance(limit, int) and limit < block_size:
             raise ValueError(f"model.config.{name}={limit} is shorter than model.block_size={block_size}")
@@ -145,7 +147,7 @@ def build_hf_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: models are built on the CPU
         torch.default_generator.manual_seed(seed)
         model = _load_pretrained(cfg) if cfg.pretrained else _from_config(cfg)
-    _check_context(model.config, cfg.block_size)
+    _check_context(model.config, cfg.block_size, cfg.config)
     model.config.use_cache = False
     return model.float().train()
 
@@ -153,7 +155,7 @@ def build_hf_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
 def _from_config(cfg: ModelConfig) -> torch.nn.Module:
     cls = causal_lm_class(cfg.architecture)
     config = make_config(cls, cfg.config)
-    _check_context(config, cfg.block_size)
+    _check_context(config, cfg.block_size, cfg.config)
     return cls(config)
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarmloco.config import ModelConfig, config_from_dict, dump_toml, load_config
+from swarmloco.config import ModelConfig, RunConfig, config_from_dict, dump_toml, load_config
 from swarmloco.models import (build_model, check_vocab, first_difference, fingerprint, lm_loss, num_params,
                               prepare_model)
 from swarmloco.models.hf import pretrained_digest
+from swarmloco.protocol.manifest import RunManifest, diff_fields
 
 ROOT = Path(__file__).parent.parent
 TINY_LLAMA = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -135,6 +136,8 @@ def test_a_different_model_has_a_different_fingerprint_naming_the_first_differin
     mine = fingerprint(build_model(llama(), 0))
     assert mine["model.embed_tokens.weight"] == "300x32:float32"
     assert first_difference(mine, fingerprint(build_model(llama(), 1))) is None  # the seed is not the shape
+    manifests = [RunManifest.from_config(RunConfig(model=m)).data for m in (llama(), llama(intermediate_size=96))]
+    assert [d.split(" ")[0] for d in diff_fields(*manifests)] == ["model.config.intermediate_size"]
     theirs = fingerprint(build_model(llama(intermediate_size=96), 0))
     assert first_difference(mine, theirs) == \
         "parameter model.layers.0.mlp.gate_proj.weight is 64x32:float32 here, 96x32:float32 in the swarm"

@@ -72,8 +72,13 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     except joining.JoinError as e:
         print(f"swarmloco: {e}", file=sys.stderr)
         return e.exit_code
-    from swarmloco.node.peer import run_manifest
+    from swarmloco.node.peer import prepare_config, run_manifest
 
+    try:
+        cfg = prepare_config(cfg)  # the owner pins the tokenizer's and pretrained weights' hashes
+    except ValueError as e:
+        print(f"swarmloco: {e}", file=sys.stderr)
+        return 2
     manifest = run_manifest(cfg)
     valid_s = args.valid_days * 86400.0
     try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish

@@ -97,7 +97,7 @@ def test_the_manifest_knows_the_model_and_names_the_first_differing_parameter() 
     a = swarmloco.DiLoCo(LoneSwarm(), mlp(), functools.partial(torch.optim.SGD, lr=0.1), inner_steps=5)
     wider = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     b = swarmloco.DiLoCo(LoneSwarm(), wider, functools.partial(torch.optim.SGD, lr=0.1), inner_steps=5)
-    with pytest.raises(ManifestMismatch, match=r"parameter '0.weight' is 32x8:float32 here, 16x8:float32 in the swarm"):
+    with pytest.raises(ManifestMismatch, match=r"parameter 0.weight is 32x8:float32 here, 16x8:float32 in the swarm"):
         check_against_swarm(b.manifest, [a.manifest])
     reseeded = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))  # seed not set
     c = swarmloco.DiLoCo(LoneSwarm(), reseeded, functools.partial(torch.optim.SGD, lr=0.1), inner_steps=5)
@@ -204,4 +204,4 @@ def test_a_peer_with_a_different_model_is_refused_in_one_line(example) -> None:
     odd = example("b", "--initial-peers", addr, "--hidden", "32")
     assert odd.proc.wait(120) == 1
     err = Path(odd.log.name).read_text().strip().splitlines()
-    assert err[-1].startswith("refused: ") and "parameter '0.weight' is 32x16:float32 here, 64x16:float32" in err[-1]
+    assert err[-1].startswith("refused: ") and "parameter 0.weight is 32x16:float32 here, 64x16:float32" in err[-1]

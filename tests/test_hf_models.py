@@ -9,11 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarmloco.config import ModelConfig, RunConfig, config_from_dict, dump_toml, load_config
-from swarmloco.models import (build_model, check_vocab, first_difference, fingerprint, lm_loss, num_params,
-                              prepare_model)
+from swarmloco.config import (
+    ModelConfig,
+    RunConfig,
+    config_from_dict,
+    dump_toml,
+    load_config,
+)
+from swarmloco.models import (
+    build_model,
+    check_vocab,
+    lm_loss,
+    num_params,
+    prepare_model,
+)
 from swarmloco.models.hf import pretrained_digest
-from swarmloco.protocol.manifest import RunManifest, diff_fields
+from swarmloco.node.diloco import fingerprint
+from swarmloco.protocol.manifest import RunManifest, diff_fields, first_difference
 
 ROOT = Path(__file__).parent.parent
 TINY_LLAMA = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

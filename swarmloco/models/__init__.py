@@ -6,8 +6,8 @@ knows about a model.
 
 ``prepare_model`` resolves what the manifest must pin (a pretrained model's sha256) before it is hashed;
 ``build_model`` builds the same model on every peer from the run seed; ``lm_loss`` is the next-token
-cross-entropy of any of them; ``fingerprint`` / ``first_difference`` let the manifest carry a model's
-parameter names, shapes and dtypes and say in one line where two peers' models differ.
+cross-entropy of any of them. (The manifest's fingerprint of any model is the engine's:
+:func:`swarmloco.node.diloco.fingerprint`.)
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from swarmloco.config import ModelConfig
 from swarmloco.models.gpt import GPT, num_params
 
-__all__ = ["GPT", "build_model", "check_vocab", "first_difference", "fingerprint", "lm_loss", "model_vocab_size",
-           "num_params", "prepare_model"]
+__all__ = ["GPT", "build_model", "check_vocab", "lm_loss", "model_vocab_size", "num_params", "prepare_model"]
 
 
 def prepare_model(cfg: ModelConfig) -> ModelConfig:
@@ -76,21 +75,3 @@ def check_vocab(model: torch.nn.Module, vocab_size: int) -> None:
     raise ValueError(f"{field}={rows} is smaller than the data's vocabulary ({vocab_size} tokens): token ids past "
                      f"{rows - 1} would have no embedding")
 
-
-def fingerprint(model: torch.nn.Module) -> dict[str, str]:
-    """Parameter name -> ``"shape:dtype"`` (e.g. ``"4096x192:float32"``), in the model's parameter order."""
-    return {name: f"{'x'.join(map(str, p.shape)) or 'scalar'}:{str(p.dtype).removeprefix('torch.')}"
-            for name, p in model.named_parameters()}
-
-
-def first_difference(mine: dict[str, str], theirs: dict[str, str]) -> str | None:
-    """One line naming the first parameter (in ``mine``'s order) where two fingerprints differ; None if equal."""
-    for name, spec in mine.items():
-        if name not in theirs:
-            return f"parameter {name} ({spec}) is in this model, not in the swarm's"
-        if theirs[name] != spec:
-            return f"parameter {name} is {spec} here, {theirs[name]} in the swarm"
-    for name, spec in theirs.items():
-        if name not in mine:
-            return f"parameter {name} ({spec}) is in the swarm's model, not in this one"
-    return None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from swarmloco.config import RunConfig
 from swarmloco.node.membership import AccessRefused
-from swarmloco.node.peer import Peer, PeerOptions
+from swarmloco.node.peer import Peer, PeerOptions, prepare_config
 from swarmloco.node.status import JsonLinesReporter, NullReporter, StatusBoard
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch
@@ -160,6 +160,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
               file=sys.stderr)
         return EXIT_CONFIG
     try:
+        cfg = prepare_config(cfg)  # before anything starts: a bad model or data source is one line
         swarm = Swarm(cfg.run_id, config=cfg.swarm, identity=identity, stop=stop)
     except ValueError as e:
         print(f"swarmloco: {e}", file=sys.stderr)

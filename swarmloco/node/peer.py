@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from swarmloco.config import RunConfig
-from swarmloco.data import Corpus, shard_for_peer
-from swarmloco.models.gpt import GPT, num_params
+from swarmloco.data import build_corpus, prepare_data, shard_for_peer
+from swarmloco.models import build_model as build_model_of, check_vocab, lm_loss, num_params, prepare_model
 from swarmloco.node.diloco import DiLoCo, fingerprint
 from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_optimizer
 from swarmloco.node.state_sync import params_digest
@@ -47,14 +47,21 @@ class PeerOptions:
     extra_status: dict[str, Any] = field(default_factory=dict)
 
 
+def prepare_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with what the manifest must pin resolved (a pretrained model's sha256, the tokenizer's,
+    trained reproducibly on the run's data if need be), or checked against what it pins already (one-line
+    ValueError). Run it before the manifest is hashed: ``run``, ``join`` and ``init-run`` do."""
+    return cfg.replace(model=prepare_model(cfg.model), data=prepare_data(cfg.data))
+
+
 def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The run's model, initialised from its seed (identical on every peer)."""
-    return GPT(cfg.model, seed=cfg.seed).to(device)
+    return build_model_of(cfg.model, cfg.seed).to(device)
 
 
 def run_manifest(cfg: RunConfig) -> RunManifest:
-    """The manifest a CLI peer of ``cfg`` runs: the config's shared sections plus its model's fingerprint
-    and genesis (what ``init-run`` signs and ``join`` checks)."""
+    """The manifest a CLI peer of ``cfg`` (prepared) runs: the config's shared sections plus its model's
+    fingerprint and genesis (what ``init-run`` signs and ``join`` checks)."""
     model = build_model(cfg)
     return RunManifest.from_dict({**cfg.manifest_dict(), "fingerprint": fingerprint(model),
                                   "genesis": params_digest(p.detach().float() for p in model.parameters())})
@@ -64,14 +71,16 @@ class Peer:
     """One CLI swarm member on ``swarm`` (a started :class:`~swarmloco.Swarm`); call :meth:`run`."""
 
     def __init__(self, cfg: RunConfig, swarm, options: PeerOptions | None = None, board: StatusBoard | None = None,
-                 corpus: Corpus | None = None):
+                 corpus=None):
+        """``cfg``: prepared (:func:`prepare_config`)."""
         self.cfg, self.swarm = cfg, swarm
         self.options = options or PeerOptions()
         self.board = board or StatusBoard()
         self.stop = swarm.stop
         self.device = pick_device(self.options.device)
         self.model = build_model(cfg, self.device)
-        self.corpus = corpus or Corpus(cfg.data, cfg.model.block_size, cfg.seed)
+        self.corpus = corpus or build_corpus(cfg.data, cfg.model.block_size, cfg.seed)
+        check_vocab(self.model, self.corpus.vocab_size)
         self.shard = self.options.shard if self.options.shard is not None else shard_for_peer(
             swarm.peer_id, cfg.data.num_shards)
         self.batches = self.corpus.train_batches(self.shard, stream_seed=0)
@@ -80,8 +89,8 @@ class Peer:
             swarm, self.model, lambda params: inner_optimizer(self.model, cfg.inner, self.device),
             inner_steps=self.options.inner_steps or cfg.inner.steps, outer=cfg.outer, codec=cfg.codec,
             access=cfg.access, checkpoint=cfg.checkpoint, resume=self.options.resume, board=self.board,
-            evaluate=lambda: evaluate(self.model, self.eval_set, self.device), manifest=cfg.manifest_dict())
-        self.inner = InnerTrainer(self.model, cfg.inner, self.device, self.diloco.inner_optimizer)
+            evaluate=lambda: evaluate(self.model, self.eval_set, self.device, lm_loss), manifest=cfg.manifest_dict())
+        self.inner = InnerTrainer(self.model, cfg.inner, self.device, self.diloco.inner_optimizer, lm_loss)
         self._step_delay = faults.inner_step_delay()  # injected slowness (tests); 0 normally
         self.board.update(shard=self.shard, num_params=num_params(self.model), **self.options.extra_status)
 
@@ -110,4 +119,4 @@ class Peer:
             diloco.close()
 
 
-__all__ = ["Peer", "PeerOptions", "build_model", "pick_device", "run_manifest"]
+__all__ = ["Peer", "PeerOptions", "build_model", "pick_device", "prepare_config", "run_manifest"]

@@ -201,17 +201,20 @@ def read_index(values: dict[str, bytes], now: float) -> list[tuple[str, str]]:
     return sorted(counts, key=lambda k: (-counts[k], k))
 
 
-def first_parameter_difference(mine: Any, theirs: Any) -> str | None:
-    """The first parameter (in this peer's model order) whose name, shape or dtype differs, in words."""
+def first_difference(mine: Any, theirs: Any) -> str | None:
+    """One line naming the first parameter (in ``mine``'s order) where two model fingerprints (name ->
+    "shape:dtype") differ; None if they are equal."""
     mine = mine if isinstance(mine, dict) else {}
     theirs = theirs if isinstance(theirs, dict) else {}
     for name, spec in mine.items():
         if name not in theirs:
-            return f"the model has parameter {name!r} ({spec}) here and none of that name in the swarm"
+            return f"parameter {name} ({spec}) is in this model, not in the swarm's"
         if theirs[name] != spec:
-            return f"the model's parameter {name!r} is {spec} here, {theirs[name]} in the swarm"
-    extra = next((name for name in theirs if name not in mine), None)
-    return f"the swarm's model has parameter {extra!r} ({theirs[extra]}), this one does not" if extra else None
+            return f"parameter {name} is {spec} here, {theirs[name]} in the swarm"
+    for name, spec in theirs.items():
+        if name not in mine:
+            return f"parameter {name} ({spec}) is in the swarm's model, not in this one"
+    return None
 
 
 def diff_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -219,7 +222,7 @@ def diff_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
     parameter, its initial parameters by their digest)."""
     out = []
     if not prefix and a.get("fingerprint") != b.get("fingerprint"):
-        out.append(first_parameter_difference(a.get("fingerprint"), b.get("fingerprint")) or "the model's parameters")
+        out.append(first_difference(a.get("fingerprint"), b.get("fingerprint")) or "the model's parameters")
     elif not prefix and a.get("genesis") != b.get("genesis"):
         out.append(f"the model's initial parameters (digest {str(a.get('genesis'))[:12]} here, "
                    f"{str(b.get('genesis'))[:12]} in the swarm: build the model from the same seed and code)")

@@ -11,3 +11,6 @@ python3 -c "import sys, torch, hivemind, swarmloco.node.peer; print(sys.version.
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_outer_optim.py tests/test_allgather.py 2>&1 | tee "$OUT/pytest.log"
 timeout 400 python3 scripts/bench_gpu.py --peers 3 --outer-steps 3 --inner-steps 20 --n-layer 4 --n-embd 384 \
     --block-size 128 --batch-size 16 --out "$OUT/bench_gpu.json" 2>&1 | grep -v " WARN \| INFO \|^\[" | tee "$OUT/bench.log"
+# the public API's cost on a GPU: the GPT-2-124M-sized Llama through DiLoCo vs a plain loop (H200: 989 bf16 TFLOP/s)
+timeout 300 python3 scripts/bench_api.py --config configs/llama-124m.toml --device cuda --batch 16 --blocks 6 \
+    --block 10 --peak-tflops 989 --out "$OUT/bench_api.json" 2>&1 | grep -v " WARN \| INFO \|^\[" | tee -a "$OUT/bench.log"

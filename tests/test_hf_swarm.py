@@ -38,3 +38,17 @@ def test_a_peer_with_another_tokenizer_is_refused_in_one_line(spawn, write_confi
     assert odd.wait(240) == 3
     lines = [line for line in odd.log_text().splitlines() if line.startswith("swarmloco: refused")]
     assert len(lines) == 1 and "data.tokenizer_vocab_size (400 here, 512 in the swarm)" in lines[0], lines
+
+
+def test_the_tiny_llama_demo_runs_offline_from_its_shipped_config(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "swarmloco", "demo", "--config", str(root / "configs" / "llama-tiny.toml"),
+                           "--peers", "2", "--outer-steps", "1", "--inner-steps", "2"],
+                          capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "SWARMLOCO_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "outer   1" in proc.stdout and "in sync" in proc.stdout, proc.stdout

@@ -178,11 +178,11 @@ class DiLoCo(PeerState):
         start the heartbeat and catch-up threads. :meth:`step` calls it the first time."""
         if self._started:
             return self
-        self._started = True
         self.push_lineage(0)
         if self.resume:
             self.maybe_resume()
-        self.membership.announce(wait_s=min(10.0, self.cfg_swarm.ready_timeout))
+        self.membership.announce(wait_s=min(10.0, self.cfg_swarm.ready_timeout))  # refused: nothing to undo
+        self._started = True
         self.tracker.publish(self._progress())
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat_thread.start()
@@ -234,7 +234,7 @@ class DiLoCo(PeerState):
         if self.stop.is_set():
             return None
         if self.catchup.pending is not None:
-            return self._adopt_pending(barrier_wait=None)
+            return self._adopt_pending()
         if self._round_is_due():
             return self.sync_now()
         return None
@@ -277,7 +277,7 @@ class DiLoCo(PeerState):
             self._set_state("training")
             self.tracker.publish(self._progress())
 
-    def _adopt_pending(self, barrier_wait: float | None) -> RoundReport:
+    def _adopt_pending(self) -> RoundReport:
         inner = self._inner_result()
         report = self._catch_up_instead_of_round(None, inner, self._round_started)
         self._next_round()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from swarmloco.compression import get_codec
-from swarmloco.compression.error_feedback import ErrorFeedback
+from swarmloco.compression.error_feedback import error_feedback_for
 from swarmloco.config import RunConfig
 from swarmloco.node.data import Corpus, shard_for_peer
 from swarmloco.node.inner_loop import InnerTrainer, evaluate
@@ -41,7 +41,7 @@ from swarmloco.node.peer_state import PeerState
 from swarmloco.node.state_sync import DIGEST_CHARS, params_digest
 from swarmloco.node.status import StatusBoard
 from swarmloco.node.sync import READY_STATES, Synchronizer
-from swarmloco.outer_optim import OuterNesterov, apply_outer_step
+from swarmloco.outer_optim import apply_outer_step, build_outer_optimizer
 from swarmloco.protocol import faults
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import RunManifest
@@ -93,8 +93,7 @@ class Peer(PeerState):
         pin = self.device.type == "cuda"
         self.global_params = [_cpu_buffer(p, pin).copy_(p.detach()) for p in self.model.parameters()]
         self._staging = [_cpu_buffer(p, pin) for p in self.model.parameters()]  # the local params, copied off
-        self.outer_opt = OuterNesterov(self.global_params, lr=cfg.outer.lr, momentum=cfg.outer.momentum,
-                                       nesterov=cfg.outer.nesterov)
+        self.outer_opt = build_outer_optimizer(self.global_params, cfg.outer)  # the simulator's update rule too
         self.inner = InnerTrainer(self.model, cfg.inner, self.device)
         self.outer_step = 0
 
@@ -110,7 +109,7 @@ class Peer(PeerState):
         self.sync = Synchronizer(transport, self.tracker, cfg.swarm, heartbeat=self._progress, stop=self.stop,
                                  refused=lambda peer_id: self.membership.refused(peer_id, self.outer_step))
         self.codec = get_codec(cfg.codec)
-        self.error_feedback = ErrorFeedback() if (cfg.codec.error_feedback and self.codec.info.lossy) else None
+        self.error_feedback = error_feedback_for(cfg.codec, self.codec)  # topk: decays (SparseLoCo's momentum)
         self._pseudo = [torch.zeros_like(p) for p in self.global_params]
         self._averaged = [torch.zeros_like(p) for p in self.global_params]
         self._samples_since_sync = 0

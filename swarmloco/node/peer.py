@@ -316,12 +316,15 @@ class Peer(PeerState):
         self.membership.note_round(outcome, self.outer_step)
 
         t2 = time.perf_counter()
+        if outcome.ok and self.error_feedback is not None:  # keep what the codec did not carry
+            for i, sent in enumerate(to_send):
+                decoded = self.codec.roundtrip(sent)
+                if outcome.group_size <= 1:  # alone: the update a group of one would average (the simulator's
+                    self._averaged[i].copy_(decoded)  # rule), not the whole accumulator again every lone round
+                self.error_feedback.update(i, sent, decoded)
         sent_norm = _norm(to_send)  # what this peer contributed, and the group's average it applies
         update_norm = _norm(self._averaged) if outcome.ok else float("nan")
         if outcome.ok:
-            if self.error_feedback is not None and outcome.group_size > 1:  # alone, nothing was compressed
-                for i, sent in enumerate(to_send):
-                    self.error_feedback.update(i, sent, self.codec.roundtrip(sent))
             with self._lock:
                 apply_outer_step(self.outer_opt, self.global_params, self._averaged)
                 self.outer_step += 1

@@ -236,10 +236,11 @@ class InnerConfig:
 class OuterConfig:
     """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradient."""
 
-    lr: float = 0.7
-    """Outer learning rate (DiLoCo: 0.7). lr=1, momentum=0 is plain parameter averaging."""
-    momentum: float = 0.9
-    """Outer momentum (DiLoCo: 0.9)."""
+    lr: float = 1.0
+    """Outer learning rate (DiLoCo's paper: 0.7; 1.0 with momentum 0.7 was the best of BENCHMARKS.md's grid
+    at K=4, H=30, and meets the H=100 target). lr=1, momentum=0 is plain parameter averaging."""
+    momentum: float = 0.7
+    """Outer momentum (DiLoCo's paper: 0.9, which over-shoots at tens of rounds: BENCHMARKS.md)."""
     nesterov: bool = True
     """Nesterov momentum (DiLoCo) rather than heavy-ball."""
     target_samples: int = 0
@@ -268,11 +269,16 @@ class CodecConfig:
     """How pseudo-gradients are encoded on the wire."""
 
     name: str = "none"
-    """Codec name: none (fp32), fp16, bf16, int8, int4, topk (see swarmloco.compression)."""
+    """Codec name: none (fp32), fp16, bf16, int8, int4, topk (SparseLoCo; see swarmloco.compression)."""
     block_size: int = 256
-    """Values per scale block for the blockwise quantizers."""
-    topk_fraction: float = 0.02
-    """Fraction of values kept per chunk by the sparse codec."""
+    """Values per scale block for the blockwise quantizers (int8, int4)."""
+    topk_fraction: float = 0.015625
+    """topk: fraction of each chunk's values sent (SparseLoCo: 64 of 4096, 1.56%)."""
+    topk_chunk: int = 4096
+    """topk: values per chunk; each chunk sends its own largest entries."""
+    topk_decay: float = 0.95
+    """topk: decay of the error-feedback accumulator (SparseLoCo's beta; it acts as the outer momentum,
+    so use it with outer.momentum = 0). The dense codecs' error feedback does not decay."""
     error_feedback: bool = True
     """Carry what compression dropped from a peer's pseudo-gradient into its next one."""
 
@@ -280,7 +286,12 @@ class CodecConfig:
         _check(isinstance(self.name, str) and self.name != "", "codec.name", self.name, "must be a codec name")
         _check(isinstance(self.block_size, int) and self.block_size > 0, "codec.block_size", self.block_size,
                "must be a positive integer")
-        _check(0.0 < self.topk_fraction <= 1.0, "codec.topk_fraction", self.topk_fraction, "must be in (0, 1]")
+        _check(isinstance(self.topk_fraction, (int, float)) and 0.0 < self.topk_fraction <= 1.0,
+               "codec.topk_fraction", self.topk_fraction, "must be in (0, 1]")
+        _check(isinstance(self.topk_chunk, int) and 1 <= self.topk_chunk <= 65536, "codec.topk_chunk",
+               self.topk_chunk, "must be an integer in 1..65536")
+        _check(isinstance(self.topk_decay, (int, float)) and 0.0 <= self.topk_decay <= 1.0, "codec.topk_decay",
+               self.topk_decay, "must be in [0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ from swarmloco.config import CodecConfig
 from swarmloco.protocol.allgather import CHUNK_BYTES, SparseAllGatherRunner
 from swarmloco.protocol.errors import PartialAllReduce
 
-CODEC = get_codec(CodecConfig(name="topk", block_size=64, topk_fraction=0.1))
+CODEC = get_codec(CodecConfig(name="topk", topk_chunk=64, topk_fraction=0.1))
 
 
 class PeerId(str):
@@ -71,8 +71,8 @@ def test_exactly_one_member_of_each_pair_dials() -> None:
 
 
 def test_a_payload_split_over_messages_is_reassembled() -> None:
-    r = runner(numel=3_000_000)
-    other = CODEC.encode(torch.randn(3_000_000))
+    r = runner(numel=4_000_000)
+    other = CODEC.encode(torch.randn(4_000_000))
     assert len(other) > CHUNK_BYTES
     parts = [other[i: i + CHUNK_BYTES] for i in range(0, len(other), CHUNK_BYTES)]
     msgs = [message(parts[0], size=[len(other)])] + [message(p, size=[]) for p in parts[1:]]

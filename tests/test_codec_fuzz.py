@@ -32,7 +32,7 @@ def tensors(draw):
 
 
 def make(name: str, block_size: int, fraction: float):
-    return get_codec(CodecConfig(name=name, block_size=block_size, topk_fraction=fraction))
+    return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=fraction))
 
 
 @FUZZ
@@ -55,11 +55,15 @@ def test_roundtrip_property(x, name, block_size, fraction):
         absmax = torch.cat([ref, ref.new_zeros(pad)]).view(-1, block_size).abs().amax(1) if ref.numel() else ref
         bound = (absmax / (2 * LEVELS[name])).repeat_interleave(block_size)[: ref.numel()]
         assert bool(((y - ref).abs() <= bound * (1 + 1e-5) + 1e-37).all())
-    elif ref.numel():  # topk: at most the kept count per chunk is nonzero; sent values are close
-        nonzero = y != 0
-        assert bool(((y - ref).abs()[nonzero] <= ref.abs().max() / 254 * (1 + 1e-5) + 1e-37).all())
-        kept = sum(c.keep(min(block_size, ref.numel() - s)) for s in range(0, ref.numel(), block_size))
-        assert int(nonzero.sum()) <= kept
+    elif ref.numel():  # topk: per chunk at most k nonzero, each with its value's sign and a magnitude
+        for start in range(0, ref.numel(), block_size):  # between the smallest and largest kept magnitude
+            xs, ys = ref[start: start + block_size], y[start: start + block_size]
+            kept = xs.abs().topk(c.keep(xs.numel())).values
+            nonzero = ys != 0
+            assert int(nonzero.sum()) <= kept.numel()
+            assert bool((ys[nonzero].sign() == xs[nonzero].sign()).all())
+            mags = ys[nonzero].abs()
+            assert bool((mags >= kept.min() * (1 - 2**-8)).all() and (mags <= kept.max() * (1 + 2**-8)).all())
 
 
 @FUZZ

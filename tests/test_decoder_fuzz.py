@@ -268,7 +268,7 @@ FRACTION = 0.1  # topk: decoders must use the sender's fraction (it is in the ma
 
 
 def _codec(name: str, block_size: int = 64):
-    return get_codec(CodecConfig(name=name, block_size=block_size, topk_fraction=FRACTION))
+    return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=FRACTION))
 
 
 def _values(numel: int, style: int) -> torch.Tensor:
@@ -284,8 +284,8 @@ def _values(numel: int, style: int) -> torch.Tensor:
 
 def _codec_seeds(name: str) -> list[tuple[bytes, int]]:
     seeds = {}
-    for block_size in (1, 7, 64, 256, 300):
-        encoder = _codec(name, block_size)
+    for block_size in (1, 7, 64, 256, 300):  # topk decodes only its run's chunk: its seeds all use it
+        encoder = _codec(name, 64 if name == "topk" else block_size)
         for numel in (0, 1, 2, 3, 8, 63, 64, 65, 129, 256):
             for style in range(4):
                 seeds.setdefault(encoder.encode(_values(numel, style)), numel)

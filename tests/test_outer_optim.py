@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from swarmloco.outer_optim import OuterNesterov, apply_outer_step
+from swarmloco.config import OuterConfig
+from swarmloco.outer_optim import OuterNesterov, apply_outer_step, build_outer_optimizer
 
 
 def _params(seed: int) -> list[torch.Tensor]:
@@ -59,3 +60,23 @@ def test_outer_state_round_trips_through_state_dict() -> None:
 def test_bad_outer_hyperparameters_are_refused(kwargs) -> None:
     with pytest.raises(ValueError):
         OuterNesterov(_params(0), **kwargs)
+
+
+@pytest.mark.parametrize("cfg", [OuterConfig(), OuterConfig(lr=0.7, momentum=0.9),
+                                 OuterConfig(lr=0.8, momentum=0.5, nesterov=False),
+                                 OuterConfig(lr=1.0, momentum=0.0, nesterov=False)], ids=str)
+def test_the_config_builds_torch_sgd_with_its_settings(cfg) -> None:
+    """build_outer_optimizer is the one constructor of the outer step (the peer's and the simulator's):
+    with any [outer] setting it steps exactly like torch.optim.SGD with those settings."""
+    ours = [p.clone() for p in _params(2)]
+    ref = [torch.nn.Parameter(p.clone()) for p in _params(2)]
+    opt = build_outer_optimizer(ours, cfg)
+    ref_opt = torch.optim.SGD(ref, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        apply_outer_step(opt, ours, grads)
+        for p, g in zip(ref, grads):
+            p.grad = g.clone()
+        ref_opt.step()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(ours, ref))

@@ -78,3 +78,15 @@ class ErrorFeedback:
         if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
             raise ValueError(f"error feedback state: decay={decay!r} is invalid")
         self.decay, self.residuals = float(decay), loaded
+
+
+def error_feedback_for(cfg, codec) -> ErrorFeedback | None:
+    """The error feedback a peer of a run with codec config ``cfg`` keeps, or None (off, or lossless codec).
+
+    The sparse ``topk`` codec's accumulator decays by ``cfg.topk_decay`` (SparseLoCo's beta: with
+    ``e = beta * e + delta; send C(e); e -= C(e)`` it plays the outer momentum); the dense codecs'
+    does not decay (every dropped bit is sent later). The peer and the simulator both build it here.
+    """
+    if not (cfg.error_feedback and codec.info.lossy):
+        return None
+    return ErrorFeedback(decay=cfg.topk_decay if codec.info.name == "topk" else 1.0)

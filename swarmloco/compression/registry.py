@@ -18,7 +18,7 @@ _FACTORIES: dict[str, Callable[[CodecConfig], Codec]] = {
     "bf16": lambda cfg: BFloat16Codec(),
     "int8": lambda cfg: Int8Codec(cfg.block_size),
     "int4": lambda cfg: Int4Codec(cfg.block_size),
-    "topk": lambda cfg: TopKCodec(cfg.block_size, cfg.topk_fraction),
+    "topk": lambda cfg: TopKCodec(cfg.topk_chunk, cfg.topk_fraction),
 }
 
 

@@ -1,18 +1,29 @@
-"""Sparse top-k per chunk with int8 values: the compressor of SparseLoCo / DeMo-style communication.
+"""SparseLoCo's compressor: chunked top-k with 2-bit values and Elias-Fano indices.
 
-DeMo (Peng, Quesnelle & Kingma, 2024, "DeMo: Decoupled Momentum Optimization") and SparseLoCo
-(Sarfi et al., 2025, "Communication Efficient LLM Pre-training with SparseLoCo") send only the
-largest entries of each chunk of the (error-compensated) pseudo-gradient, quantized to few bits,
-and keep the rest in an error-feedback buffer. Per chunk of ``block_size`` values we keep the
-``ceil(fraction * chunk)`` largest |x|, quantize them to int8 with one absmax scale per chunk, and
-send their indices within the chunk (uint8 when block_size <= 256, else uint16). Sparse payloads
-from different peers do not add up part by part, so ``info.summable`` is False: they travel by
-all-gather and are summed after decoding.
+SparseLoCo (Sarfi et al., 2025, arXiv:2508.15706; it ran Covenant-72B) sends, per chunk of ``chunk``
+values of the error-feedback accumulator, only the ``k = ceil(fraction * chunk)`` entries of largest
+magnitude, quantized to 2 bits, and keeps the rest in the error-feedback buffer (which, decayed by
+``beta``, acts as the outer momentum; see :mod:`swarmloco.compression.error_feedback` and
+:func:`swarmloco.outer_optim.build_outer_optimizer`). Its default is 64 of every 4096 values (1.56%).
 
-Payload: 16-byte header | float32 scales [chunks] | indices [K] | int8 values [K]. Indices are
-sorted within each chunk, which makes the bytes canonical and lets ``decode`` check range and
-uniqueness in one comparison (strictly increasing). Without error feedback most of the signal is
-dropped; with it (see :mod:`error_feedback`) everything is sent eventually.
+Per chunk we send:
+
+* **2 bits per kept value**: its sign and whether its magnitude is above the mean magnitude of the
+  chunk's kept values; the magnitude decoded is the mean magnitude of that half (two bf16 levels per
+  chunk: the bin-mean reconstruction of a 2-level quantizer, exact on average for each half);
+* **the indices within the chunk**, Elias-Fano coded (:mod:`swarmloco.compression.bits`): 8 bits per
+  index at 64 of 4096 instead of 12.
+
+That is ``(2k + k*l + k + (C-1 >> l) + 1 + 32) / C`` bits per value (l = floor(log2(C / k))):
+0.164 at 64 of 4096, 195x fewer bytes than fp32. A tensor's last chunk may be shorter (it keeps
+``ceil(fraction * its length)``). Sparse payloads from different peers do not add up part by part,
+so ``info.summable`` is False: they travel by all-gather and are summed after decoding.
+
+Payload: 16-byte header (block_size = chunk) | bf16 levels [chunks x 2: low, high] | bit fields,
+packed LSB first: for the full chunks, then the short last one: 2-bit codes, Elias-Fano low bits,
+Elias-Fano high bitmaps. The layout is fixed by the tensor's size; ``decode`` rejects a wrong chunk,
+length, non-zero padding bits, non-finite, negative or unordered levels, and index sets that are not
+exactly ``k`` strictly increasing indices inside their chunk.
 """
 
 from __future__ import annotations
@@ -22,90 +33,131 @@ import math
 import torch
 
 from swarmloco.compression.base import Codec, CodecError, CodecInfo
+from swarmloco.compression.bits import bits_int, ef_decode, ef_encode, ef_sizes, int_bits, pack_bits, unpack_bits
 from swarmloco.compression.header import (
-    CODEC_IDS, HEADER_SIZE, block_absmax, check_block_size, check_length, check_scales, chunks, flat_float32,
-    pack_header, payload_tensor, quantize_blocks, read_header,
+    CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, block_absmax, check_length, chunks, flat_float32,
+    pack_header, payload_tensor, read_header,
 )
 
-LEVELS = 127
+CODE_BITS = 2
 
 
 class TopKCodec(Codec):
-    """Keep the top ``fraction`` of |values| of each chunk, int8-quantized, with their indices."""
+    """Top ``fraction`` of |values| of each ``chunk``-value chunk, 2-bit values, Elias-Fano indices."""
 
     NAME = "topk"
 
-    def __init__(self, block_size: int = 256, fraction: float = 0.02):
-        self.block_size = check_block_size(block_size, self.NAME)
+    def __init__(self, chunk: int = 4096, fraction: float = 1 / 64):
+        if not isinstance(chunk, int) or not 1 <= chunk <= MAX_BLOCK_SIZE:
+            raise ValueError(f"config: codec.topk_chunk={chunk!r} is invalid: must be in 1..{MAX_BLOCK_SIZE}")
         if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
             raise ValueError(f"config: codec.topk_fraction={fraction!r} is invalid: must be in (0, 1]")
-        self.fraction = float(fraction)
-        k = self.keep(self.block_size)
-        bits = k * (8 + 8 * self._index_bytes(self.block_size)) + 32
-        self.info = CodecInfo(name=self.NAME, bits_per_value=bits / self.block_size, lossy=True, summable=False)
+        self.chunk, self.fraction = chunk, float(fraction)
+        self.info = CodecInfo(name=self.NAME, bits_per_value=self._row_bits(chunk) / chunk, lossy=True,
+                              summable=False)
 
     def keep(self, length: int) -> int:
-        """How many values a chunk of ``length`` values keeps."""
-        return min(length, math.ceil(self.fraction * length))
+        """How many values a chunk of ``length`` values keeps (at least one of a non-empty chunk)."""
+        return min(length, math.ceil(round(self.fraction * length, 9)))
 
-    @staticmethod
-    def _index_bytes(block_size: int) -> int:
-        return 1 if block_size <= 256 else 2
+    def _row_bits(self, length: int) -> int:
+        """Bits of one chunk of ``length`` values: levels, codes and indices."""
+        keep = self.keep(length)
+        low, high = ef_sizes(length, keep)
+        return 32 + CODE_BITS * keep + low + high
 
-    def _layout(self, numel: int, bs: int) -> tuple[int, int, int, int, int]:
-        """(full chunks, tail length, k per full chunk, k of the tail, total kept)."""
-        full, tail = divmod(numel, bs)
-        k, kt = self.keep(bs), self.keep(tail) if tail else 0
-        return full, tail, k, kt, full * k + kt
+    def _groups(self, numel: int) -> list[tuple[int, int, int, int]]:
+        """(first value, rows, row length, kept per row) of the full chunks and of the short last one."""
+        full, tail = divmod(numel, self.chunk)
+        groups = [(0, full, self.chunk, self.keep(self.chunk))] if full else []
+        if tail:
+            groups.append((full * self.chunk, 1, tail, self.keep(tail)))
+        return groups
+
+    def _bit_count(self, numel: int) -> int:
+        return sum(rows * (self._row_bits(length) - 32) for _, rows, length, _ in self._groups(numel))
+
+    def payload_size(self, numel: int) -> int:
+        """Exact bytes of the payload of a ``numel``-value tensor."""
+        nchunks = -(-numel // self.chunk)
+        return HEADER_SIZE + 4 * nchunks + (self._bit_count(numel) + 7) // 8
+
+    # ----- encoding ---------------------------------------------------------------------------
+    def _select(self, flat: torch.Tensor, start: int, rows: int, length: int, keep: int):
+        """Top-``keep`` of each row: (sorted indices, 2-bit codes, low levels, high levels)."""
+        idx_parts, code_parts, lo_parts, hi_parts = [], [], [], []
+        for s, e in chunks(rows * length, length):  # ~1M values at a time: temporaries stay small
+            mat = flat[start + s: start + e].view(-1, length)
+            block_absmax(mat, self.NAME)  # NaN/Inf or overflowing input: CodecError
+            idx = mat.abs().topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+            vals = mat.gather(1, idx)
+            mag = vals.abs().double()  # sums of up to 65536 float32 magnitudes stay finite in float64
+            high = mag > mag.mean(dim=1, keepdim=True)
+            n_high = high.sum(dim=1)
+            n_low = keep - n_high
+            lo = (mag * ~high).sum(dim=1) / n_low.clamp_min(1)
+            hi = (mag * high).sum(dim=1) / n_high.clamp_min(1)
+            lo, hi = torch.where(n_low > 0, lo, hi), torch.where(n_high > 0, hi, lo)  # an empty half: the other's
+            idx_parts.append(idx)
+            code_parts.append((vals < 0).to(torch.int64) | (high.to(torch.int64) << 1))
+            lo_parts.append(lo.to(torch.bfloat16))
+            hi_parts.append(hi.to(torch.bfloat16))
+        return torch.cat(idx_parts), torch.cat(code_parts), torch.cat(lo_parts), torch.cat(hi_parts)
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         flat = flat_float32(tensor)
-        n, bs = flat.numel(), self.block_size
-        full, tail, k, kt, total = self._layout(n, bs)
-        nchunks, ib = full + (1 if tail else 0), self._index_bytes(bs)
-        scales = torch.empty(nchunks)
-        indices, values = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int8)
-        pos = row = 0
-        for start, stop in chunks(n, bs):
-            m = (stop - start) // bs
-            parts = [(flat[start: start + m * bs].view(m, bs), k)] if m else []
-            if (stop - start) % bs:  # the partial last chunk
-                parts.append((flat[start + m * bs: stop].view(1, tail), kt))
-            for mat, keep in parts:
-                idx = mat.abs().topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
-                q, s = quantize_blocks(mat.gather(1, idx), block_absmax(mat, self.NAME), LEVELS)
-                indices[pos: pos + q.numel()] = idx.reshape(-1)
-                values[pos: pos + q.numel()] = q.reshape(-1)
-                scales[row: row + mat.shape[0]] = s
-                pos, row = pos + q.numel(), row + mat.shape[0]
-        index_bytes = indices.to(torch.uint8 if ib == 1 else torch.int16)  # int16 carries the uint16 bit pattern
-        return b"".join([pack_header(CODEC_IDS[self.NAME], n, bs), scales.numpy().tobytes(),
-                         index_bytes.numpy().tobytes(), values.numpy().tobytes()])
+        n = flat.numel()
+        levels, fields = [], []
+        for start, rows, length, keep in self._groups(n):
+            idx, codes, lo, hi = self._select(flat, start, rows, length, keep)
+            levels.append(torch.stack([lo, hi], dim=1).reshape(-1))
+            low, high = ef_encode(idx, length)
+            fields += [int_bits(codes, CODE_BITS), low, high]
+        level_bytes = torch.cat(levels).view(torch.uint8) if levels else torch.zeros(0, dtype=torch.uint8)
+        bits = pack_bits(torch.cat(fields)) if fields else torch.zeros(0, dtype=torch.uint8)
+        return b"".join([pack_header(CODEC_IDS[self.NAME], n, self.chunk), level_bytes.numpy().tobytes(),
+                         bits.numpy().tobytes()])
 
+    # ----- decoding ---------------------------------------------------------------------------
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        bs = read_header(payload, CODEC_IDS[self.NAME], numel, self.NAME)
-        full, tail, k, kt, total = self._layout(numel, bs)
-        nchunks, ib = full + (1 if tail else 0), self._index_bytes(bs)
-        o_idx = HEADER_SIZE + 4 * nchunks
-        o_val = o_idx + ib * total
-        check_length(payload, o_val + total, self.NAME)
+        chunk = read_header(payload, CODEC_IDS[self.NAME], numel, self.NAME)
+        if chunk != self.chunk:
+            raise CodecError(f"{self.NAME}: payload uses chunks of {chunk} values, this run {self.chunk}")
+        check_length(payload, self.payload_size(numel), self.NAME)
         data = payload_tensor(payload)
-        scales = data[HEADER_SIZE:o_idx].view(torch.float32)
-        check_scales(scales, self.NAME, LEVELS)
-        raw = data[o_idx:o_val]
-        idx = raw.long() if ib == 1 else raw.view(torch.int16).long() & 0xFFFF
-        q = data[o_val:].view(torch.int8)
-        if total and int(q.min()) < -LEVELS:
-            raise CodecError(f"{self.NAME}: level -128 is never produced by an honest encoder")
+        nchunks = -(-numel // self.chunk)
+        levels = data[HEADER_SIZE: HEADER_SIZE + 4 * nchunks].view(torch.bfloat16).float().view(-1, 2)
+        _check_levels(levels, self.NAME)
+        bits = unpack_bits(data[HEADER_SIZE + 4 * nchunks:], self._bit_count(numel), self.NAME)
         out = torch.zeros(numel, dtype=torch.float32)
-        for count, width, keep, c0, at in ((full, bs, k, 0, 0), (1 if tail else 0, tail, kt, full, full * k)):
-            if count == 0:
-                continue
-            rows = idx[at: at + count * keep].view(count, keep)
-            if int(rows.max()) >= width:
-                raise CodecError(f"{self.NAME}: an index is outside its chunk of {width} values")
-            if keep > 1 and not bool((rows[:, 1:] > rows[:, :-1]).all()):
-                raise CodecError(f"{self.NAME}: indices within a chunk are not strictly increasing")
-            vals = q[at: at + count * keep].view(count, keep) * scales[c0: c0 + count, None]
-            out[c0 * bs: c0 * bs + count * width].view(count, width).scatter_(1, rows, vals)
+        at, row0 = 0, 0
+        for start, rows, length, keep in self._groups(numel):
+            low_n, high_n = ef_sizes(length, keep)
+            n_codes = CODE_BITS * rows * keep
+            codes = bits_int(bits[at: at + n_codes], CODE_BITS, rows * keep).view(rows, keep)
+            at += n_codes
+            idx = ef_decode(bits[at: at + rows * low_n], bits[at + rows * low_n: at + rows * (low_n + high_n)],
+                            rows, keep, length, self.NAME)
+            at += rows * (low_n + high_n)
+            lv = levels[row0: row0 + rows]
+            mag = torch.where(codes >= 2, lv[:, 1:2], lv[:, 0:1])
+            vals = torch.where((codes & 1).bool(), -mag, mag)
+            out[start: start + rows * length].view(rows, length).scatter_(1, idx, vals)
+            row0 += rows
         return out
+
+
+def _check_levels(levels: torch.Tensor, name: str) -> None:
+    """Each chunk's two magnitudes: finite, >= 0, low <= high (what the encoder writes). Decoded values
+    are +-level, so finite levels give finite values."""
+    if levels.numel() == 0:
+        return
+    if not bool(torch.isfinite(levels).all()):
+        raise CodecError(f"{name}: a level is NaN or Inf")
+    if float(levels.min()) < 0:
+        raise CodecError(f"{name}: a level is negative")
+    if not bool((levels[:, 0] <= levels[:, 1]).all()):
+        raise CodecError(f"{name}: a chunk's low level is above its high level")
+
+
+__all__ = ["TopKCodec"]

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from swarmloco.compression import get_codec
-from swarmloco.compression.error_feedback import ErrorFeedback
+from swarmloco.compression.error_feedback import error_feedback_for
 from swarmloco.config import AccessConfig, CheckpointConfig, CodecConfig, OuterConfig
 from swarmloco.node.catch_up import CatchUp
 from swarmloco.node.lineage import Chain
@@ -59,7 +59,7 @@ from swarmloco.node.round import RoundReport, run_round
 from swarmloco.node.state_sync import DIGEST_CHARS, params_digest
 from swarmloco.node.status import StatusBoard
 from swarmloco.node.sync import READY_STATES, Synchronizer
-from swarmloco.outer_optim import OuterNesterov
+from swarmloco.outer_optim import build_outer_optimizer
 from swarmloco.protocol.manifest import RunManifest
 from swarmloco.protocol.progress import MAX_ATTEST, PeerProgress, ProgressTracker
 
@@ -121,10 +121,9 @@ class DiLoCo(PeerState):
             "outer": dataclasses.asdict(self.outer_cfg), "codec": dataclasses.asdict(self.codec_cfg),
             "access": dataclasses.asdict(access or AccessConfig()), "run": dict(run_config or {})}
         self.manifest = RunManifest.from_dict({**base, "fingerprint": fingerprint(model), "genesis": self.digest})
-        self.outer_opt = OuterNesterov(self.global_params, lr=self.outer_cfg.lr, momentum=self.outer_cfg.momentum,
-                                       nesterov=self.outer_cfg.nesterov)
+        self.outer_opt = build_outer_optimizer(self.global_params, self.outer_cfg)  # the simulator's update rule too
         self.codec = get_codec(self.codec_cfg)
-        self.error_feedback = ErrorFeedback() if (self.codec_cfg.error_feedback and self.codec.info.lossy) else None
+        self.error_feedback = error_feedback_for(self.codec_cfg, self.codec)  # topk: decays (SparseLoCo's momentum)
         self.transport = swarm.transport_for(self.manifest, templates=self.global_params, codec=self.codec,
                                              clip_factor=self.outer_cfg.clip_factor)
         cfg = swarm.config

@@ -123,10 +123,16 @@ def run_round(engine, inner) -> RoundReport:
     engine.membership.note_round(outcome, step)
 
     t2 = time.perf_counter()
+    if outcome.ok and engine.error_feedback is not None:  # keep what the codec did not carry
+        for i, sent in enumerate(to_send):
+            decoded = engine.codec.roundtrip(sent)
+            if outcome.group_size <= 1:  # alone: the update a group of one would average (the simulator's
+                engine._averaged[i].copy_(decoded)  # rule), not the whole accumulator again every lone round
+            engine.error_feedback.update(i, sent, decoded)
     sent_norm = norm(to_send)  # what this peer contributed, and the group's average it applies
     update_norm = norm(engine._averaged) if outcome.ok else float("nan")
     if outcome.ok:
-        _commit(engine, outcome, to_send, attempt)
+        _commit(engine, outcome, attempt)
     else:
         engine.board.add(rounds_failed=1)
         engine.board.event("round_failed", f"outer step {step}: {outcome.error}")
@@ -164,11 +170,8 @@ def run_round(engine, inner) -> RoundReport:
     return RoundReport.of(summary)
 
 
-def _commit(engine, outcome, sent: list[torch.Tensor], attempt: int) -> None:
-    """Error feedback, the outer step and the certificate of a committed round; the model := global."""
-    if engine.error_feedback is not None and outcome.group_size > 1:  # alone, nothing was compressed
-        for i, tensor in enumerate(sent):
-            engine.error_feedback.update(i, tensor, engine.codec.roundtrip(tensor))
+def _commit(engine, outcome, attempt: int) -> None:
+    """The outer step and the certificate of a committed round; the model := global."""
     with engine._lock:
         parent = engine.digest
         apply_outer_step(engine.outer_opt, engine.global_params, engine._averaged)

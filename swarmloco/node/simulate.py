@@ -34,11 +34,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from swarmloco.config import InnerConfig, ModelConfig, OuterConfig
+from swarmloco.config import CodecConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.data.text import Corpus
 from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
 from swarmloco.models.gpt import GPT, num_params
-from swarmloco.outer_optim.nesterov import OuterNesterov, apply_outer_step
+from swarmloco.outer_optim import apply_outer_step, build_outer_optimizer
 
 __all__ = [
     "allreduce_bytes_per_worker", "codec_transform", "run_data_parallel", "run_diloco", "PseudoGradTransform",
@@ -52,26 +52,28 @@ PseudoGradTransform = Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
 CPU = torch.device("cpu")
 
 
-def codec_transform(codec, workers: int, error_feedback: bool = True) -> PseudoGradTransform:
-    """A :data:`PseudoGradTransform` sending each pseudo-gradient tensor through ``codec``.
+def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
+    """A :data:`PseudoGradTransform` sending each pseudo-gradient tensor through the codec ``cfg`` names.
 
-    Per worker and tensor: error-feedback compensate -> ``codec.roundtrip`` -> error-feedback update
-    (one :class:`~swarmloco.compression.error_feedback.ErrorFeedback` per worker). Feedback is used only
-    if ``error_feedback`` and the codec is lossy; a lossless codec returns its input values unchanged.
-    Pair it with ``bytes_per_value=ring_equivalent_bytes_per_value(codec, workers)`` in :func:`run_diloco`.
+    Per worker and tensor, exactly what a peer does: error-feedback compensate -> ``codec.roundtrip``
+    -> error-feedback update, with one accumulator per worker built by
+    :func:`~swarmloco.compression.error_feedback.error_feedback_for` (none for a lossless codec or
+    ``error_feedback = false``; decaying by ``topk_decay`` for the sparse codec). Pair it with
+    ``bytes_per_value=ring_equivalent_bytes_per_value(codec, workers)`` in :func:`run_diloco`.
     """
-    from swarmloco.compression.error_feedback import ErrorFeedback
+    from swarmloco.compression.error_feedback import error_feedback_for
+    from swarmloco.compression.registry import get_codec
 
-    use_ef = error_feedback and codec.info.lossy
-    feedback = [ErrorFeedback() for _ in range(workers)] if use_ef else None
+    codec = get_codec(cfg)
+    feedback = [error_feedback_for(cfg, codec) for _ in range(workers)]
 
     def transform(worker: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
+        ef, out = feedback[worker], []
         for i, t in enumerate(tensors):
-            x = feedback[worker].compensate(i, t) if use_ef else t.detach().to(torch.float32)
+            x = ef.compensate(i, t) if ef is not None else t.detach().to(torch.float32)
             sent = codec.roundtrip(x.cpu()).to(device=t.device, dtype=t.dtype)
-            if use_ef:
-                feedback[worker].update(i, x, sent)
+            if ef is not None:
+                ef.update(i, x, sent)
             out.append(sent)
         return out
 
@@ -93,6 +95,13 @@ def allreduce_bytes_per_worker(payload_values: int, workers: int, bytes_per_valu
     if workers <= 1:
         return 0.0
     return 2.0 * (workers - 1) / workers * payload_values * bytes_per_value
+
+
+def worker_streams(corpus: Corpus, shards: Sequence[int], seed: int):
+    """Worker ``i``'s batch stream: shard ``shards[i]`` drawn with stream seed ``seed``; workers that share
+    a shard (IID data: one shard for all) draw different batches (stream seed ``(seed, i)``)."""
+    shared = {s for s in shards if list(shards).count(s) > 1}
+    return [corpus.train_batches(s, stream_seed=(seed, i) if s in shared else seed) for i, s in enumerate(shards)]
 
 
 class _Curve:
@@ -149,7 +158,7 @@ def run_data_parallel(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerCo
     start = time.perf_counter()
     model = GPT(model_cfg, seed=seed).to(device)
     trainer = InnerTrainer(model, inner_cfg, device)
-    streams = [corpus.train_batches(s, stream_seed=seed) for s in shards]
+    streams = worker_streams(corpus, shards, seed)
     curve = _Curve(model, corpus.eval_batches(), device, eval_every, steps, f"dp{workers}")
     tokens = 0
     model.train()
@@ -201,11 +210,10 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
     start = time.perf_counter()
     global_model = GPT(model_cfg, seed=seed).to(device)
     global_params = list(global_model.parameters())
-    outer = OuterNesterov(global_params, lr=outer_cfg.lr, momentum=outer_cfg.momentum,
-                          nesterov=outer_cfg.nesterov)
+    outer = build_outer_optimizer(global_params, outer_cfg)
     local_models = [copy.deepcopy(global_model) for _ in range(workers)]
     trainers = [InnerTrainer(m, inner_cfg, device) for m in local_models]
-    streams = [corpus.train_batches(s, stream_seed=seed) for s in shards]
+    streams = worker_streams(corpus, shards, seed)
     curve = _Curve(global_model, corpus.eval_batches(), device, eval_every or H, steps, f"diloco{workers}-H{H}")
     done, rounds, tokens = 0, 0, 0
     while done < steps:

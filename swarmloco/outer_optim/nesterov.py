@@ -70,3 +70,12 @@ def apply_outer_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Te
     optimizer.step()
     for p in params:
         p.grad = None
+
+
+def build_outer_optimizer(params: Sequence[torch.Tensor], cfg) -> OuterNesterov:
+    """The outer optimizer of a run's ``[outer]`` config (:class:`~swarmloco.config.OuterConfig`).
+
+    The one constructor of the outer step: the peer (``node/peer.py``) and the simulator
+    (``node/simulate.py``) both call it, so a swarm and its simulation apply the same update rule.
+    """
+    return OuterNesterov(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)

@@ -37,7 +37,7 @@ import torch
 from swarmloco.config import CodecConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.data.text import Corpus
 from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
-from swarmloco.models.gpt import GPT, num_params
+from swarmloco.models import build_model, lm_loss, num_params
 from swarmloco.outer_optim import apply_outer_step, build_outer_optimizer
 
 __all__ = [
@@ -117,7 +117,7 @@ class _Curve:
         self.record(0)
 
     def record(self, step: int) -> None:
-        loss = evaluate(self.model, self.batches, self.device)
+        loss = evaluate(self.model, self.batches, self.device, lm_loss)
         train = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
         self.points.append({"step": step, "eval_loss": loss, "train_loss": train})
         self.train_losses = []
@@ -156,8 +156,8 @@ def run_data_parallel(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerCo
     if len(shards) != workers:
         raise ValueError(f"{workers} workers but {len(shards)} shards")
     start = time.perf_counter()
-    model = GPT(model_cfg, seed=seed).to(device)
-    trainer = InnerTrainer(model, inner_cfg, device)
+    model = build_model(model_cfg, seed).to(device)
+    trainer = InnerTrainer(model, inner_cfg, device, loss_fn=lm_loss)
     streams = worker_streams(corpus, shards, seed)
     curve = _Curve(model, corpus.eval_batches(), device, eval_every, steps, f"dp{workers}")
     tokens = 0
@@ -172,7 +172,7 @@ def run_data_parallel(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerCo
             x, y = next(stream)
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
-                _, loss = model(x, y)
+                loss = lm_loss(model, x, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             (loss / workers).backward()
@@ -208,11 +208,11 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
     if H <= 0:
         raise ValueError(f"H must be > 0, got {H}")
     start = time.perf_counter()
-    global_model = GPT(model_cfg, seed=seed).to(device)
+    global_model = build_model(model_cfg, seed).to(device)
     global_params = list(global_model.parameters())
     outer = build_outer_optimizer(global_params, outer_cfg)
     local_models = [copy.deepcopy(global_model) for _ in range(workers)]
-    trainers = [InnerTrainer(m, inner_cfg, device) for m in local_models]
+    trainers = [InnerTrainer(m, inner_cfg, device, loss_fn=lm_loss) for m in local_models]
     streams = worker_streams(corpus, shards, seed)
     curve = _Curve(global_model, corpus.eval_batches(), device, eval_every or H, steps, f"diloco{workers}-H{H}")
     done, rounds, tokens = 0, 0, 0

@@ -168,12 +168,12 @@ def example(tmp_path):
 
 @pytest.mark.slow
 def test_several_processes_train_a_custom_model_through_the_api_bit_identically(example) -> None:
-    first = example("a", "--min-peers", "3", "--rounds", "4")
+    first = example("a", "--min-peers", "3", "--rounds", "5")
     addr = first.expect(r"address: (\S+)").group(1)
-    others = [example(n, "--initial-peers", addr, "--seed", str(i), "--rounds", "4", "--min-peers", "3")
+    others = [example(n, "--initial-peers", addr, "--seed", str(i), "--rounds", "5", "--min-peers", "3")
               for i, n in ((1, "b"), (2, "c"))]
-    got = [p.rounds(4) for p in [first, *others]]
-    for step in range(1, 5):
+    got = [p.rounds(5) for p in [first, *others]]
+    for step in range(1, 5):  # (the last round races the others' exits: a peer left alone may end it alone)
         assert len({g[step] for g in got}) == 1, (step, got)  # every round ends bit-identical everywhere
 
 
@@ -198,7 +198,7 @@ def test_a_peer_killed_mid_round_and_a_late_joiner_under_the_api(example) -> Non
 
 @pytest.mark.slow
 def test_a_peer_with_a_different_model_is_refused_in_one_line(example) -> None:
-    first = example("a", "--rounds", "50")
+    first = example("a", "--rounds", "100000")  # it trains alone until the test ends
     addr = first.expect(r"address: (\S+)").group(1)
     first.rounds(1)
     odd = example("b", "--initial-peers", addr, "--hidden", "32")

@@ -71,9 +71,10 @@ def test_a_partition_heals_to_the_larger_sides_lineage(spawn, write_config):
     for p in a + b:  # every peer holds the healed state at that step (the smaller side on its way there)
         rounds_until(p, lambda r: (r["outer_step"], r["digest"]) == (healed["outer_step"], healed["digest"]),
                      limit=1000)
-    for p in a:  # the smaller side left its lineage for the larger one's, saying what it dropped
-        adopted = p.wait_event("state_downloaded", timeout=1)["message"]
-        assert "3 contributor(s)" in adopted and "since the fork are dropped" in adopted, adopted
+    for p in a:  # the smaller side left its lineage for the larger one's, saying what it dropped (under load
+        # a peer may also have caught up on its own side's lineage before: that adoption drops nothing)
+        drops = dropped_work(p)
+        assert any("3 contributor(s)" in m and "since the fork are dropped" in m for m in drops), drops
     for p in b:  # the larger side never left its own (a peer of it may catch up on it)
         assert not dropped_work(p) and steps_are_consecutive(p.rounds), p.rounds
 

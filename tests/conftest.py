@@ -45,8 +45,9 @@ def spawn(tmp_path: Path):
     started: list[PeerProcess] = []
 
     def start(name: str, config: Path | None, *args: str, initial_peers: list[str] = (),
-              env: dict[str, str] | None = None, command: str = "run") -> PeerProcess:
-        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers, env=env, command=command)
+              env: dict[str, str] | None = None, command: str = "run", verbose: bool = True) -> PeerProcess:
+        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers, env=env, command=command,
+                           verbose=verbose)
         started.append(peer)
         return peer
 

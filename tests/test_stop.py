@@ -214,6 +214,8 @@ def test_demo_and_demo_tui_stop_cleanly_and_quitting_the_monitor_stops_the_demo(
         assert plain.wait(STOP_BOUND + 10) == 0
         err = plain.stderr.read().strip().splitlines()
         assert len(err) == 1 and "SIGINT received, stopping every peer cleanly" in err[0], err
+        rest = plain.stdout.read().splitlines()  # (step lines printed before the signal may still be in the pipe)
+        assert all(line.startswith("outer ") for line in rest), rest
         assert gone_within(plain.pid, 5.0) == [], "a peer or its helpers outlived the demo"
         print(f"demo: exit 0 after {time.monotonic() - t0:.1f}s")
 

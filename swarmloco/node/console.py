@@ -90,15 +90,12 @@ def lost_work_warning(summary: dict[str, Any], inner_steps: int, run_inner_steps
     says so in its own line: its work is not lost, it carries into the next round)."""
     step, done = summary.get("outer_step"), int(summary.get("inner_steps") or 0)
     if summary.get("adopted") and summary.get("ok") and done > 0:
-        why = "the swarm finished that round before this peer was ready"
         if inner_steps > run_inner_steps:
-            why += (f": its --inner-steps {inner_steps} is larger than the run's inner.steps = {run_inner_steps}, "
-                    f"so the others average without it every round (and wait for it up to swarm.ready_timeout); "
-                    f"use --inner-steps {run_inner_steps} or less")
+            why = (f"its --inner-steps {inner_steps} is larger than the run's inner.steps = {run_inner_steps}, so the "
+                   f"others finish first every round; use --inner-steps {run_inner_steps} or less")
         else:
-            why += " (a slower machine, or it joined or restarted late)"
-        return (f"swarmloco: warning: outer step {step}: this peer's {done} inner steps were dropped: {why}; "
-                "it adopted the swarm's state and trains on from there")
+            why = "the swarm finished the round first (a slower machine, or a late join or restart)"
+        return f"swarmloco: warning: outer step {step}: this peer's {done} inner steps were dropped: {why}"
     return None
 
 

@@ -195,7 +195,7 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
             while printed + 1 in reports and len(reports[printed + 1]) >= max(1, len(alive)):
                 printed += 1
                 print(format_step_line(printed, reports[printed], peers), file=out, flush=True)
-        for step in sorted(k for k in reports if k > printed):
+        for step in sorted(k for k in reports if k > printed and not signalled.is_set()):
             print(format_step_line(step, reports[step], peers), file=out, flush=True)
         finished = not alive
         if finished and monitor is not None:  # the user looks at the finished run until they quit
@@ -204,7 +204,7 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
                 stop.wait(0.2)
     finally:
         stop_monitor(monitor)
-        if stop.is_set() and not finished:
+        if stop.is_set() and not finished and not signalled.is_set():  # (a signal said so in its own line)
             print("swarmloco demo: stopping all peers", file=out, flush=True)
         for p in procs:
             if stop.is_set():

@@ -218,7 +218,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         H = options.inner_steps or cfg.inner.steps
         console = ConsoleReporter(out, last_round=lambda: board.get("last_round"), inner_steps=H,
                                   run_inner_steps=cfg.inner.steps, quiet=stop)
-        board.reporter = TeeReporter(JsonLinesReporter(), console) if json_events else console
+        board.reporter = TeeReporter(console, JsonLinesReporter()) if json_events else console  # (line first)
         try:
             peer = Peer(cfg, transport, options, board=board, stop=stop, identity=identity, corpus=corpus)
         except ValueError as e:  # config that only shows up once the model and data exist
@@ -248,7 +248,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         stop_monitor(monitor)
         transport.shutdown()
         if status_server is not None:
-            _close_status(status_server)
+            _close_status(status_server, linger=monitor is None)  # (our own monitor is gone already)
 
 
 def _start_line(peer: Peer, cfg: RunConfig, H: int) -> str:
@@ -267,10 +267,10 @@ def _resume_line(cfg: RunConfig, manifest: RunManifest) -> str:
     return f"swarmloco: --resume: from outer step {ours[-1].outer_step} ({ours[-1].path})"
 
 
-def _close_status(server) -> None:
+def _close_status(server, linger: bool = True) -> None:
     """Close the status endpoint; if a monitor is reading it, first let it see the final state."""
     last = getattr(server, "last_request", None)
-    if callable(last) and last() is not None and time.monotonic() - last() < 5.0:
+    if linger and callable(last) and last() is not None and time.monotonic() - last() < 5.0:
         seen = last()
         deadline = time.monotonic() + STATUS_LINGER
         while time.monotonic() < deadline and last() == seen:

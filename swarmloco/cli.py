@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import threading
 import time
@@ -168,7 +167,14 @@ def _start_peer(cfg: Any, args: argparse.Namespace, **kwargs: Any) -> int:
     from swarmloco.node.launcher import run_peer
     from swarmloco.node.peer import PeerOptions
 
-    check_peer_flags(args, cfg, listening=kwargs.get("dht") is None)
+    try:
+        check_peer_flags(args, cfg, listening=kwargs.get("dht") is None)
+    except Refusal:
+        if kwargs.get("dht") is not None:  # (join: its DHT node is already up)
+            from swarmloco.protocol.transport import shutdown_dht
+
+            shutdown_dht(kwargs["dht"])
+        raise
     options = PeerOptions(shard=args.shard, device=args.device, max_outer_steps=args.max_outer_steps,
                           resume=args.resume, inner_steps=args.inner_steps)
     out = _to_log if args.tui else say
@@ -216,7 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
-    from swarmloco.tui import MonitorApp, NodeSource, RecordedSource
+    from swarmloco.tui import MonitorApp, NodeSource
 
     node = swarm = None
     dht = None
@@ -241,9 +247,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         install_stop_handlers(args.stop, NODE_STOP)  # while the DHT starts; the app takes over the signals
         try:
             dht = DhtClient(cfg.swarm)
+            swarm = SwarmWatcher(dht, args.run, ttl=cfg.swarm.heartbeat_ttl)
         except Exception as e:  # noqa: BLE001
-            raise Refusal(f"could not join the swarm's DHT: {_one_line(e)}", 1) from None
-        swarm = SwarmWatcher(dht, args.run, ttl=cfg.swarm.heartbeat_ttl)
+            reason = f"could not join the swarm's DHT: {_one_line(e)}"
+            if node is None:
+                raise Refusal(reason, 1) from None
+            swarm = _NoSwarm(reason)  # the node view still works (a demo whose swarm already finished)
     try:
         if not args.stop.is_set():
             MonitorApp(node, swarm, attached=args.attached, handle_signals=True).run()
@@ -253,6 +262,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             args.stop.set()
             dht.shutdown()
     return 0
+
+
+class _NoSwarm:
+    """The swarm view's source when the DHT could not be joined: it says why, the node view goes on."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def fetch(self) -> list[dict]:
+        from swarmloco.tui import Unreachable
+
+        raise Unreachable(self.reason)
 
 
 def _recording(path: str):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tmpfs
 from peers import PeerProcess
 from swarmloco.node.checkpoint import list_checkpoints
 from swarmloco.protocol.processes import session_processes, signal_session
@@ -60,42 +61,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_any_signal_to_the_process_group_stops_a_peer_cleanly_with_one_line(spawn, write_config, tmp_path,
-                                                                            cpu_hog) -> None:
+def test_any_signal_to_the_group_stops_a_peer_cleanly_and_one_trains_on_through_a_full_disk(
+        spawn, write_config, tmp_path, cpu_hog) -> None:
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     port = free_port()  # one of them on a fixed port, as configs/small.toml used to put every peer
-    configs = {sig: write_config(f"{sig.name}.toml", checkpoint={"dir": str(tmp_path / sig.name)},
+    # the SIGHUP peer checkpoints onto a disk with room for one checkpoint of the tiny model (~1.1 MB)
+    disk = tmpfs(tmp_path / "disk", "1500k")
+    dirs = {sig: tmp_path / sig.name for sig in sigs} | ({signal.SIGHUP: disk} if disk is not None else {})
+    configs = {sig: write_config(f"{sig.name}.toml", checkpoint={"dir": str(dirs[sig])},
                                  swarm={"host_maddrs": [f"/ip4/127.0.0.1/tcp/{port if sig == signal.SIGINT else 0}"]})
                for sig in sigs}
-    peers = {sig: spawn(sig.name, configs[sig], verbose=False) for sig in sigs}
-    for peer in peers.values():
-        peer.maddrs()
-    # a second peer on that port is refused in one line (p2pd reuses ports: it would have started a second
-    # swarm on the same port without a word)
-    second = spawn("second", configs[signal.SIGINT], verbose=False)
-    assert second.wait(60) == 1
-    lines = second.log_text().strip().splitlines()
-    assert len(lines) == 1 and f"port {port} is taken" in lines[0] and "--host-maddrs" in lines[0], lines
-    for peer in peers.values():
-        [peer.next_round() for _ in range(2)]
-        assert len(peer.session_processes()) >= 3, "expected hivemind's helpers and p2pd beside the peer"
-    marks, started = {}, {}
-    for sig, peer in peers.items():  # the same moment for all three: mid-training, on a loaded machine
-        marks[sig], started[sig] = peer.log_size(), time.monotonic()
-        peer.signal_group(sig)
-    for sig, peer in peers.items():
-        assert peer.wait(STOP_BOUND) == 0, peer.log_text()
-        took = time.monotonic() - started[sig]
-        after = peer.log_since(marks[sig])
-        assert len(after) == 1 and f"{sig.name} received, stopping cleanly" in after[0], after
-        assert gone_within(peer.proc.pid, 5.0) == [], f"{sig.name}: processes outlived the peer"
-        last = max(r["outer_step"] for r in peer.rounds)
-        saved = list_checkpoints(tmp_path / sig.name)
-        assert saved and saved[-1].outer_step >= last, (sig.name, saved)  # the checkpoint written on exit
-        log = peer.log_text()
-        assert "starting a new swarm" in log and "outer   1 | train" in log  # the run talks
-        assert "Traceback" not in log and "WARN" not in log, log  # no warnings of our own defaults
-        print(f"{sig.name}: exit 0 after {took:.1f}s")
+    try:
+        peers = {sig: spawn(sig.name, configs[sig], verbose=False) for sig in sigs}
+        for peer in peers.values():
+            peer.maddrs()
+        # a second peer on that port is refused in one line (p2pd reuses ports: it would have started a
+        # second swarm on the same port without a word)
+        second = spawn("second", configs[signal.SIGINT], verbose=False)
+        assert second.wait(60) == 1
+        lines = second.log_text().strip().splitlines()
+        assert len(lines) == 1 and f"port {port} is taken" in lines[0] and "--host-maddrs" in lines[0], lines
+        for peer in peers.values():
+            [peer.next_round() for _ in range(2)]
+            assert len(peer.session_processes()) >= 3, "expected hivemind's helpers and p2pd beside the peer"
+        if disk is not None:  # its second checkpoint did not fit: one line, and it trains on
+            full = peers[signal.SIGHUP]
+            events = [full.wait_event("checkpoint", timeout=60)["message"] for _ in range(2)]
+            assert events[0].startswith("wrote") and events[1].startswith("FAILED"), events
+            assert full.next_round()["ok"]
+            failed = [line for line in full.log_since(0) if "could not write checkpoint" in line]
+            assert failed and all("no space left" in line.lower() for line in failed), failed
+        marks, started = {}, {}
+        for sig, peer in peers.items():  # the same moment for all three: mid-training, on a loaded machine
+            marks[sig], started[sig] = peer.log_size(), time.monotonic()
+            peer.signal_group(sig)
+        for sig, peer in peers.items():
+            assert peer.wait(STOP_BOUND) == 0, peer.log_text()
+            took = time.monotonic() - started[sig]
+            after = [line for line in peer.log_since(marks[sig]) if "could not write checkpoint" not in line
+                     or sig != signal.SIGHUP]  # (the full disk's last checkpoint fails too: it says so)
+            assert len(after) == 1 and f"{sig.name} received, stopping cleanly" in after[0], after
+            assert gone_within(peer.proc.pid, 5.0) == [], f"{sig.name}: processes outlived the peer"
+            saved = list_checkpoints(dirs[sig])
+            last = max(r["outer_step"] for r in peer.rounds)
+            if dirs[sig] is disk:  # the one that fit is intact, and no temp file is left
+                assert saved and not [p for p in disk.iterdir() if p.name.startswith(".tmp-")]
+            else:
+                assert saved and saved[-1].outer_step >= last, (sig.name, saved)  # written on exit
+            log = "\n".join(peer.log_since(0))
+            assert "starting a new swarm" in log and "outer   1 | train" in log  # the run talks
+            assert "Traceback" not in log and "WARN" not in log, log  # no warnings of our own defaults
+            print(f"{sig.name}: exit 0 after {took:.1f}s")
+    finally:
+        if disk is not None:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_a_peer_stopped_in_the_middle_of_a_round_leaves_it_and_a_second_signal_exits_at_once(
@@ -200,10 +219,11 @@ def reaper():
 def test_demo_and_demo_tui_stop_cleanly_and_quitting_the_monitor_stops_the_demo(write_config, tmp_path,
                                                                                reaper) -> None:
     config = write_config()
-    demo = [sys.executable, "-m", "swarmloco", "demo", "--peers", "2", "--config", str(config), "--inner-steps", "4"]
+    demo = [sys.executable, "-m", "swarmloco", "demo", "--peers", "1", "--config", str(config), "--inner-steps", "4"]
     plain = _session([*demo, "--outer-steps", "200"])
     term = Terminal()
-    tui = _session([*demo, "--outer-steps", "2", "--tui", "--workdir", str(tmp_path / "tui")], terminal=term)
+    tui = _session([*demo, "--outer-steps", "6", "--tui", "--workdir", str(tmp_path / "tui")], terminal=term,
+                   env={"SWARMLOCO_FAULT": "slow_steps:0.25"})  # (long enough for its monitor to watch it)
     reaper(plain), reaper(tui)
     try:
         for line in plain.stdout:  # the plain demo trains; Ctrl-C from its terminal (the whole group)
@@ -219,7 +239,7 @@ def test_demo_and_demo_tui_stop_cleanly_and_quitting_the_monitor_stops_the_demo(
         assert gone_within(plain.pid, 5.0) == [], "a peer or its helpers outlived the demo"
         print(f"demo: exit 0 after {time.monotonic() - t0:.1f}s")
 
-        # the --tui demo finishes its 2 steps: the monitor shows its node as stopped, not UNREACHABLE
+        # the --tui demo finishes its steps: the monitor shows its node as stopped, not UNREACHABLE
         out, deadline = tmp_path / "tui" / "demo.out", time.monotonic() + 180
         while not (out.exists() and "finished" in out.read_text()):
             assert tui.poll() is None and time.monotonic() < deadline, out.read_text() if out.exists() else "no demo.out"

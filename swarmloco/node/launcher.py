@@ -202,7 +202,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         say(f"swarmloco: could not start the swarm node: {one_line(e)}")
         return EXIT_ERROR
 
-    monitor = None
+    monitor, last_word = None, None
     try:
         maddrs = transport.visible_maddrs()
         out(f"swarmloco: peer {transport.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})")
@@ -222,7 +222,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         try:
             peer = Peer(cfg, transport, options, board=board, stop=stop, identity=identity, corpus=corpus)
         except ValueError as e:  # config that only shows up once the model and data exist
-            out(f"swarmloco: {e}")
+            last_word = f"swarmloco: {e}"
             return EXIT_CONFIG
         if status_server is not None:
             out(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status")
@@ -237,15 +237,19 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         try:
             steps = peer.run()
         except (ManifestMismatch, AccessRefused) as e:
-            out(f"swarmloco: refused: {e}")
+            last_word = f"swarmloco: refused: {e}"
             return EXIT_MANIFEST
         except FloatingPointError as e:  # the local model diverged: say so in one line, leave cleanly
-            out(f"swarmloco: stopping: {e}")
+            last_word = f"swarmloco: stopping: {e}"
             return EXIT_ERROR
         logger.info("stopped after %d outer steps (now at outer step %d)", steps, peer.outer_step)
         return EXIT_OK
     finally:
         stop_monitor(monitor)
+        if last_word:  # (after the monitor gave the terminal back)
+            out(last_word)
+            if out is not say:
+                say(last_word)
         transport.shutdown()
         if status_server is not None:
             _close_status(status_server, linger=monitor is None)  # (our own monitor is gone already)

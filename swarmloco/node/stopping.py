@@ -50,7 +50,7 @@ def install_stop_handlers(stop: threading.Event, doing: str = PEER_STOP, deadlin
     quiet = quiet_flag()
 
     def handler(signum, frame):
-        if stop.is_set():
+        if quiet.is_set():  # (a stop of another cause, e.g. the run's last step, is no first signal)
             say("swarmloco: second signal, exiting now")
             _exit_now(130)
         say(f"swarmloco: {signal.Signals(signum).name} received, {doing}")

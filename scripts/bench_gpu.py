@@ -23,7 +23,7 @@ import torch
 
 from swarmloco.config import DataConfig, InnerConfig, ModelConfig, RunConfig
 from swarmloco.node.demo import run_demo
-from swarmloco.node.model import GPT, num_params
+from swarmloco.models.gpt import GPT, num_params
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ import torch
 
 from swarmloco.compression.registry import codec_names, get_codec
 from swarmloco.config import CodecConfig, DataConfig, InnerConfig, ModelConfig, OuterConfig
-from swarmloco.node.data import Corpus
+from swarmloco.data.text import Corpus
 from swarmloco.node.simulate import codec_transform, ring_equivalent_bytes_per_value, run_data_parallel, run_diloco
 
 

@@ -66,7 +66,6 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     from swarmloco.node.launcher import start_dht_node, write_maddrs
     from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.protocol.identity import Identity
-    from swarmloco.protocol.manifest import RunManifest
     from swarmloco.protocol.transport import route_hivemind_logs
 
     overrides = {**_swarm_overrides(args), "swarm.identity_path": None}
@@ -87,12 +86,17 @@ def cmd_init_run(args: argparse.Namespace) -> int:
         raise Refusal(f"--identity {args.identity}: {reason} (make a key with: swarmloco keygen PATH)") from None
     except joining.JoinError as e:
         raise Refusal(str(e), e.exit_code) from None
+    from swarmloco.node.peer import prepare_config, run_manifest
+
     try:
+        cfg = prepare_config(cfg)  # the owner pins the tokenizer's and pretrained weights' hashes
         preflight.check_codec(cfg)
         preflight.check_listen_maddrs(cfg.swarm.host_maddrs)
     except preflight.Refused as e:
         raise Refusal(str(e), e.exit_code) from None
-    manifest = RunManifest.from_config(cfg)
+    except ValueError as e:
+        raise Refusal(str(e)) from None
+    manifest = run_manifest(cfg)
     valid_s = args.valid_days * 86400.0
     install_stop_handlers(args.stop, NODE_STOP)
     route_hivemind_logs()

@@ -88,14 +88,39 @@ def _bool(name: str, value: Any) -> None:
     _check(isinstance(value, bool), name, value, "must be true or false")
 
 
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _sha256_field(name: str, value: Any) -> None:
+    _check(isinstance(value, str) and (value == "" or (len(value) == 64 and set(value) <= _SHA256_HEX)), name, value,
+           "must be empty or a sha256 as 64 lowercase hex chars")
+
+
+def _plain_table(name: str, value: Any) -> Any:
+    """A deep copy of a TOML-like value (tuples become lists), or a ValueError naming the first bad entry."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            _check(isinstance(key, str) and key != "", name, key, "table keys must be non-empty strings")
+            out[key] = _plain_table(f"{name}.{key}", item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain_table(f"{name}[{i}]", item) for i, item in enumerate(value)]
+    _check(isinstance(value, (str, int, float, bool)) and (not isinstance(value, float) or math.isfinite(value)),
+           name, value, "must be a string, number, boolean, list or table")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A nanoGPT-style decoder over byte tokens."""
+    """The model: the built-in nanoGPT-style decoder (``kind = "gpt"``) or a Hugging Face causal LM (``"hf"``)."""
 
+    kind: str = "gpt"
+    """Model kind: "gpt" (the built-in nanoGPT, sized by the fields up to dropout) or "hf" (a transformers LM)."""
     vocab_size: int = 256
     """Token vocabulary; 256 for raw bytes."""
     block_size: int = 64
-    """Context length in tokens."""
+    """Context length in tokens (every kind: the data is cut into sequences this long)."""
     n_layer: int = 2
     """Transformer blocks."""
     n_head: int = 4
@@ -104,40 +129,113 @@ class ModelConfig:
     """Width of the residual stream; must divide by n_head."""
     dropout: float = 0.0
     """Dropout probability inside blocks."""
+    architecture: str = ""
+    """kind = "hf": a transformers causal-LM class, e.g. "LlamaForCausalLM", built from `config` and the run seed."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """kind = "hf": the architecture's config fields as a [model.config] table (vocab_size, hidden_size...)."""
+    pretrained: str = ""
+    """kind = "hf": a local pretrained model directory (config.json, weights) or a hub model id (fetched if online)."""
+    pretrained_sha256: str = ""
+    """sha256 of the pretrained model's config.json and weights, checked before loading; prepare_model fills it."""
 
     def __post_init__(self) -> None:
+        _check(self.kind in ("gpt", "hf"), "model.kind", self.kind, 'must be "gpt" or "hf"')
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             _check(_is_int(value) and value > 0, f"model.{name}", value, "must be a positive integer")
-        _check(self.vocab_size >= 256, "model.vocab_size", self.vocab_size, "must be >= 256: tokens are bytes")
         _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd, f"must divide by n_head={self.n_head}")
         _in_range("model.dropout", self.dropout, 0.0, 1.0)
+        _check(isinstance(self.architecture, str) and (self.architecture == "" or self.architecture.isidentifier()),
+               "model.architecture", self.architecture, "must be a transformers class name like LlamaForCausalLM")
+        _check(isinstance(self.config, dict), "model.config", self.config, "must be a table")
+        object.__setattr__(self, "config", _plain_table("model.config", self.config))
+        _check(isinstance(self.pretrained, str), "model.pretrained", self.pretrained, "must be a string")
+        _sha256_field("model.pretrained_sha256", self.pretrained_sha256)
+        if self.kind == "gpt":
+            for name in ("architecture", "config", "pretrained", "pretrained_sha256"):
+                value = getattr(self, name)
+                _check(not value, f"model.{name}", value, 'is only for kind = "hf"')
+            return
+        _check(bool(self.architecture or self.pretrained), "model.architecture", self.architecture,
+               'kind = "hf" needs an architecture (with a [model.config] table) or a pretrained model')
+        _check(not (self.config and self.pretrained), "model.config", self.config,
+               "must be empty with pretrained (a pretrained model's config is its config.json)")
+        _check(not self.pretrained_sha256 or bool(self.pretrained), "model.pretrained_sha256",
+               self.pretrained_sha256, "needs pretrained")
+
+
+LOCAL_DATASET_BUILDERS = ("text", "json", "parquet")
+"""The ``datasets`` builders that read local files (``data.path``); any other ``data.dataset`` is a hub id."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """A byte-level text corpus split into a held-out part and disjoint training shards."""
+    """Text cut into a held-out part and disjoint training shards: raw bytes (``kind = "bytes"``) or a
+    tokenized ``datasets`` dataset (``"hf"``)."""
 
+    kind: str = "bytes"
+    """Data kind: "bytes" (the bytes of text files, vocab 256) or "hf" (a datasets dataset, tokenized and packed)."""
     path: str = ""
-    """A text file or a directory of them; empty means the Python standard library's own sources."""
+    """A text file or a directory of them (kind = "hf": a local builder's files); empty: the Python stdlib's sources."""
     max_bytes: int = 16_000_000
-    """Read at most this many bytes of the corpus (files in sorted order)."""
+    """Read at most this many bytes of text (files or examples in order; a streamed dataset is not capped)."""
     holdout_fraction: float = 0.02
-    """Tail fraction of the corpus kept for held-out evaluation."""
+    """Tail fraction of the corpus kept for held-out evaluation (a streamed dataset holds out its first examples)."""
     num_shards: int = 64
-    """The training part is cut into this many contiguous shards; each peer trains on one."""
+    """The training part is cut into this many disjoint shards, one per peer (streamed: example index mod shards)."""
     batch_size: int = 16
     """Sequences per inner step on one peer."""
     eval_batches: int = 8
     """Held-out batches evaluated after each outer step (fixed, identical on every peer)."""
+    dataset: str = "text"
+    """kind = "hf": a builder over `path` ("text": an example per file, "json", "parquet") or a hub id (streamed)."""
+    subset: str = ""
+    """kind = "hf": the dataset's configuration name (e.g. "sample-10BT"); empty: its default."""
+    split: str = "train"
+    """kind = "hf": the split to read."""
+    text_field: str = "text"
+    """kind = "hf": the column holding each example's text."""
+    streaming: bool = False
+    """kind = "hf": stream the examples instead of tokenizing them all up front (required for a hub dataset)."""
+    tokenizer: str = ""
+    """kind = "hf": a local directory holding a tokenizer.json; empty: train a byte-level BPE on the run's data."""
+    tokenizer_vocab_size: int = 8192
+    """Vocabulary of the trained BPE tokenizer, special tokens included."""
+    tokenizer_train_bytes: int = 4_000_000
+    """The trained tokenizer learns from the first this many bytes of the training text."""
+    tokenizer_sha256: str = ""
+    """sha256 of the tokenizer's tokenizer.json, proven by every peer; empty: prepare_data fills it in."""
+    eos_token: str = "<|endoftext|>"
+    """Token appended after each example when packing; must be in the tokenizer's vocabulary."""
 
     def __post_init__(self) -> None:
+        _check(self.kind in ("bytes", "hf"), "data.kind", self.kind, 'must be "bytes" or "hf"')
         _check(isinstance(self.path, str), "data.path", self.path, "must be a string")
-        for name in ("max_bytes", "num_shards", "batch_size", "eval_batches"):
+        for name in ("max_bytes", "num_shards", "batch_size", "eval_batches", "tokenizer_train_bytes"):
             value = getattr(self, name)
             _check(_is_int(value) and value > 0, f"data.{name}", value, "must be a positive integer")
         _check(_is_number(self.holdout_fraction) and 0.0 < self.holdout_fraction < 0.5, "data.holdout_fraction",
                self.holdout_fraction, "must be a number in (0, 0.5)")
+        for name in ("dataset", "split", "text_field", "eos_token"):
+            value = getattr(self, name)
+            _check(isinstance(value, str) and value != "", f"data.{name}", value, "must be a non-empty string")
+        for name in ("subset", "tokenizer"):
+            _check(isinstance(getattr(self, name), str), f"data.{name}", getattr(self, name), "must be a string")
+        _bool("data.streaming", self.streaming)
+        _check(_is_int(self.tokenizer_vocab_size) and self.tokenizer_vocab_size >= 258,
+               "data.tokenizer_vocab_size", self.tokenizer_vocab_size,
+               "must be an integer >= 258 (256 bytes, the eos token and a merge)")
+        _sha256_field("data.tokenizer_sha256", self.tokenizer_sha256)
+        if self.kind == "bytes":
+            for name in ("streaming", "tokenizer", "tokenizer_sha256"):
+                value = getattr(self, name)
+                _check(not value, f"data.{name}", value, 'is only for kind = "hf"')
+            return
+        if self.dataset not in LOCAL_DATASET_BUILDERS:
+            _check(self.streaming, "data.streaming", self.streaming,
+                   f"must be true for the hub dataset {self.dataset!r} (or use a local builder: "
+                   f"{', '.join(LOCAL_DATASET_BUILDERS)})")
+            _check(self.path == "", "data.path", self.path, f"must be empty for the hub dataset {self.dataset!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -499,7 +597,12 @@ def dump_toml(config: RunConfig) -> str:
             return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(value, list):
             return "[" + ", ".join(fmt(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{key(k)} = {fmt(v)}" for k, v in value.items()) + "}"
         return repr(value)
+
+    def key(name: str) -> str:
+        return name if name and all(c.isalnum() or c in "-_" for c in name) and name.isascii() else fmt(name)
 
     data = config_to_dict(config)
     lines = [f"{k} = {fmt(data[k])}" for k in ("run_id", "seed")]

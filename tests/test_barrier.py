@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from swarmloco.config import SwarmConfig
-from swarmloco.node.sync import Synchronizer
+from swarmloco.node.sync import VERDICT_WAIT_S, Synchronizer
 from swarmloco.protocol.progress import PeerProgress
 from swarmloco.protocol.transport import RoundOutcome
 
@@ -88,10 +88,67 @@ def test_a_suspect_that_heartbeats_again_is_welcome_back() -> None:
     assert "woke" not in sync.suspects
 
 
-def test_a_peer_ahead_makes_the_barrier_return_behind() -> None:
+def test_a_claim_ahead_is_no_reason_to_wait_or_adopt_without_a_verdict() -> None:
     ahead = replace(beat("a", "training", 0.0), outer_step=5, digest="x")
     barrier = sync_for(Swarm(lambda t: [ahead])).wait_for_peers(3)
-    assert barrier.behind is not None and barrier.behind.outer_step == 5 and barrier.behind.sources == ("a",)
+    assert barrier.behind is None and barrier.ready == ("me",) and barrier.waited_s < 0.5
+
+
+def test_a_proven_heavier_lineage_makes_the_barrier_return_behind() -> None:
+    sync = sync_for(Swarm(lambda t: [beat("a", "training", t)]))
+    sync.behind = lambda peers, mates_only: ("prepared adoption", False)
+    assert sync.wait_for_peers(3).behind == "prepared adoption"
+
+
+def test_the_barrier_waits_a_bounded_time_for_the_verdict_on_a_mates_claim() -> None:
+    swarm = Swarm(lambda t: [])
+    sync = sync_for(swarm)
+    sync.behind = lambda peers, mates_only: (None, swarm.now < 2.0)  # the verdict comes after 2 s
+    barrier = sync.wait_for_peers(3)
+    assert barrier.ready == ("me",) and 2.0 <= barrier.waited_s < 2.5
+    sync.behind = lambda peers, mates_only: (None, True)  # it never comes: the barrier goes on
+    barrier = sync.wait_for_peers(3)
+    assert barrier.ready == ("me",) and VERDICT_WAIT_S <= barrier.waited_s < VERDICT_WAIT_S + 0.5
+
+
+def gathered(n_group: int, live: list[str]) -> RoundOutcome:
+    return RoundOutcome(ok=True, gathered={f"p{i}": {"outer_step": 3, "samples": 8, "live": live}
+                                           for i in range(n_group)})
+
+
+def test_a_round_commits_only_with_more_than_half_of_the_live_peers() -> None:
+    everyone = [f"p{i}" for i in range(4)]
+    assert Synchronizer.decide(gathered(3, everyone), 3).ok  # a survivors' re-run of 3 of 4
+    lone = Synchronizer.decide(gathered(1, everyone), 3)  # a survivor that re-runs alone
+    assert not lone.ok and "no quorum" in lone.error
+    assert not Synchronizer.decide(gathered(2, everyone), 3).ok  # half is not a majority (2 vs 2 split)
+    assert Synchronizer.decide(gathered(1, ["p0"]), 3).ok  # a peer alone in the swarm trains on
+
+
+def test_the_quorum_counts_every_members_view() -> None:
+    outcome = RoundOutcome(ok=True, gathered={"p0": {"outer_step": 3, "live": ["p0", "p1"]},
+                                              "p1": {"outer_step": 3, "live": ["p0", "p1", "p2", "p3", "p4"]}})
+    assert not Synchronizer.decide(outcome, 3).ok  # p1 sees 5 live peers: a group of 2 is no quorum
+    assert Synchronizer.decide(outcome, 3, max_group_size=3).ok  # groups can never be larger than 3
+
+
+def test_a_round_is_abandoned_once_a_mate_heartbeats_its_rerun() -> None:
+    class Handle:
+        aborted = None
+
+        def done(self):
+            return self.aborted is not None
+
+        def abort(self, reason):
+            self.aborted = reason
+
+        def result(self):
+            return RoundOutcome(ok=False, error=self.aborted)
+
+    swarm = Swarm(lambda t: [beat("a", "averaging" if t < 1 else "ready", t, attempt=0 if t < 1 else 1)])
+    handle = Handle()
+    outcome = sync_for(swarm).wait(handle, 3, 0, ("a", "me"))
+    assert not outcome.ok and "re-runs" in handle.aborted and 1.0 <= swarm.now < 1.5
 
 
 def test_next_round_waits_for_a_peer_finishing_the_last_one_but_not_for_one_stuck_in_its_failed_attempt() -> None:

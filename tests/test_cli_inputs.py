@@ -114,7 +114,7 @@ CASES = [
     (["run", "{bad_beta}"], 2, 'inner.beta1 = "high" is invalid'),
     (["run", "{bool_int}"], 2, "model.n_layer = true is invalid"),
     (["run", "{nan}"], 2, "inner.lr = nan is invalid"),
-    (["run", "{small_vocab}"], 2, "model.vocab_size = 100 is invalid"),
+    (["run", "{small_vocab}"], 2, "model.vocab_size = 100 is smaller than the data's vocabulary (256 tokens)"),
     (["run", "{big_block}"], 2, "codec.block_size"),
     (["run", "{private}"], 2, "access.private needs access.owner"),
     (["run", "{peer_in_file}"], 2, 'swarm.initial_peers = "/ip4/127.0.0.1/tcp/5" is invalid'),

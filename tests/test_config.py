@@ -82,7 +82,6 @@ def test_errors_show_values_as_written_in_toml_not_as_python() -> None:
     ({"inner": {"beta1": "0.9"}}, "inner.beta1"),               # a string is no number
     ({"inner": {"lr": float("nan")}}, "inner.lr"),
     ({"outer": {"clip_factor": float("inf")}}, "outer.clip_factor"),
-    ({"model": {"vocab_size": 100}}, "model.vocab_size"),       # byte tokens need 256
     ({"codec": {"name": "zstd"}}, "codec.name"),
     ({"codec": {"error_feedback": "yes"}}, "codec.error_feedback"),
     ({"swarm": {"host_maddrs": ["/ip4/1.2.3.4/tcp/99999"]}}, "swarm.host_maddrs"),

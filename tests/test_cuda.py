@@ -6,12 +6,14 @@ CI has no GPU; these run on a lent GPU machine (see BENCHMARKS.md, "CUDA path").
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
 from swarmloco.config import RunConfig
 from swarmloco.node.peer import Peer, PeerOptions
+from swarmloco.node.round import pseudo_gradient
 from swarmloco.protocol.identity import Identity
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -49,25 +51,44 @@ class LoneTransport:
     def download_state(self, *args, **kwargs):
         return None, ["no peers"]
 
+    def set_lineage(self, root_step, root_digest, start, entries):
+        self.lineage = (root_step, root_digest, start, list(entries))
+
+    def fetch_lineage(self, *args, **kwargs):
+        return None, "no peers"
+
     def shutdown(self):
         pass
 
 
+class LoneSwarm:
+    """Just enough of a :class:`swarmloco.Swarm` for a peer alone: its transport is a LoneTransport."""
+
+    def __init__(self, run_id: str = "test"):
+        self.transport = LoneTransport()
+        self.identity, self.peer_id, self.run_id = self.transport.identity, self.transport.peer_id, run_id
+        self.config = tiny_config().swarm
+        self.stop = threading.Event()
+
+    def transport_for(self, manifest, templates, codec, clip_factor):
+        return self.transport
+
+
 def lone_peer(cfg: RunConfig) -> Peer:
-    transport = LoneTransport()
-    return Peer(cfg, transport, PeerOptions(device="cuda", max_outer_steps=2), identity=transport.identity)
+    return Peer(cfg, LoneSwarm(), PeerOptions(device="cuda", max_outer_steps=2))
 
 
 def test_a_peer_trains_on_cuda_with_bf16_autocast_and_pinned_staging() -> None:
     peer = lone_peer(tiny_config())
     assert peer.device.type == "cuda" and peer.inner.autocast
-    assert all(g.is_pinned() for g in peer.global_params)  # H2D / D2H copies do not go through pageable memory
-    before = [g.clone() for g in peer.global_params]
+    global_params = peer.diloco.global_params
+    assert all(g.is_pinned() for g in global_params)  # H2D / D2H copies do not go through pageable memory
+    before = [g.clone() for g in global_params]
     assert peer.run() == 2
     assert peer.outer_step == 2 and math.isfinite(peer.board.get("eval_loss"))
-    assert any(not torch.equal(a, b) for a, b in zip(before, peer.global_params))
+    assert any(not torch.equal(a, b) for a, b in zip(before, global_params))
     # the local model holds the global parameters after each outer step
-    for p, g in zip(peer.model.parameters(), peer.global_params):
+    for p, g in zip(peer.model.parameters(), global_params):
         assert torch.equal(p.detach().cpu(), g)
 
 
@@ -76,6 +97,6 @@ def test_the_pseudo_gradient_from_the_gpu_equals_the_cpu_computation() -> None:
     with torch.no_grad():
         for p in peer.model.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
-    staged = peer._pseudo_gradient()
-    expected = [g - p.detach().cpu().float() for g, p in zip(peer.global_params, peer.model.parameters())]
+    staged = pseudo_gradient(peer.diloco)
+    expected = [g - p.detach().cpu().float() for g, p in zip(peer.diloco.global_params, peer.model.parameters())]
     assert all(torch.equal(a, b) for a, b in zip(staged, expected))

@@ -40,7 +40,9 @@ from swarmloco.compression.header import (
 from swarmloco.compression.hivemind_bridge import TAG_PREFIX, decode_part
 from swarmloco.config import CodecConfig
 from swarmloco.node.joining import JoinError, RunSpec
+from swarmloco.node.lineage import Chain
 from swarmloco.protocol.access import check_token, issue_token, read_tokens, token_subkey
+from swarmloco.protocol.certificates import Certificate, CertificateError, RoundHeader, check_segment, sign_round
 from swarmloco.protocol.identity import Identity, public_key_of_peer_id
 from swarmloco.protocol.manifest import RunManifest, read_index, read_manifest, sign_index_entry, sign_manifest
 from swarmloco.protocol.progress import STATES, PeerProgress, read_progress
@@ -410,7 +412,8 @@ DECODE_PART = FuzzTarget(
 
 RUN_MANIFEST = RunManifest.from_dict({"run_id": RUN, "seed": 0, "access": {"owner": OWNER.public_hex, "private": True}})
 BEAT = PeerProgress(peer_id=PEER.libp2p_peer_id(), outer_step=4, state="ready", time=NOW, samples=64,
-                    maddrs=("/ip4/1.2.3.4/tcp/5",), digest="00ff00ff00ff00ff", extra={"gpu": "h100"})
+                    maddrs=("/ip4/1.2.3.4/tcp/5",), digest="00ff00ff00ff00ff", extra={"gpu": "h100"},
+                    attest=((2, b"\x01" * 64), (3, b"\x02" * 64)))
 HEARTBEATS = [encode_record("progress", BEAT.to_dict(), PEER, EXPIRES, key=RUN_MANIFEST.progress_key),
               encode_record("progress", {**BEAT.to_dict(), "peer_id": OTHER.libp2p_peer_id()}, PEER, EXPIRES,
                             key=RUN_MANIFEST.progress_key)]  # claims someone else's peer id
@@ -472,6 +475,39 @@ RUN_SPEC = FuzzTarget(
     hostile_bytes([f"{RUN}@{OWNER.public_hex}".encode(), b"run-1", b"a@b"]), (JoinError,),
 )
 
+# ----- certificates of committed rounds (lineage proofs a peer downloads, checkpoints it resumes) ----
+
+ROUND = RoundHeader(manifest=RUN_MANIFEST.hash, step=3, parent=bytes(32), digest=b"\x07" * 32,
+                    members=tuple(sorted((PEER.public_bytes, OTHER.public_bytes))), samples=128)
+CERT = sign_round(ROUND, PEER).with_signature(OTHER.public_bytes, OTHER.sign(ROUND.payload()))
+CERT_SEEDS = [CERT.encode(), sign_round(ROUND, OTHER).encode(), Certificate(ROUND, ()).encode()]
+
+
+def _check_certificate(raw, cert) -> None:
+    """Anything accepted re-encodes to what it says, and counts only genuine signatures."""
+    assert Certificate.decode(cert.encode()) == cert
+    assert cert.signers() <= ({PEER.public_bytes, OTHER.public_bytes} if cert.header == ROUND else set())
+
+
+DECODE_CERTIFICATE = FuzzTarget(
+    "certificates.Certificate.decode", Certificate.decode, hostile_msgpack(CERT_SEEDS), (CertificateError,),
+    check=_check_certificate,
+)
+
+
+def _proof_chain(raw: bytes) -> Chain:
+    """A proof as the catch-up reads it: certificates from a point of our chain, checked link by link."""
+    chain = Chain(RUN_MANIFEST.hash, 3, bytes(32))
+    certs = [Certificate.decode(raw)]
+    check_segment(certs, start_step=3, start_digest=bytes(32), manifest=RUN_MANIFEST.hash)
+    return chain.extended(3, certs)
+
+
+PROOF_CHAIN = FuzzTarget(
+    "lineage.proof_chain", _proof_chain, hostile_msgpack(CERT_SEEDS), (CertificateError,),
+    check=lambda raw, chain: chain.tip_digest == b"\x07" * 32 and chain.certs[0].signers(),
+)
+
 # ----- the fuzz set ---------------------------------------------------------------------------------
 
 TARGETS: list[FuzzTarget] = [
@@ -487,6 +523,8 @@ TARGETS: list[FuzzTarget] = [
     READ_INDEX,
     PEER_ID_KEY,
     RUN_SPEC,
+    DECODE_CERTIFICATE,
+    PROOF_CHAIN,
 ]
 
 

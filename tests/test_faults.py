@@ -66,16 +66,17 @@ def test_sigkill_of_a_reducer_mid_allreduce_survivors_finish_the_step_bit_identi
     victim.signal_session(signal.SIGKILL)  # the whole machine is gone: main process, helpers, p2pd
 
     survived = [p0.next_round(), p1.next_round()]
-    adopted = [r for r in survived if r["adopted"]]
-    if not adopted:  # the usual case: both re-ran the step at once without p2 and committed it together
+    if all(r["ok"] and not r["adopted"] for r in survived):  # the usual case: both re-ran the step at once
         assert_same_state(*survived)  # the step finished everywhere, with the same bits
         assert survived[0]["outer_step"] == first[0]["outer_step"] + 1
         assert all(r["attempts"] >= 2 and r["peers"] == 2 for r in survived), survived  # re-run without p2
-    else:  # on a loaded machine a survivor can sit in the doomed round until its watchdog, then catch up
-        late, other = (p0, p1) if survived[0]["adopted"] else (p1, p0)
-        assert_same_state(adopted[0], rounds_until(other, lambda r: r["outer_step"] == adopted[0]["outer_step"],
-                                                   limit=1000))
-        assert late.rounds[-1]["outer_step"] > first[0]["outer_step"]
+    else:  # under load a survivor can fail the re-run too (it never commits alone): it catches up next
+        top = max(r["outer_step"] for r in survived)
+        level = [r if r["outer_step"] == top else rounds_until(p, lambda r: r["outer_step"] == top, limit=20)
+                 for p, r in zip((p0, p1), survived)]
+        assert_same_state(*level)
+    for p in (p0, p1):  # no survivor committed a round alone while the other lived
+        assert all(r["peers"] == 2 for r in p.rounds[1:] if r["ok"] and not r["adopted"]), p.rounds
     after = [p0.next_round(), p1.next_round()]  # the next round does not wait for the dead peer's heartbeat
     assert_same_state(*after)
     assert after[0]["round_time"] < 3 * first[0]["round_time"] + 5, after
@@ -148,7 +149,9 @@ def test_whole_swarm_stops_and_resumes_from_its_checkpoints(spawn, write_config,
 
     q0 = spawn("q0", configs[0], "--resume")
     q1 = spawn("q1", configs[1], "--resume", initial_peers=q0.maddrs())
-    again = [q0.next_round(), q1.next_round()]
+    # one may have stopped a round behind the other (it left first): it adopts the other's state, then both
+    # average the next step
+    again = [rounds_until(q, lambda r: not r["adopted"]) for q in (q0, q1)]
     assert_same_state(*again)
     assert again[0]["outer_step"] == stopped_at + 1 and again[0]["peers"] == 2
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from swarmloco.config import config_from_dict, config_to_dict
+from swarmloco.node.peer import run_manifest
 from swarmloco.node.joining import JoinError, RunSpec, config_from_manifest, fetch_manifest, owned_config
 from swarmloco.node.membership import AccessRefused, Membership
 from swarmloco.protocol.access import issue_token, token_subkey
@@ -83,7 +84,7 @@ def test_a_private_tracker_counts_admitted_authors_only() -> None:
 
 # ----- owned runs -------------------------------------------------------------------------------
 def owned(owner: Identity, **sections) -> RunManifest:
-    return RunManifest.from_config(owned_config(tiny_config(**sections), owner))
+    return run_manifest(owned_config(tiny_config(**sections), owner))
 
 
 def test_join_accepts_only_a_manifest_signed_by_the_owner_it_names() -> None:
@@ -118,7 +119,7 @@ def test_join_builds_the_owners_config_and_refuses_local_file_reads() -> None:
                             time.time())[0]
     local = config_from_dict({"swarm": {"min_peers": 3}})
     cfg = config_from_manifest(signed, local)
-    assert RunManifest.from_config(cfg).hash == manifest.hash and cfg.swarm.min_peers == 3
+    assert run_manifest(cfg).hash == manifest.hash and cfg.swarm.min_peers == 3
     reads_files = owned(owner, data={"path": "/home/volunteer/.ssh"})
     signed = read_manifests({owner.public_hex: sign_manifest(reads_files, owner, time.time() + 60)}, "test",
                             time.time())[0]
@@ -135,7 +136,7 @@ def test_join_builds_the_owners_config_and_refuses_local_file_reads() -> None:
 # ----- membership -------------------------------------------------------------------------------
 def member(owner: Identity | None, me: Identity, records: dict, private: bool = False, **swarm):
     cfg = owned_config(tiny_config(access={"private": private}, swarm=swarm), owner) if owner else tiny_config(swarm=swarm)
-    return Membership(RunManifest.from_config(cfg), DictTransport(me, records), me, cfg.swarm)
+    return Membership(run_manifest(cfg), DictTransport(me, records), me, cfg.swarm)
 
 
 def test_a_peer_with_another_manifest_is_refused_with_the_differing_fields() -> None:
@@ -144,7 +145,7 @@ def test_a_peer_with_another_manifest_is_refused_with_the_differing_fields() -> 
     records.setdefault("sl_test_manifest", {})[owner.public_hex] = sign_manifest(owned(owner), owner, time.time() + 60)
     member(owner, Identity.generate(), records).announce()  # same manifest: fine, re-published
     other = owned_config(tiny_config(inner={"steps": 9}), owner)
-    stranger = Membership(RunManifest.from_config(other), DictTransport(Identity.generate(), records),
+    stranger = Membership(run_manifest(other), DictTransport(Identity.generate(), records),
                           Identity.generate(), other.swarm)
     with pytest.raises(ManifestMismatch, match="inner.steps"):
         stranger.announce()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from swarmloco.config import DataConfig, InnerConfig, ModelConfig, OuterConfig
-from swarmloco.node.data import Corpus
+from swarmloco.data.text import Corpus
 from swarmloco.node.inner_loop import InnerTrainer
-from swarmloco.node.model import GPT
+from swarmloco.models.gpt import GPT
 from swarmloco.compression.registry import get_codec
 from swarmloco.config import CodecConfig
 from swarmloco.node.simulate import allreduce_bytes_per_worker, codec_transform, run_data_parallel, run_diloco

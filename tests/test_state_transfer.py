@@ -64,3 +64,21 @@ def test_a_state_larger_than_the_budget_is_refused(swarm) -> None:
     _, sources, joiner = swarm
     got, errors = joiner.download_state([s.peer_id for s in sources], timeout=10, max_bytes=10_000, parallel=3)
     assert got is None and errors and all("more" in e or "bytes" in e for e in errors), errors
+
+
+def test_a_lineage_proof_is_served_from_the_newest_shared_point(swarm) -> None:
+    from test_lineage import GENESIS_DIGEST, KEYS, genesis, grow
+
+    _, sources, joiner = swarm
+    chain = grow(genesis(), 40, KEYS[:2], "served")
+    sources[0].set_lineage(0, GENESIS_DIGEST, 0, [(c.digest, c.encode()) for c in chain.certs[:30]])
+    sources[0].set_lineage(0, GENESIS_DIGEST, 30, [(c.digest, c.encode()) for c in chain.certs[30:]])  # a delta
+    mine = type(chain)(chain.manifest, 0, GENESIS_DIGEST, chain.certs[:25])  # a peer 15 rounds behind
+    proof, error = joiner.fetch_lineage(sources[0].peer_id, mine.locator(), timeout=5, max_bytes=1 << 20)
+    assert error is None and proof["from"] == [25, chain.certs[24].digest]
+    assert proof["certs"] == [c.encode() for c in chain.certs[25:]] and proof["tip"] == [40, chain.tip_digest]
+
+    proof, error = joiner.fetch_lineage(sources[0].peer_id, mine.locator(), timeout=5, max_bytes=1000)
+    assert proof is None and "larger than" in error  # bounded: a hostile server cannot flood us
+    proof, error = joiner.fetch_lineage(sources[1].peer_id, mine.locator(), timeout=5, max_bytes=1 << 20)
+    assert proof is None and "served no proof" in error  # a peer with no lineage yet

@@ -71,8 +71,9 @@ def format_round_line(summary: dict[str, Any], last_round: dict[str, Any] | None
     step = summary.get("outer_step")
     head = f"outer {step:3d}" if isinstance(step, int) else "outer   ?"
     if summary.get("adopted"):
-        how = "adopted the swarm's state" if summary.get("ok") else "could not download the swarm's state"
-        return f"{head} | {how} | eval {_loss(summary.get('eval_loss'))}"
+        if not summary.get("ok"):
+            return f"{head} | did not adopt the swarm's state ({summary.get('error')})"
+        return f"{head} | adopted the swarm's state | eval {_loss(summary.get('eval_loss'))}"
     round_time = summary.get("round_time")
     parts = round_parts(last_round if (last_round or {}).get("outer_step") == step else None, round_time)
     split = ", ".join(f"{k} {v:.1f}" for k, v in parts.items())

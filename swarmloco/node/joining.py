@@ -160,19 +160,29 @@ def fetch_manifest(get: Callable[[str], dict[str, bytes]], spec: RunSpec, timeou
             time.sleep(poll)
 
 
+def _hub_id(value: str) -> bool:
+    """``owner/name`` with no path-like parts: a hub model id, not a file on this machine."""
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and "\\" not in value
+
+
 def config_from_manifest(signed: SignedManifest, local: RunConfig, trust_data_path: bool = False) -> RunConfig:
     """The run's config: the manifest's sections plus this peer's own ``swarm``/``checkpoint``/``status``."""
     data = signed.manifest.data
-    path = data.get("data", {}).get("path") if isinstance(data.get("data"), dict) else None
-    if path and not trust_data_path:
-        raise JoinError(f"the run's manifest reads training data from the local path {path!r}; join with "
-                        "--trust-data-path if you mean to train on that", 3)
+    for section, name in (("data", "path"), ("data", "tokenizer"), ("model", "pretrained")):
+        value = data.get(section, {}).get(name) if isinstance(data.get(section), dict) else None
+        local_path = isinstance(value, str) and value and (section == "data" or not _hub_id(value))
+        if local_path and not trust_data_path:
+            raise JoinError(f"the run's manifest reads {section}.{name} from the local path {value!r}; join with "
+                            "--trust-data-path if you mean to train on that", 3)
     mine = config_to_dict(local)
     try:
-        cfg = config_from_dict({**data, **{name: mine[name] for name in LOCAL_SECTIONS}})
+        shared = {k: v for k, v in data.items() if k not in ("fingerprint", "genesis")}  # derived from the model
+        cfg = config_from_dict({**shared, **{name: mine[name] for name in LOCAL_SECTIONS}})
     except ValueError as e:
         raise JoinError(f"the run's manifest is not a config this version understands: {e}", 3) from None
-    rebuilt = RunManifest.from_config(cfg)
+    from swarmloco.node.peer import run_manifest
+
+    rebuilt = run_manifest(cfg)
     if rebuilt.hash != signed.manifest.hash:
         raise JoinError("this swarmloco version builds a different manifest from the owner's (another "
                         "version?); upgrade to the owner's version", 3)

@@ -1,7 +1,7 @@
 """Start one peer process: checks, status endpoint, transport, peer, clean shutdown.
 
 Order matters to an operator: every input is checked (:mod:`swarmloco.node.preflight`: device, codec,
-data, model size, ports) and the status endpoint is bound *before* hivemind's DHT node and p2pd start
+data, ports) and the status endpoint is bound *before* hivemind's DHT node and p2pd start
 and before a join address is printed, so a bad input is one line and exit 2 (or 1 for a taken port),
 never a peer that comes up and then dies.
 
@@ -26,17 +26,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from swarmloco.compression import get_codec
 from swarmloco.config import RunConfig
 from swarmloco.node import preflight
 from swarmloco.node.checkpoint import list_checkpoints
 from swarmloco.node.console import ConsoleReporter, say
 from swarmloco.node.membership import AccessRefused
-from swarmloco.node.peer import Peer, PeerOptions
+from swarmloco.node.peer import Peer, PeerOptions, prepare_config
 from swarmloco.node.status import JsonLinesReporter, StatusBoard, TeeReporter
 from swarmloco.node.stopping import install_stop_handlers
 from swarmloco.protocol.identity import Identity
-from swarmloco.protocol.manifest import ManifestMismatch, RunManifest
+from swarmloco.protocol.manifest import ManifestMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -121,19 +120,6 @@ def start_dht_node(swarm, identity: Identity, record_validators=()):
                          record_validators=list(record_validators))
 
 
-def start_transport(cfg: RunConfig, manifest: RunManifest, identity: Identity, dht=None, templates=None,
-                    stopping: threading.Event | None = None):
-    """The hivemind transport of a peer (its DHT validating this run's records)."""
-    from swarmloco.protocol.transport import SwarmTransport
-
-    templates = templates if templates is not None else preflight.model_templates(cfg)
-    with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
-        return SwarmTransport(cfg.swarm, prefix=manifest.key_prefix, templates=templates, codec=get_codec(cfg.codec),
-                              identity_path=p2pd_key_file(identity, keydir) if dht is None else None,
-                              record_validators=[manifest.validator()], clip_factor=cfg.outer.clip_factor, dht=dht,
-                              stopping=stopping)
-
-
 def one_line(e: BaseException) -> str:
     """An exception as one short line (hivemind's errors can carry p2pd's whole output)."""
     text = " ".join(str(e).split()) or type(e).__name__
@@ -146,17 +132,17 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
              out: Callable[[str], None] = say) -> int:
     """Run one peer until it stops; returns the process exit code.
 
-    ``identity`` and ``dht``: a key and a DHT node already started with it (``swarmloco join``); the DHT
-    node is shut down here whatever happens. ``stop``: set by the caller's signal handlers (and by the
-    monitor quitting, with ``tui``). ``out``: where this peer's lines go (stderr; the log file under
-    ``--tui``)."""
+    ``identity`` and ``dht``: a key and a DHT node already started with it (``swarmloco join``: a
+    DhtClient's node, handed over); the DHT node is shut down here whatever happens. ``stop``: set by the
+    caller's signal handlers (and by the monitor quitting, with ``tui``). ``out``: where this peer's lines
+    go (stderr; the log file under ``--tui``)."""
+    from swarmloco.node.swarm import Swarm
     from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
     stop = stop or threading.Event()
-    manifest = RunManifest.from_config(cfg)
     board = StatusBoard()
-    status_server = None
+    status_server = swarm = None
     try:
         if cfg.access.private and not cfg.access.owner:
             raise preflight.Refused("access.private needs access.owner, the key that signs tokens "
@@ -168,13 +154,12 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         preflight.check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
         if dht is None:
             preflight.check_listen_maddrs(cfg.swarm.host_maddrs, "swarm.host_maddrs")
-        corpus = preflight.load_corpus(cfg)
-        templates = preflight.model_templates(cfg)
-        if identity is None:
-            try:
-                identity = load_identity(cfg.swarm.identity_path)
-            except ValueError as e:
-                raise preflight.Refused(str(e)) from None
+        try:
+            cfg = prepare_config(cfg)  # a bad model or data source is one line
+            swarm = Swarm(cfg.run_id, config=cfg.swarm, identity=identity, stop=stop)
+        except ValueError as e:
+            raise preflight.Refused(str(e)) from None
+        corpus = preflight.load_corpus(cfg)  # data problems before the DHT node, not after its address
         if (cfg.status.port or tui) and status_server_factory is not None:
             try:
                 status_server = status_server_factory(board.snapshot, cfg.status.port)
@@ -194,18 +179,31 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         install_stop_handlers(stop)  # from here on a signal is a clean stop
     if not cfg.swarm.initial_peers:
         out("swarmloco: no --initial-peers given: starting a new swarm")
-    try:
-        transport = start_transport(cfg, manifest, identity, dht, templates=templates, stopping=stop)
-    except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
-        if status_server is not None:
-            status_server.close()
-        say(f"swarmloco: could not start the swarm node: {one_line(e)}")
-        return EXIT_ERROR
-
     monitor, last_word = None, None
     try:
-        maddrs = transport.visible_maddrs()
-        out(f"swarmloco: peer {transport.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})")
+        try:
+            swarm.start(dht=dht)
+        except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
+            say(f"swarmloco: could not start the swarm node: {one_line(e)}")
+            return EXIT_ERROR
+        H = options.inner_steps or cfg.inner.steps
+        console = ConsoleReporter(out, last_round=lambda: board.get("last_round"), inner_steps=H,
+                                  run_inner_steps=cfg.inner.steps, quiet=stop)
+        board.reporter = TeeReporter(console, JsonLinesReporter()) if json_events else console  # (line first)
+        try:
+            peer = Peer(cfg, swarm, options, board=board, corpus=corpus)
+        except ValueError as e:  # config that only shows up once the model exists (its vocabulary...)
+            say(f"swarmloco: {e}")
+            return EXIT_CONFIG
+        except MemoryError:
+            say("swarmloco: [model]: the model does not fit in this machine's memory; use a smaller one")
+            return EXIT_CONFIG
+        except Exception as e:  # noqa: BLE001 - the averager could not start
+            say(f"swarmloco: could not start the swarm node: {one_line(e)}")
+            return EXIT_ERROR
+        maddrs = swarm.visible_maddrs()
+        manifest = peer.diloco.manifest
+        out(f"swarmloco: peer {swarm.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})")
         for m in maddrs:
             out(f"swarmloco: listening on {m}")
         if maddrs and not cfg.swarm.initial_peers:
@@ -214,16 +212,6 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
             write_maddrs(maddrs_file, maddrs)
         if stop.is_set():  # a signal while the node was starting: leave before joining anything
             return EXIT_OK
-
-        H = options.inner_steps or cfg.inner.steps
-        console = ConsoleReporter(out, last_round=lambda: board.get("last_round"), inner_steps=H,
-                                  run_inner_steps=cfg.inner.steps, quiet=stop)
-        board.reporter = TeeReporter(console, JsonLinesReporter()) if json_events else console  # (line first)
-        try:
-            peer = Peer(cfg, transport, options, board=board, stop=stop, identity=identity, corpus=corpus)
-        except ValueError as e:  # config that only shows up once the model and data exist
-            last_word = f"swarmloco: {e}"
-            return EXIT_CONFIG
         if status_server is not None:
             out(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status")
         if tui and status_server is not None:
@@ -250,7 +238,7 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
             out(last_word)
             if out is not say:
                 say(last_word)
-        transport.shutdown()
+        swarm.close()
         if status_server is not None:
             _close_status(status_server, linger=monitor is None)  # (our own monitor is gone already)
 
@@ -258,12 +246,12 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
 def _start_line(peer: Peer, cfg: RunConfig, H: int) -> str:
     ckpt = f"checkpoints every {cfg.checkpoint.every} in {cfg.checkpoint.dir}" if cfg.checkpoint.dir else \
         "no checkpoints (--checkpoint-dir DIR to keep them)"
-    n = sum(p.numel() for p in peer.model.parameters())
+    n = sum(p.numel() for p in peer.model.parameters())  # (the CLI's peer: its own model)
     return (f"swarmloco: training on {peer.device}: {n / 1e6:.2f}M parameters, data shard {peer.shard}, "
             f"{H} inner steps per outer step, {ckpt}; one line per outer step follows")
 
 
-def _resume_line(cfg: RunConfig, manifest: RunManifest) -> str:
+def _resume_line(cfg: RunConfig, manifest) -> str:
     ours = list_checkpoints(cfg.checkpoint.dir, manifest.hash)
     if not ours:
         return (f"swarmloco: --resume: no checkpoint of this run (manifest {manifest.short}) in "

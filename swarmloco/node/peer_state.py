@@ -1,10 +1,13 @@
-"""A peer's state: checkpoints, serving it to others, and catching up with the swarm.
+"""A peer's state: its lineage, checkpoints, serving it to others, and adopting a heavier lineage.
 
-A mixin of :class:`swarmloco.node.peer.Peer` (it uses the peer's model, global parameters, outer
-optimizer, transport and status board). A peer behind the swarm (late join, restart, a failed round
-while its group committed, woken from SIGSTOP) adopts the swarm's state and drops its unfinished inner
-work: the local model restarts from the adopted global parameters (see :mod:`state_sync` for the
-lineage rule and the checks on what arrives).
+A mixin of :class:`swarmloco.node.diloco.DiLoCo` (it uses the engine's model, global parameters, outer
+optimizer, chain, transport and status board). A peer whose lineage the swarm outweighs (late join,
+restart, a failed round while its group committed, woken from SIGSTOP, a loner, the lighter side of a
+partition) adopts the heavier one, proven and downloaded by :mod:`swarmloco.node.catch_up`, and drops
+its unfinished inner work: the local model restarts from the adopted global parameters. What its own
+lineage held since the fork is dropped too, in one logged line (DiLoCo survives dropped contributions;
+folding a far-off state into the next round as one more pseudo-gradient would move the model by the
+whole distance between the forks).
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ from typing import Any
 import torch
 
 from swarmloco.node.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
-from swarmloco.node.inner_loop import evaluate
-from swarmloco.node.state_sync import StateError, Target, pack_state, params_digest, state_bytes, unpack_state
+from swarmloco.node.lineage import Chain
+from swarmloco.node.state_sync import pack_state, params_digest
+from swarmloco.protocol.certificates import CertificateError, RoundHeader, sign_round
+from swarmloco.protocol.identity import peer_id_of_public_key, public_key_of_peer_id
+from swarmloco.protocol.progress import PeerProgress
 
 logger = logging.getLogger(__name__)
 
 
 class PeerState:
-    """Checkpoints, state serving and catching up, for :class:`~swarmloco.node.peer.Peer`."""
+    """Checkpoints, state serving and catching up, for :class:`~swarmloco.node.diloco.DiLoCo`."""
 
     def _copy_global_into_model(self) -> None:
         with torch.no_grad():
@@ -35,31 +41,99 @@ class PeerState:
     def load_state(self, state: dict[str, Any]) -> None:
         """Adopt a checkpoint (or a downloaded state) as this peer's global state."""
         self.model.load_state_dict(state["model"])
-        with torch.no_grad():
-            for g, p in zip(self.global_params, self.model.parameters()):
-                g.copy_(p.detach().cpu().float())
+        with torch.no_grad():  # the global copy from the saved fp32 values, not from the model's dtype
+            for g, (name, p) in zip(self.global_params, self.model.named_parameters()):
+                g.copy_(state["model"].get(name, p).detach().cpu().float())
         self.outer_opt.load_state_dict(state["outer_optimizer"])
         if state.get("inner_optimizer"):
             try:
-                self.inner.optimizer.load_state_dict(state["inner_optimizer"])
+                self.inner_optimizer.load_state_dict(state["inner_optimizer"])
             except (ValueError, KeyError) as e:
                 logger.warning("ignoring the checkpoint's inner optimizer state: %s", e)
         if state.get("error_feedback") and self.error_feedback is not None:
             self.error_feedback.load_state_dict(state["error_feedback"])
         self.outer_step = int(state["outer_step"])
+        self.inner_step = max(self.inner_step, self.outer_step * self.H)
         self.digest = params_digest(self.global_params)
+        self.chain.reset(self.outer_step, bytes.fromhex(self.digest))
+        try:
+            saved = Chain.from_state(self.manifest.hash, state["lineage"]) if state.get("lineage") else None
+            if saved is not None and (saved.tip_step, saved.tip_digest.hex()) != (self.outer_step, self.digest):
+                raise CertificateError("it ends elsewhere than the saved parameters")
+        except CertificateError as e:
+            logger.warning("the checkpoint's lineage is unusable (%s): this peer's chain starts at its outer step %d",
+                           e, self.outer_step)
+            saved = None
+        if saved is not None:
+            self.chain.reset(saved.root_step, saved.root_digest, saved.certs)
+        self.push_lineage(0)
         self.board.update(outer_step=self.outer_step)
 
-    def state_dict(self) -> dict[str, Any]:
-        self._copy_global_into_model()
-        return {
-            "outer_step": self.outer_step,
-            "manifest_hash": self.manifest.hash,
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "outer_optimizer": self.outer_opt.state_dict(),
-            "inner_optimizer": self.inner.optimizer.state_dict(),
-            "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
-        }
+    def push_lineage(self, start: int) -> None:
+        """Hand the averager process our chain from certificate ``start`` on (it serves it as proof)."""
+        entries = [(c.digest, c.encode()) for c in self.chain.certs[start:]]
+        self.transport.set_lineage(self.chain.root_step, self.chain.root_digest, start, entries)
+
+    def _chain_snapshot(self) -> Chain:
+        with self._lock:
+            return Chain(self.chain.manifest, self.chain.root_step, self.chain.root_digest, list(self.chain.certs))
+
+    # ----- lineage ----------------------------------------------------------------------------
+    def _counts(self, public_key: bytes) -> bool:
+        """Whether a certificate's signer counts as a contributor: admitted (private runs), not excluded."""
+        return self.membership.admits(public_key) and not self.membership.refused(
+            peer_id_of_public_key(public_key), self.outer_step)
+
+    def _behind_check(self, peers: list[PeerProgress], mates_only: bool) -> tuple[object, bool]:
+        """For the barrier: a prepared adoption, and whether a verdict on a recent mate's claim is due."""
+        self.catchup.offer(peers)
+        among = self._mates if self.sync.rounds_joined else {p.peer_id for p in peers}
+        return self.catchup.pending, self.catchup.unjudged(peers, among)
+
+    def _collect_signatures(self, peers: list[PeerProgress]) -> None:
+        """Add group mates' signatures of rounds we hold (from their heartbeats) to our certificates."""
+        first = None
+        with self._lock:
+            for p in peers:
+                if not p.attest or p.peer_id == self.transport.peer_id:
+                    continue
+                public = public_key_of_peer_id(p.peer_id)
+                for step, sig in p.attest:
+                    if public is not None and self.chain.add_signature(step, public, sig):
+                        i = step - self.chain.root_step
+                        first = i if first is None else min(first, i)
+            if first is not None:
+                self.push_lineage(first)
+
+    def _certify(self, outcome, step: int, parent: str, digest: str) -> None:
+        """Sign the round we just committed and append its certificate to our chain (under the lock)."""
+        members = tuple(sorted({k for k in (public_key_of_peer_id(pid) for pid in outcome.gathered) if k}
+                               | {self.identity.public_bytes}))
+        samples = sum(max(0, int(m.get("samples", 0))) for m in outcome.gathered.values()
+                      if isinstance(m.get("samples", 0), int))
+        header = RoundHeader(manifest=self.manifest.hash, step=step, parent=bytes.fromhex(parent),
+                             digest=bytes.fromhex(digest), members=members, samples=min(samples, 1 << 61))
+        cert = sign_round(header, self.identity)
+        self.chain.append(cert)
+        self._attest.append((step, cert.sigs[0][1]))
+        self.push_lineage(len(self.chain.certs) - 1)
+
+    def _state_dict(self) -> dict[str, Any]:
+        """The checkpoint: the model's state dict holding the global parameters (the model is not touched)."""
+        with self._lock:
+            by_id = {id(p): g for p, g in zip(self.model.parameters(), self.global_params)}
+            model = {k: by_id.get(id(v), v.detach()).cpu().clone()
+                     for k, v in self.model.state_dict(keep_vars=True).items()}
+            return {
+                "outer_step": self.outer_step,
+                "manifest_hash": self.manifest.hash,
+                "model": model,
+                "outer_optimizer": self.outer_opt.state_dict(),
+                "inner_optimizer": self.inner_optimizer.state_dict(),
+                "error_feedback": self.error_feedback.state_dict() if self.error_feedback is not None else None,
+                "lineage": Chain(self.chain.manifest, self.chain.root_step, self.chain.root_digest,
+                                 self.chain.certs).to_state(),
+            }
 
     def _serve_state(self) -> tuple[dict, list[torch.Tensor]]:
         """What a peer downloading our state gets (runs in hivemind's fetch thread: a consistent copy)."""
@@ -67,99 +141,82 @@ class PeerState:
             momentum = [self.outer_opt.state.get(g, {}).get("momentum_buffer") for g in self.global_params]
             return pack_state(self.global_params, momentum, self.outer_step, self.manifest.hash, self.digest)
 
-    def catch_up(self, target: Target) -> bool:
-        """Download and adopt the state of the lineage ``target`` names; False if no source served it."""
-        prior = self._state
-        self._set_state("joining")  # not serving a state while replacing it
-        max_bytes = int(state_bytes(self.global_params) * 1.05) + (1 << 20)
-        errors: list[str] = []
-        # a shard from each of several holders at once, then (if that fails the checks) one holder at a time
-        tries = [(list(target.sources), self.cfg.swarm.download_sources)] if (
-            self.cfg.swarm.download_sources > 1 and len(target.sources) > 1) else []
-        tries += [([source], 1) for source in target.sources]
-        try:
-            for sources, parallel in tries:
-                got, errs = self.transport.download_state(sources, timeout=self.cfg.swarm.state_timeout,
-                                                          max_bytes=max_bytes, parallel=parallel)
-                errors += errs
-                if got is None:
-                    continue
-                who = f"peer {got.peer_id[-8:]}" if len(got.sources) <= 1 else f"{len(got.sources)} peers"
-                try:
-                    adopted = unpack_state(got.metadata, got.tensors, manifest_hash=self.manifest.hash,
-                                           templates=self.global_params, target=target)
-                except StateError as e:
-                    logger.error("state from %s rejected: %s", who, e)
-                    errors.append(f"{who}: {e}")
-                    continue
-                self._adopt(adopted.params, adopted.momentum, adopted.outer_step, adopted.digest)
-                self.board.add(state_downloads=1, state_bytes_received=got.bytes)
-                self.board.event("state_downloaded",
-                                 f"adopted outer step {adopted.outer_step} from {who} "
-                                 f"({got.bytes / 1e6:.2f} MB in {got.seconds:.3f}s)")
-                logger.info("adopted the swarm's state at outer step %d from %s (%.1f MB in %.2fs)",
-                            adopted.outer_step, who, got.bytes / 1e6, got.seconds)
-                return True
-            logger.warning("could not download the swarm's state at outer step %d: %s", target.outer_step,
-                           "; ".join(errors) or "no source")
-            self.board.event("state_download_failed", f"outer step {target.outer_step}: {'; '.join(errors)[:200]}")
-            return False
-        finally:
-            self._set_state(prior if prior != "joining" else "training")
-
-    def _adopt(self, params: list[torch.Tensor], momentum: list[torch.Tensor] | None, outer_step: int,
-               digest: str) -> None:
+    def adopt(self, pending) -> None:
+        """Take a proven heavier lineage and its downloaded state (a :class:`~swarmloco.node.catch_up.Pending`);
+        this peer's unfinished inner work and its own rounds since the fork are dropped."""
+        state, comparison = pending.state, pending.comparison
         with self._lock:
-            for g, p in zip(self.global_params, params):
+            for g, p in zip(self.global_params, state.params):
                 g.copy_(p)
             self.outer_opt.state.clear()
-            if momentum is not None:
-                for g, m in zip(self.global_params, momentum):
+            if state.momentum is not None:
+                for g, m in zip(self.global_params, state.momentum):
                     self.outer_opt.state[g]["momentum_buffer"] = m.clone()
-            self.outer_step, self.digest = outer_step, digest
+            self.outer_step, self.digest = state.outer_step, state.digest
+            fork_index = max(0, min(comparison.fork, self.chain.tip_step) - self.chain.root_step)
+            self.chain.adopt(pending.chain)
+            self.push_lineage(min(fork_index, len(self.chain.certs)))
+        self.catchup.forget()
         self._copy_global_into_model()  # unfinished inner work is dropped: restart from the adopted params
         self._samples_since_sync = 0
-        self.inner.step_count = max(self.inner.step_count, outer_step * self.H)  # the LR schedule's position
-        self.board.update(outer_step=outer_step)
+        self.inner_step = max(self.inner_step, state.outer_step * self.H)  # the LR schedule's position
+        dropped = comparison.dropped_rounds
+        line = (f"adopted outer step {state.outer_step} from {pending.who} ({pending.bytes / 1e6:.2f} MB in "
+                f"{pending.seconds:.3f}s): its lineage since outer step {comparison.fork} has "
+                f"{comparison.theirs.brief()}, ours {comparison.mine.brief()}")
+        if dropped > 0:
+            line += f"; this peer's {dropped} round(s) since the fork are dropped"
+        (logger.warning if dropped > 0 else logger.info)("%s", line)
+        self.board.add(state_downloads=1, state_bytes_received=pending.bytes)
+        self.board.event("state_downloaded", line)
+        self.board.update(outer_step=state.outer_step)
 
     def maybe_resume(self) -> None:
-        if not (self.options.resume and self.cfg.checkpoint.dir):
+        if not self.checkpoint_cfg.dir:
             return
-        state = latest_checkpoint(self.cfg.checkpoint.dir, self.manifest.hash)
+        state = latest_checkpoint(self.checkpoint_cfg.dir, self.manifest.hash)
         if state is None:
-            logger.info("no checkpoint to resume from in %s; starting at outer step 0", self.cfg.checkpoint.dir)
+            logger.info("no checkpoint to resume from in %s; starting at outer step 0", self.checkpoint_cfg.dir)
             return
         self.load_state(state)
         self.board.event("checkpoint", f"resumed from outer step {self.outer_step}")
 
     def checkpoint_if_due(self) -> None:
         """Write a checkpoint every ``checkpoint.every`` outer steps (when a directory is configured)."""
-        if self.cfg.checkpoint.dir and self.outer_step % self.cfg.checkpoint.every == 0:
+        if self.checkpoint_cfg.dir and self.outer_step % self.checkpoint_cfg.every == 0:
             self.write_checkpoint()
 
     def write_checkpoint(self) -> None:
-        if not self.cfg.checkpoint.dir:
+        if not self.checkpoint_cfg.dir:
             return
         try:
-            path = save_checkpoint(self.cfg.checkpoint.dir, self.state_dict(), keep=self.cfg.checkpoint.keep)
+            path = save_checkpoint(self.checkpoint_cfg.dir, self._state_dict(), keep=self.checkpoint_cfg.keep)
         except CheckpointError as e:  # a full disk is survived: training goes on
             logger.error("%s", e)
             self.board.event("checkpoint", f"FAILED: {e}")
             return
         self.board.event("checkpoint", f"wrote {path}")
 
-    def _catch_up_instead_of_round(self, target: Target, result, t0: float) -> None:
-        ok = self.catch_up(target)
-        eval_loss = evaluate(self.model, self.eval_set, self.device) if ok else float("nan")
+    def _catch_up_instead_of_round(self, pending, inner, t0: float):
+        """Adopt the prepared heavier lineage instead of (or before) a round; its report (a RoundReport)."""
+        from swarmloco.node.round import RoundReport
+
+        pending = self.catchup.take(self._chain_snapshot())
+        ok = pending is not None
+        if ok:
+            self.adopt(pending)
+        eval_loss = self._evaluate() if ok else float("nan")
         self.board.update(outer_step=self.outer_step, eval_loss=eval_loss)
-        self.board.round_done({
+        summary = {
             "peer_id": self.transport.peer_id, "outer_step": self.outer_step, "ok": ok, "adopted": True,
-            "train_loss": result.mean_loss, "eval_loss": eval_loss, "peers": 1, "samples_per_second": self._last_sps,
+            "train_loss": inner.mean_loss, "eval_loss": eval_loss, "peers": 1, "samples_per_second": self._last_sps,
             "bytes_sent": 0, "bytes_received": 0, "round_time": time.perf_counter() - t0, "sync_s": 0.0,
-            "digest": self.digest, "error": None if ok else "could not download the swarm's state",
+            "digest": self.digest, "error": None if ok else "the prepared adoption no longer outweighs this peer's lineage",
             "fp32_bytes": 4 * sum(p.numel() for p in self.global_params), "initial_eval_loss": self.initial_eval_loss,
-            "attempts": 0, "inner_steps": result.steps, "samples": result.samples, "clipped": [], "capped": [], "rejected": [],
-            "excluded": self.membership.excluded_peers(),
-        })
+            "attempts": 0, "inner_steps": inner.steps, "samples": inner.samples, "clipped": [], "capped": [],
+            "rejected": [], "excluded": self.membership.excluded_peers(),
+        }
+        self.board.round_done(summary)
         if ok:
             self.checkpoint_if_due()  # an adopted state is as good a restart point as a committed one
+        return RoundReport.of(summary)

@@ -170,33 +170,22 @@ def check_codec(cfg: RunConfig) -> None:
 
 
 def load_corpus(cfg: RunConfig):
-    """The run's corpus, read now (``data.path`` problems are bad input: exit 2 before the DHT)."""
-    from swarmloco.node.data import Corpus
+    """The run's corpus (after ``prepare_config``), read now: ``data.path`` problems are bad input, exit 2
+    before the DHT node starts."""
+    from swarmloco.data import build_corpus
 
     try:
-        return Corpus(cfg.data, cfg.model.block_size, cfg.seed)
+        corpus = build_corpus(cfg.data, cfg.model.block_size, cfg.seed)
     except ValueError as e:
         raise Refused(str(e)) from None
     except OSError as e:
         raise Refused(f"data.path = {cfg.data.path!r}: cannot read it ({e.strerror or e})") from None
-
-
-def model_templates(cfg: RunConfig) -> list[torch.Tensor]:
-    """The model's parameter shapes (for the averager's buffers); a model too large to allocate is
-    refused in one line instead of a MemoryError traceback."""
-    from swarmloco.node.model import GPT
-
-    m = cfg.model
-    c = m.n_embd
-    numel = m.vocab_size * c + m.block_size * c + 2 * c + m.n_layer * (12 * c * c + 13 * c)
-    try:
-        return [p.detach() for p in GPT(cfg.model, seed=cfg.seed).parameters()]
-    except (MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "alloc" not in str(e).lower() and "memory" not in str(e).lower():
-            raise
-        raise Refused(f"[model]: {numel / 1e6:.1f}M parameters ({numel * 4 / 1e9:.1f} GB in fp32) do not fit in "
-                      "this machine's memory; use a smaller model") from None
+    vocab = getattr(corpus, "vocab_size", None)
+    if cfg.model.kind == "gpt" and isinstance(vocab, int) and cfg.model.vocab_size < vocab:
+        raise Refused(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary ({vocab} "
+                      f"tokens): token ids past {cfg.model.vocab_size - 1} would have no embedding")
+    return corpus
 
 
 __all__ = ["Refused", "check_codec", "check_device", "check_key_path", "check_listen_maddrs", "check_log_file",
-           "check_peer_options", "check_port_free", "check_writable_dir", "load_corpus", "model_templates"]
+           "check_peer_options", "check_port_free", "check_writable_dir", "load_corpus"]

@@ -35,9 +35,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from swarmloco.config import InnerConfig, ModelConfig, OuterConfig
-from swarmloco.node.data import Corpus
+from swarmloco.data.text import Corpus
 from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
-from swarmloco.node.model import GPT, num_params
+from swarmloco.models.gpt import GPT, num_params
 from swarmloco.outer_optim.nesterov import OuterNesterov, apply_outer_step
 
 __all__ = [

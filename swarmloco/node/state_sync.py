@@ -1,32 +1,26 @@
-"""State download: which peer to catch up with, what a peer serves, and the checks on what arrives.
+"""State download: what a peer serves, and the checks on what arrives.
 
-A peer adopts another's state whenever it is behind the swarm: a late joiner (outer step 0), a
-restart whose checkpoint is older than the swarm, a peer whose round failed while its group
-committed, a peer that was frozen (SIGSTOP, a sleeping laptop) and woke up, or the losing side of a
-split (two groups that averaged the same outer step apart and now hold different parameters).
-
-One rule decides all of these (:func:`choose_target`): every live peer heartbeats its outer step and
-the digest of its global parameters; the **lineage** to follow is the highest outer step, then the
-one most peers hold, then the larger digest (an arbitrary but deterministic tie-break every peer
-computes alike). A peer not on that lineage downloads the state from the peers that are.
+A peer adopts another's state whenever the fork choice (:mod:`swarmloco.node.lineage`) says the other's
+lineage outweighs its own: a late joiner, a restart older than the swarm, a peer whose round failed
+while its group committed, a peer woken from SIGSTOP, the lighter side of a partition or a loner that
+meets the swarm. :mod:`swarmloco.node.catch_up` checks the lineage first, then downloads the state.
 
 The state (:func:`pack_state`) is the global parameters and the outer optimizer's momentum, both fp32,
 plus msgpack metadata (manifest hash, outer step, digest). What arrives is checked
 (:func:`unpack_state`) before it is adopted: same manifest, the expected count, shapes and dtypes,
-finite values, and a digest recomputed from the bytes equal to the one claimed. A source that fails
-any check is named in a one-line error and the next one is tried.
+finite values, and a digest recomputed from the bytes equal to the one claimed (the catch-up then
+requires that digest to be on the proven lineage). A source that fails any check is named in a
+one-line error and the next one is tried.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from swarmloco.protocol.progress import PeerProgress
 
 STATE_VERSION = 1
 SERVING_STATES = ("training", "ready", "averaging", "idle")
@@ -44,32 +38,6 @@ def params_digest(params: Iterable[torch.Tensor]) -> str:
     for p in params:
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Target:
-    """The lineage to catch up with: its outer step and digest, and the peers that can serve it."""
-
-    outer_step: int
-    digest: str
-    sources: tuple[str, ...]
-
-
-def choose_target(peers: Sequence[PeerProgress], me: str, outer_step: int, digest: str,
-                  ignore: Iterable[str] = ()) -> Target | None:
-    """The lineage this peer should adopt, or None if it is on the one to follow already."""
-    ignore = set(ignore) | {me}
-    holders = [p for p in peers if p.peer_id not in ignore and p.state in SERVING_STATES and p.digest]
-    lineages = Counter((p.outer_step, p.digest[:DIGEST_CHARS]) for p in holders)
-    mine = (outer_step, digest[:DIGEST_CHARS])
-    lineages[mine] += 1
-    best = max(lineages, key=lambda lin: (lin[0], lineages[lin], lin[1]))
-    if best == mine:
-        return None
-    sources = tuple(p.peer_id for p in holders if (p.outer_step, p.digest[:DIGEST_CHARS]) == best)
-    # serve-able peers that are idle or training first: they are not busy averaging
-    sources = tuple(sorted(sources, key=lambda pid: next(p.state == "averaging" for p in holders if p.peer_id == pid)))
-    return Target(best[0], best[1], sources)
 
 
 def pack_state(params: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor | None], outer_step: int,
@@ -92,7 +60,7 @@ class AdoptedState:
 
 
 def unpack_state(metadata, tensors: Sequence[torch.Tensor], *, manifest_hash: str,
-                 templates: Sequence[torch.Tensor], target: Target | None = None) -> AdoptedState:
+                 templates: Sequence[torch.Tensor], min_step: int = 0) -> AdoptedState:
     """Check a downloaded state against this run; StateError names the first problem."""
     if not isinstance(metadata, dict) or metadata.get("v") != STATE_VERSION:
         raise StateError("state metadata is malformed or of another version")
@@ -102,8 +70,8 @@ def unpack_state(metadata, tensors: Sequence[torch.Tensor], *, manifest_hash: st
     step, claimed = metadata.get("outer_step"), metadata.get("digest")
     if not isinstance(step, int) or step < 0 or not isinstance(claimed, str):
         raise StateError("state metadata lacks a valid outer_step or digest")
-    if target is not None and step < target.outer_step:
-        raise StateError(f"state is at outer step {step}, older than the swarm's {target.outer_step}")
+    if step < min_step:
+        raise StateError(f"state is at outer step {step}, older than the {min_step} its lineage proves")
     n = len(templates)
     if len(tensors) != 2 * n:
         raise StateError(f"state has {len(tensors)} tensors, this model needs {2 * n}")
@@ -117,8 +85,6 @@ def unpack_state(metadata, tensors: Sequence[torch.Tensor], *, manifest_hash: st
     digest = params_digest(params)
     if digest != claimed:
         raise StateError(f"state digest {digest[:12]} does not match the claimed {claimed[:12]}")
-    if target is not None and step == target.outer_step and digest[:DIGEST_CHARS] != target.digest:
-        raise StateError(f"state at outer step {step} has digest {digest[:12]}, the swarm's is {target.digest}")
     return AdoptedState(step, digest, params, momentum if metadata.get("has_momentum") else None)
 
 
@@ -127,5 +93,4 @@ def state_bytes(templates: Sequence[torch.Tensor]) -> int:
     return 2 * 4 * sum(t.numel() for t in templates)
 
 
-__all__ = ["AdoptedState", "StateError", "Target", "choose_target", "pack_state", "params_digest",
-           "state_bytes", "unpack_state"]
+__all__ = ["AdoptedState", "StateError", "pack_state", "params_digest", "state_bytes", "unpack_state"]

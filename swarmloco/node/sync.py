@@ -10,10 +10,14 @@ Life of a round for outer step ``r`` (see ARCHITECTURE.md):
    in the background, the pseudo-gradient weighted by the samples this peer processed. The handle
    can be waited on later, so training can go on beside a round (overlap comes with it).
 3. **Commit decision** from data every group member shares (the gathered metadata): the round
-   commits only if all members were at outer step ``r``. Any failure - no group, timeout, a dead
-   reducer, a partial result, a bad part - is a :class:`RoundOutcome` with ``ok=False``.
+   commits only if all members were at outer step ``r`` and the group holds a **quorum**: more than
+   half of the live peers any member saw (the union of the members' views, each a list of the peers
+   heartbeating, not joining and not excluded, sent with the round; capped at ``max_group_size``).
+   Any failure - no group, timeout, a dead reducer, a partial result, a bad part, no quorum - is a
+   :class:`RoundOutcome` with ``ok=False``.
 
-A peer alone at its step (nobody else live) skips the network and commits its own pseudo-gradient.
+A peer alone in the swarm (nobody else live) skips the network and commits its own pseudo-gradient; a
+peer alone while others live commits nothing (no quorum): it keeps its inner progress and joins them.
 
 **Failures.** When a round fails (a peer died mid-all-reduce), the survivors re-run it at once
 (``attempt`` 1, 2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. Reducers whose
@@ -21,12 +25,16 @@ stream broke are *suspects*: the re-run's barrier does not wait for them, nor do
 they heartbeat again (a frozen peer that wakes up is welcome back). Peers of the round that have not
 reported the failure yet are waited for ``swarm.retry_grace`` seconds, and those still heartbeating
 ``averaging`` (inside the failed all-reduce, late because of the dead peer) up to the reducer timeout
-(2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run.
+(2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. While this peer waits for
+a round's result it watches its group mates' heartbeats: once one of them heartbeats a re-run of the same
+step, this attempt already failed for them, and it is abandoned at once (:meth:`Synchronizer.wait`)
+instead of waiting out its timeouts. A re-run commits only with a quorum like any round, so a survivor
+that blames live peers and re-runs alone commits nothing.
 
-**Behind the swarm.** The barrier also checks the lineage rule of :mod:`swarmloco.node.state_sync`:
-if live peers hold a later outer step (or the same one with parameters most of the swarm agrees on
-and this peer does not), the barrier returns ``behind`` and the peer downloads their state instead
-of averaging.
+**Behind the swarm.** A heartbeat's step and digest are claims, verified in the background
+(:mod:`swarmloco.node.catch_up`). The barrier returns ``behind`` when a heavier lineage has been proven
+and its state downloaded; before it forms a round it waits (a few seconds at most) for the verdict on
+a claim of this peer's recent group mates.
 """
 
 from __future__ import annotations
@@ -36,17 +44,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from swarmloco.config import SwarmConfig
-from swarmloco.node.state_sync import Target, choose_target
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import RoundHandle, RoundOutcome, Transport
 
 logger = logging.getLogger(__name__)
 
 READY_STATES = ("ready", "averaging")
+VERDICT_WAIT_S = 5.0
+"""How long a barrier waits for the verdict on a recent group mate's lineage claim before going on."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +65,9 @@ class BarrierResult:
     """Peer ids ready for this round (this peer included)."""
     waited_s: float
     timed_out: bool
-    behind: Target | None = None
-    """Set when the swarm is ahead of this peer: adopt that state instead of averaging."""
+    behind: Any = None
+    """Set (a :class:`~swarmloco.node.catch_up.Pending`) when a heavier lineage is proven and its state
+    downloaded: adopt it instead of averaging."""
 
 
 class _LocalRound:
@@ -70,6 +81,9 @@ class _LocalRound:
     def done(self) -> bool:
         return True
 
+    def abort(self, reason: str) -> None:
+        pass
+
     def result(self) -> RoundOutcome:
         return self.outcome
 
@@ -80,10 +94,14 @@ class Synchronizer:
     def __init__(self, transport: Transport, tracker: ProgressTracker, cfg: SwarmConfig,
                  heartbeat: Callable[[], PeerProgress], stop: threading.Event | None = None,
                  clock: Callable[[], float] = time.time, poll_interval: float = 0.2,
-                 refused: Callable[[str], bool] | None = None):
-        """``refused(peer_id)``: peers this one does not average with now (excluded, see membership.py)."""
+                 refused: Callable[[str], bool] | None = None,
+                 behind: Callable[[Sequence[PeerProgress], bool], tuple[Any, bool]] | None = None):
+        """``refused(peer_id)``: peers this one does not average with now (excluded, see membership.py).
+        ``behind(peers, mates_only)`` -> (a prepared adoption or None, whether a verdict on a claim of a
+        recent group mate is still due): the catch-up's answer (:mod:`swarmloco.node.catch_up`)."""
         self.transport, self.tracker, self.cfg = transport, tracker, cfg
         self.refused = refused or (lambda peer_id: False)
+        self.behind = behind or (lambda peers, mates_only: (None, False))
         self.heartbeat = heartbeat
         self.stop = stop or threading.Event()
         self.clock, self.poll_interval = clock, poll_interval
@@ -92,6 +110,8 @@ class Synchronizer:
         """Peers that failed a round -> when; ignored until they heartbeat after that time."""
         self.last_commit, self.last_commit_attempt = -1, 0
         """The outer step this peer last committed, and at which attempt of its round."""
+        self.last_view: list[str] = [transport.peer_id]
+        """The live peers the last barrier saw (sent with the round: the quorum counts them)."""
 
     # ----- who failed ---------------------------------------------------------------------------
     def note_failure(self, outcome: RoundOutcome) -> None:
@@ -116,8 +136,10 @@ class Synchronizer:
                 out.append(p)
         return out
 
-    def behind(self, peers: Sequence[PeerProgress], outer_step: int, digest: str) -> Target | None:
-        return choose_target(self.live(peers), self.transport.peer_id, outer_step, digest)
+    def quorum_view(self, peers: Sequence[PeerProgress]) -> list[str]:
+        """The live peers a round's quorum counts: heartbeating, not joining, not excluded (and this one)."""
+        me = self.transport.peer_id
+        return sorted({p.peer_id for p in peers if p.state != "joining" and not self.refused(p.peer_id)} | {me})
 
     # ----- the barrier --------------------------------------------------------------------------
     def wait_for_peers(self, outer_step: int, attempt: int = 0) -> BarrierResult:
@@ -126,13 +148,16 @@ class Synchronizer:
         deadline = start + self.cfg.ready_timeout
         need = self.cfg.min_peers if self.rounds_joined == 0 else 1
         me = self.transport.peer_id
+        verdict_until = start + min(self.cfg.ready_timeout, VERDICT_WAIT_S)
         while True:
             mine = replace(self.heartbeat(), state="ready", outer_step=outer_step, attempt=attempt, time=self.clock())
             self.tracker.publish(mine)
-            peers = self.live(self.tracker.fetch())
-            target = choose_target(peers, me, outer_step, mine.digest)
-            if target is not None:
-                return BarrierResult((me,), self.clock() - start, timed_out=False, behind=target)
+            seen = self.tracker.fetch()
+            peers = self.live(seen)
+            self.last_view = self.quorum_view(seen)
+            pending, verdict_due = self.behind(peers, True)
+            if pending is not None:
+                return BarrierResult((me,), self.clock() - start, timed_out=False, behind=pending)
             at_step = [p for p in peers if p.outer_step == outer_step or p.peer_id == me]
             ready = sorted({p.peer_id for p in at_step if p.state in READY_STATES and p.attempt >= attempt} | {me})
             # peers still finishing the previous round will be at this step in a moment: wait for them too,
@@ -143,6 +168,8 @@ class Synchronizer:
             waiting_for = [p.peer_id for p in at_step + finishing if p.peer_id not in ready]
             if attempt > 0:
                 waiting_for = self._rerun_waits_for(at_step, waiting_for, self.clock() - start)
+            if verdict_due and self.clock() < verdict_until:  # a mate is ahead: is its lineage ours to take?
+                waiting_for = waiting_for or ["(verdict on a group mate's lineage)"]
             if len(ready) >= need and not waiting_for:
                 return BarrierResult(tuple(ready), self.clock() - start, timed_out=False)
             if self.clock() >= deadline or self.stop.is_set():
@@ -172,7 +199,7 @@ class Synchronizer:
         if barrier.behind is not None:
             return None, barrier
         self.rounds_joined += 1
-        gather = {"outer_step": int(outer_step), "samples": int(samples)}
+        gather = {"outer_step": int(outer_step), "samples": int(samples), "live": self.last_view}
         if len(barrier.ready) <= 1:
             return _LocalRound(tensors, outputs, self.transport.peer_id, gather), barrier
         self.tracker.publish(replace(self.heartbeat(), state="averaging", outer_step=outer_step, attempt=attempt,
@@ -190,12 +217,40 @@ class Synchronizer:
         """This peer committed ``outer_step`` at ``attempt`` (the next barrier uses it)."""
         self.last_commit, self.last_commit_attempt = outer_step, attempt
 
+    def wait(self, handle: RoundHandle, outer_step: int, attempt: int, members: Sequence[str]) -> RoundOutcome:
+        """The round's outcome; the attempt is abandoned as soon as a mate of this step waits at the barrier of
+        a later attempt (it failed for them: waiting out its timeouts would only stall this peer)."""
+        mates = set(members) - {self.transport.peer_id}
+        while not handle.done() and mates:
+            if self.stop.wait(max(self.poll_interval, 0.05)):
+                break
+            # a mate at the barrier of a later attempt of this step gave this one up; one already averaging
+            # that later attempt may be in this very group (it came to this round from a re-run of its own)
+            rerun = next((p for p in self.tracker.fetch() if p.peer_id in mates and p.outer_step == outer_step
+                          and p.attempt > attempt and p.state == "ready"), None)
+            if rerun is not None and not handle.done():
+                logger.info("outer step %d: peer %s already re-runs the round: abandoning attempt %d",
+                            outer_step, rerun.peer_id[-8:], attempt)
+                handle.abort(f"peer {rerun.peer_id[-8:]} already re-runs outer step {outer_step}")
+                break
+        return self.decide(handle.result(), outer_step, self.cfg.max_group_size)
+
     @staticmethod
-    def decide(outcome: RoundOutcome, outer_step: int) -> RoundOutcome:
-        """Commit only if every group member averaged the same outer step (all members decide alike)."""
+    def decide(outcome: RoundOutcome, outer_step: int, max_group_size: int = 1 << 30) -> RoundOutcome:
+        """Commit only if every group member averaged the same outer step and the group is a quorum of the
+        live peers its members saw (all members decide alike: they hold the same gathered metadata)."""
         if not outcome.ok:
             return outcome
         steps = {m.get("outer_step") for m in outcome.gathered.values()}
         if steps != {outer_step}:
             return replace(outcome, ok=False, error=f"group mixed outer steps {sorted(map(str, steps))}")
+        live = set(outcome.gathered)
+        for m in outcome.gathered.values():
+            seen = m.get("live")
+            if isinstance(seen, list):
+                live.update(str(p) for p in seen[:4096])
+        base = min(len(live), max_group_size)
+        if 2 * len(outcome.gathered) <= base:
+            return replace(outcome, ok=False, error=f"no quorum: {len(outcome.gathered)} of {len(live)} live peers "
+                                                    "in the group (a round needs more than half)")
         return outcome

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator, Sequence
 
@@ -44,6 +45,7 @@ from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import SparseAllGatherRunner, serving
 from swarmloco.protocol.errors import InvalidContribution, PartialAllReduce, RoundFailures, is_invalid
 from swarmloco.protocol.gate import Gate, gate_matchmaking
+from swarmloco.protocol.lineage_transfer import LineageSharing
 from swarmloco.protocol.robust import RobustPartReducer, name_clipped
 from swarmloco.protocol.state_transfer import StateSharing
 
@@ -83,6 +85,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.bytes_received = 0
         self.last_progress = time.monotonic()  # when a part last arrived (or its reducer failed)
         self.failures = RoundFailures("reducer")
+        self.doomed = asyncio.Event()
+        """Set when a reducer's connection is gone: its part is lost for every member, so the round cannot
+        succeed anywhere and waiting for the other parts would only stall the group."""
         self._hang = faults.next_allreduce_hangs()
 
     def _decode(self, message, expected_numel: int) -> torch.Tensor:
@@ -143,6 +148,8 @@ class ExactAllReduceRunner(AllReduceRunner):
                 # failed link would fail every link.
                 await self._ban_sender(peer_id)
             self.tensor_part_container.register_failed_reducer(peer_index)
+            if gone:
+                self.doomed.set()
             raise
 
     async def rpc_aggregate_part(self, stream, context):
@@ -213,11 +220,14 @@ class ExactAllReduceRunner(AllReduceRunner):
         return self.tensor_part_container.failed_size
 
 
-class SwarmAverager(StateSharing, DecentralizedAverager):
+class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
     """DecentralizedAverager running :class:`ExactAllReduceRunner`; a round's result carries metadata.
 
     State transfer (serving ours, downloading another peer's) comes from
-    :class:`~swarmloco.protocol.state_transfer.StateSharing`.
+    :class:`~swarmloco.protocol.state_transfer.StateSharing`, lineage proofs from
+    :class:`~swarmloco.protocol.lineage_transfer.LineageSharing`. Every command to the averager process
+    goes through one pipe: sends are serialized by ``_pipe_lock`` (the training loop and the heartbeat and
+    lineage threads all send; a long message sent by two threads at once would interleave).
 
     ``step()`` returns ``{"gathered": {peer_id_b58: data}, "bytes_sent": int, "bytes_received": int,
     "allreduce_s": float, "group_size": int}`` on success and raises on any failure, partial results
@@ -228,7 +238,24 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         self._codec = codec
         self._clip_factor = clip_factor
         self._gate = gate or Gate()  # who may average with us (protocol/gate.py); set before the fork
+        self._pipe_lock = threading.Lock()
+        self._abort: asyncio.Event | None = None  # created in the averager process: abort_round sets it
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
+
+    def step(self, *args, **kwargs):
+        with self._pipe_lock:
+            return super().step(*args, **kwargs)
+
+    def abort_round(self, reason: str) -> None:
+        """Give up the all-reduce running now (its group mates already know it failed): the round then
+        fails at once instead of waiting out its timeouts."""
+        with self._pipe_lock:
+            self._outer_pipe.send(("_abort_round", [], dict(reason=str(reason)[:200])))
+
+    async def _abort_round(self, reason: str) -> None:
+        self._abort_reason = reason
+        if self._abort is not None:
+            self._abort.set()
 
     @property
     def _matchmaking(self):
@@ -244,8 +271,9 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
     def set_gate(self, private: bool, admitted, excluded, timeout: float = 10.0) -> None:
         """Tell the averager process whom to refuse at matchmaking (and, if private, at state download)."""
         future = MPFuture()
-        self._outer_pipe.send(("_set_gate", [], dict(private=bool(private), admitted=frozenset(admitted),
-                                                    excluded=frozenset(excluded), future=future)))
+        with self._pipe_lock:
+            self._outer_pipe.send(("_set_gate", [], dict(private=bool(private), admitted=frozenset(admitted),
+                                                        excluded=frozenset(excluded), future=future)))
         future.result(timeout)
 
     async def _set_gate(self, private: bool, admitted, excluded, future: MPFuture) -> None:
@@ -272,7 +300,8 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
         """Wait (at most ``timeout``) until this peer has sent its group mates every averaged part it owes
         them: a peer leaving right after its last round otherwise cut its mates' round short."""
         future = MPFuture()
-        self._outer_pipe.send(("_drain", [], dict(timeout=timeout, future=future)))
+        with self._pipe_lock:
+            self._outer_pipe.send(("_drain", [], dict(timeout=timeout, future=future)))
         return future.result(timeout + 5)
 
     async def _drain(self, timeout: float, future: MPFuture) -> None:
@@ -284,7 +313,8 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
     def set_target_group_size(self, size: int, timeout: float = 10.0) -> None:
         """Let the next round start as soon as ``size`` peers joined (they passed the ready barrier)."""
         future = MPFuture()
-        self._outer_pipe.send(("_set_target_group_size", [], dict(size=int(size), future=future)))
+        with self._pipe_lock:
+            self._outer_pipe.send(("_set_target_group_size", [], dict(size=int(size), future=future)))
         future.result(timeout)
 
     async def _set_target_group_size(self, size: int, future: MPFuture) -> None:
@@ -353,9 +383,9 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             "allreduce_s": time.perf_counter() - start,
         }
 
-    @staticmethod
-    async def _consume_with_watchdog(runner: ExactAllReduceRunner, tensors) -> None:
-        """Copy the averaged tensors out as they come; give up if no part arrives or fails for too long.
+    async def _consume_with_watchdog(self, runner: ExactAllReduceRunner, tensors) -> None:
+        """Copy the averaged tensors out as they come; give up if no part arrives or fails for too long,
+        or at once when the node aborts the round (its group mates already re-run it).
 
         Each stream has its own timeout, but a peer can still wait on a part whose reducer is itself
         stuck behind a dead peer; without this, such a peer sat in a doomed round until
@@ -366,17 +396,40 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
                 tensor.copy_(averaged.reshape(tensor.shape))
 
         stall = (runner.sender_timeout or 10.0) + (runner.reducer_timeout or 20.0)
-        task = asyncio.create_task(consume())
+        await self._until_done_or_aborted(consume(), stall_s=stall, last_progress=lambda: runner.last_progress,
+                                          doomed=runner.doomed,
+                                          doom=lambda: runner.failures.error("a reducer's connection is gone"))
+
+    async def _until_done_or_aborted(self, coro, stall_s: float | None = None, last_progress=None,
+                                     doomed: asyncio.Event | None = None, doom=None):
+        """Run ``coro``; raise AllreduceException if the node aborts the round, if ``doomed`` is set (then
+        ``doom()``), or if ``last_progress()`` is older than ``stall_s``."""
+        task = asyncio.ensure_future(coro)
+        abort = self._abort if self._abort is not None else asyncio.Event()
+        waiters = {asyncio.ensure_future(abort.wait())} | ({asyncio.ensure_future(doomed.wait())} if doomed else set())
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=min(1.0, stall / 4))
-                if not task.done() and time.monotonic() - runner.last_progress > stall:
-                    raise AllreduceException(f"no part arrived or failed for {stall:.0f}s: abandoning the round")
-            await task
+                await asyncio.wait({task, *waiters}, timeout=1.0 if stall_s is None else min(1.0, stall_s / 4),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    break
+                if doomed is not None and doomed.is_set():
+                    raise doom()
+                if abort.is_set():
+                    raise AllreduceException(f"abandoned: {getattr(self, '_abort_reason', 'aborted')}")
+                if stall_s is not None and not task.done() and time.monotonic() - last_progress() > stall_s:
+                    raise AllreduceException(f"no part arrived or failed for {stall_s:.0f}s: abandoning the round")
+            return await task
         finally:
+            for waiter in waiters:
+                waiter.cancel()
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+    async def _step(self, *, step, future_for_init):
+        self._abort = asyncio.Event()  # a new round: an abort meant for the last one cannot reach it
+        return await super()._step(step=step, future_for_init=future_for_init)
 
     async def _run_allgather_inplace_(self, tensors, group_info, group_id, start: float, **kwargs):
         modes = [AveragingMode(self.serializer.loads(g)[1]) for g in group_info.gathered]
@@ -390,7 +443,7 @@ class SwarmAverager(StateSharing, DecentralizedAverager):
             raise AllreduceException(f"group {group_id!r} was not registered")
         self._running_groups[group_id].set_result(runner)  # hivemind routes rpc_aggregate_part to it
         try:
-            flat = await runner.run()
+            flat = await self._until_done_or_aborted(runner.run())
         finally:
             clipped, capped = name_clipped(runner.peers, runner.clipped, runner.capped)
         offset = 0

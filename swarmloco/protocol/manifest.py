@@ -201,12 +201,36 @@ def read_index(values: dict[str, bytes], now: float) -> list[tuple[str, str]]:
     return sorted(counts, key=lambda k: (-counts[k], k))
 
 
+def first_difference(mine: Any, theirs: Any) -> str | None:
+    """One line naming the first parameter (in ``mine``'s order) where two model fingerprints (name ->
+    "shape:dtype") differ; None if they are equal."""
+    mine = mine if isinstance(mine, dict) else {}
+    theirs = theirs if isinstance(theirs, dict) else {}
+    for name, spec in mine.items():
+        if name not in theirs:
+            return f"parameter {name} ({spec}) is in this model, not in the swarm's"
+        if theirs[name] != spec:
+            return f"parameter {name} is {spec} here, {theirs[name]} in the swarm"
+    for name, spec in theirs.items():
+        if name not in mine:
+            return f"parameter {name} ({spec}) is in the swarm's model, not in this one"
+    return None
+
+
 def diff_fields(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the fields that differ between two manifests."""
+    """Dotted names of the fields that differ between two manifests (the model by its first differing
+    parameter, its initial parameters by their digest)."""
     out = []
+    if not prefix and a.get("fingerprint") != b.get("fingerprint"):
+        out.append(first_difference(a.get("fingerprint"), b.get("fingerprint")) or "the model's parameters")
+    elif not prefix and a.get("genesis") != b.get("genesis"):
+        out.append(f"the model's initial parameters (digest {str(a.get('genesis'))[:12]} here, "
+                   f"{str(b.get('genesis'))[:12]} in the swarm: build the model from the same seed and code)")
     for key in sorted(set(a) | set(b)):
         name = f"{prefix}{key}"
         va, vb = a.get(key), b.get(key)
+        if not prefix and key in ("fingerprint", "genesis"):
+            continue
         if isinstance(va, dict) and isinstance(vb, dict):
             out.extend(diff_fields(va, vb, name + "."))
         elif va != vb:

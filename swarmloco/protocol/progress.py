@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from swarmloco.protocol.identity import Identity, peer_id_of_public_key
+from swarmloco.protocol.identity import SIGNATURE_SIZE, Identity, peer_id_of_public_key
 from swarmloco.protocol.records import RecordError, decode_record, encode_record
 from swarmloco.protocol.transport import Transport
 
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 KIND = "progress"
 STATES = ("joining", "training", "ready", "averaging", "idle", "stopped")
 _MAX_STR = 256
+MAX_ATTEST = 4
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class PeerProgress:
     """First 16 hex digits of sha256 of the peer's global params at ``outer_step`` (equal across replicas)."""
     attempt: int = 0
     """Which try of the round for ``outer_step`` this peer is in (a failed round is re-run among survivors)."""
+    attest: tuple[tuple[int, bytes], ...] = ()
+    """(outer step, signature) of this peer's last few committed rounds: its signature of each round's
+    header (:mod:`swarmloco.protocol.certificates`), which its group mates add to their certificates."""
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -63,6 +67,11 @@ class PeerProgress:
             extra = obj.get("extra") or {}
             if not isinstance(extra, dict) or len(extra) > 32:
                 return None
+            attest = obj.get("attest") or ()
+            if not isinstance(attest, (list, tuple)) or len(attest) > MAX_ATTEST or not all(
+                    isinstance(a, (list, tuple)) and len(a) == 2 and type(a[0]) is int and a[0] >= 0
+                    and isinstance(a[1], bytes) and len(a[1]) == SIGNATURE_SIZE for a in attest):
+                return None
             rec = cls(
                 peer_id=str(obj["peer_id"]),
                 outer_step=int(obj["outer_step"]),
@@ -75,6 +84,7 @@ class PeerProgress:
                 bytes_per_round=None if obj.get("bytes_per_round") is None else int(obj["bytes_per_round"]),
                 digest=str(obj.get("digest", ""))[:64],
                 attempt=int(obj.get("attempt", 0)),
+                attest=tuple((int(a[0]), bytes(a[1])) for a in attest),
                 extra=dict(extra),
             )
         except Exception:  # noqa: BLE001 - hostile or stale-schema values are ignored
@@ -87,6 +97,13 @@ class PeerProgress:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["maddrs"] = list(self.maddrs)
+        data["attest"] = [[step, sig] for step, sig in self.attest]
+        return data
+
+    def display_dict(self) -> dict:
+        """The heartbeat as JSON-able fields for status pages and the monitor (no signatures)."""
+        data = self.to_dict()
+        del data["attest"]
         return data
 
 
@@ -172,5 +189,5 @@ class SwarmWatcher:
         for manifest in manifests.values():
             tracker = ProgressTracker(self.transport, manifest.progress_key, self.ttl, None, self.clock)
             for rec in tracker.fetch():
-                peers.append({**rec.to_dict(), "manifest": manifest.short})
+                peers.append({**rec.display_dict(), "manifest": manifest.short})
         return peers

@@ -115,8 +115,9 @@ class StateSharing:
         ``errors`` when no peer served a state.
         """
         future = MPFuture()
-        self._outer_pipe.send(("_download_state", [], dict(peer_ids=list(peer_ids), timeout=timeout,
-                                                            max_bytes=max_bytes, parallel=parallel, future=future)))
+        with self._pipe_lock:
+            self._outer_pipe.send(("_download_state", [], dict(peer_ids=list(peer_ids), timeout=timeout,
+                                                                max_bytes=max_bytes, parallel=parallel, future=future)))
         return future.result(timeout * (len(peer_ids) + 3) + 30)
 
     async def _download_state(self, peer_ids: list, timeout: float, max_bytes: int, parallel: int,

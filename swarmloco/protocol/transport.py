@@ -84,6 +84,9 @@ class DownloadedState:
 class RoundHandle(Protocol):
     def done(self) -> bool: ...
 
+    def abort(self, reason: str) -> None:
+        """Give the round up now (it fails at once with ``reason``); no-op once it ended."""
+
     def result(self) -> RoundOutcome:
         """Block until the round ends (bounded by the round's own deadlines); write results into outputs."""
 
@@ -111,6 +114,15 @@ class Transport(Protocol):
     def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int,
                        parallel: int = 1) -> tuple[DownloadedState | None, list[str]]: ...
 
+    def set_lineage(self, root_step: int, root_digest: bytes, start: int,
+                    entries: Sequence[tuple[bytes, bytes]]) -> None:
+        """The chain this peer serves as proof: entries (digest after, encoded certificate) from ``start``."""
+
+    def fetch_lineage(self, peer_id: str, locator: Sequence[tuple[int, bytes]], timeout: float,
+                      max_bytes: int) -> tuple[dict | None, str | None]:
+        """Another peer's proof since the newest shared locator point: (``{"root", "from", "tip", "certs"}``,
+        None), or (None, a one-line error)."""
+
     def shutdown(self) -> None: ...
 
 
@@ -134,12 +146,20 @@ class _HivemindRound:
             if stopping is not None and stopping.is_set():
                 stop_seen = stop_seen or time.monotonic()
                 if time.monotonic() - stop_seen >= STOP_ROUND_GRACE:
+                    self.abort("this peer is stopping")  # (its group mates learn it at once)
                     self._control.cancel()
                     self._transport.left_a_round = True
                     raise _LeftRound("left the round: this peer is stopping")
 
     def done(self) -> bool:
         return self._control.done()
+
+    def abort(self, reason: str) -> None:
+        if not self._control.done():
+            try:
+                self._transport.averager.abort_round(reason)
+            except Exception as e:  # noqa: BLE001 - the round then ends by its own timeouts
+                logger.debug("could not abort the round: %s", e)
 
     def result(self) -> RoundOutcome:
         try:
@@ -222,10 +242,11 @@ class SwarmTransport:
 
     def __init__(self, cfg: SwarmConfig, *, prefix: str, templates: Sequence[torch.Tensor], codec: Codec,
                  record_validators: Sequence[Any] = (), identity_path: str | None = None, clip_factor: float = 0.0,
-                 dht: Any = None, stopping: threading.Event | None = None):
+                 dht: Any = None, own_dht: bool = True, stopping: threading.Event | None = None):
         """``dht``: an already started DHT node to use (``swarmloco join`` starts one to fetch the manifest
-        before it knows the model); it is shut down with this transport. ``stopping``: set when the peer
-        is told to stop (a round in flight is then left after ``STOP_ROUND_GRACE``)."""
+        before it knows the model; a :class:`~swarmloco.Swarm` holds one for its runs); it is shut down with
+        this transport if ``own_dht``. ``stopping``: set when the peer is told to stop (a round in flight is
+        then left after ``STOP_ROUND_GRACE``)."""
         from swarmloco.protocol.allreduce import SwarmAverager
 
         self.cfg, self.stopping = cfg, stopping
@@ -234,7 +255,7 @@ class SwarmTransport:
             dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
         elif record_validators:
             dht.add_validators(list(record_validators))
-        self.dht = dht
+        self.dht, self._own_dht, self._closed = dht, own_dht, False
         try:
             with isolated_helpers(), _sigint_kept():
                 self.averager = SwarmAverager(
@@ -255,8 +276,9 @@ class SwarmTransport:
                 )
             track([self.averager.pid])
         except BaseException:
-            self.dht.shutdown()
-            reap_helpers([self.dht.pid])
+            if own_dht:
+                self.dht.shutdown()
+                reap_helpers([self.dht.pid])
             raise
         self.peer_id = self.dht.peer_id.to_base58()
         self._target_group_size = cfg.max_group_size
@@ -332,24 +354,43 @@ class SwarmTransport:
                                float(got["seconds"]), tuple(got.get("sources", [got["peer"]]))), \
             list(got.get("errors", []))
 
+    def set_lineage(self, root_step: int, root_digest: bytes, start: int,
+                    entries: Sequence[tuple[bytes, bytes]]) -> None:
+        try:
+            self.averager.set_lineage(root_step, root_digest, start, list(entries))
+        except Exception as e:  # noqa: BLE001 - peers asking for proof get the previous chain meanwhile
+            logger.warning("could not hand the lineage to the averager: %s", e)
+
+    def fetch_lineage(self, peer_id: str, locator: Sequence[tuple[int, bytes]], timeout: float,
+                      max_bytes: int) -> tuple[dict | None, str | None]:
+        try:
+            return self.averager.fetch_lineage(peer_id, list(locator), timeout=timeout, max_bytes=max_bytes), None
+        except Exception as e:  # noqa: BLE001 - a dead, refusing or lying peer: the caller decides
+            return None, (str(e) or type(e).__name__)[:300]
+
     def shutdown(self) -> None:
         """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time, then
         whatever is left of their process groups.
 
         First let the averager finish sending group mates the averaged parts it owes them (bounded by
-        ``next_chunk_timeout``), so that leaving right after a round does not fail the others' round."""
+        ``next_chunk_timeout``), so that leaving right after a round does not fail the others' round.
+        A DHT node this transport does not own stays up (its swarm stops it)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if not self.left_a_round and not self.averager.drain(self.cfg.next_chunk_timeout):
                 logger.info("left with averaged parts still owed to group mates")
         except Exception as e:  # noqa: BLE001
             logger.debug("drain before shutdown failed: %s", e)
-        for part, proc in (("averager", self.averager), ("dht", self.dht)):
+        for part, proc in (("averager", self.averager), ("dht", self.dht))[:2 if self._own_dht else 1]:
             stop_process(part, proc)
-        reap_helpers([self.averager.pid, self.dht.pid])
+        reap_helpers([self.averager.pid, self.dht.pid] if self._own_dht else [self.averager.pid])
 
 
 def shutdown_dht(dht: Any) -> None:
-    """Stop a started hivemind DHT node that no transport or client owns (a ``join`` that gave up)."""
+    """Stop a started hivemind DHT node that no transport or client owns (a ``join`` that gave up, a
+    :class:`~swarmloco.Swarm` closing), then whatever is left of its process group (p2pd)."""
     stop_process("dht", dht)
     reap_helpers([dht.pid])
 

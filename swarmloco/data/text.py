@@ -111,6 +111,15 @@ class Corpus:
                 f"model.block_size = {block_size} tokens (lower num_shards, or add data)"
             )
 
+    @property
+    def num_shards(self) -> int:
+        return self.cfg.num_shards
+
+    @property
+    def vocab_size(self) -> int:
+        """Byte tokens."""
+        return 256
+
     def shard_bounds(self, shard: int) -> tuple[int, int]:
         if not 0 <= shard < self.cfg.num_shards:
             raise ValueError(f"shard {shard} is out of range [0, {self.cfg.num_shards})")

@@ -1,0 +1,367 @@
+"""DiLoCo over a swarm, wrapped around the user's own model, inner optimizer and training loop.
+
+    swarm = swarmloco.Swarm("my-run", initial_peers=[...]).start()
+    diloco = swarmloco.DiLoCo(swarm, model, partial(torch.optim.AdamW, lr=3e-4), inner_steps=100)
+    opt = diloco.inner_optimizer
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        diloco.step(samples=len(x), loss=loss)   # every inner_steps-th call runs the outer round
+    diloco.close()
+
+What a peer keeps (DiLoCo, arXiv:2311.08105): ``global_params``, the last agreed model, fp32 on the CPU,
+identical bit for bit on every peer of the same rounds, which the outer optimizer (Nesterov momentum)
+steps on; and the user's model on its device with the inner optimizer's state, which stays local.
+
+One outer step: inner steps -> pseudo-gradient ``global - local`` -> averaged over the round's peers
+(weighted by samples, compressed by the run's codec with error feedback, checked robustly) -> outer step
+on ``global_params`` -> the model := global params. A failed round is re-run at once among the survivors
+(:mod:`swarmloco.node.sync`); if it still fails, nothing global changes and the model keeps its inner
+progress, which the next round's pseudo-gradient carries. Every committed round is certified: each member
+signs its header and the certificates chain back to the run's genesis (:mod:`swarmloco.node.lineage`). A
+peer whose lineage the swarm outweighs adopts the heavier one at its next :meth:`DiLoCo.step` (proven and
+downloaded in the background, :mod:`swarmloco.node.catch_up`), dropping its unfinished inner work.
+
+The **manifest** every peer of the run must share is the model's fingerprint (parameter names, shapes,
+dtypes) and its initial parameters' digest (the genesis), ``inner_steps``, the outer, codec and access
+settings, and the user's own ``run_config``: a peer with another model is refused in one line naming the
+first differing parameter. Build the model identically on every peer (the same seed) and create the
+DiLoCo on the fresh model; resume with :meth:`DiLoCo.load_state_dict` (or ``resume=True`` with a
+checkpoint directory).
+
+Rounds start after ``inner_steps`` calls of :meth:`DiLoCo.step`, or, with ``outer.target_samples``, as soon
+as the live peers at this outer step processed that many samples together (tracked in their heartbeats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from swarmloco.compression import get_codec
+from swarmloco.compression.error_feedback import ErrorFeedback
+from swarmloco.config import AccessConfig, CheckpointConfig, CodecConfig, OuterConfig
+from swarmloco.node.catch_up import CatchUp
+from swarmloco.node.lineage import Chain
+from swarmloco.node.membership import REFRESH_BEATS, Membership
+from swarmloco.node.peer_state import PeerState
+from swarmloco.node.round import RoundReport, run_round
+from swarmloco.node.state_sync import DIGEST_CHARS, params_digest
+from swarmloco.node.status import StatusBoard
+from swarmloco.node.sync import READY_STATES, Synchronizer
+from swarmloco.outer_optim import OuterNesterov
+from swarmloco.protocol.manifest import RunManifest
+from swarmloco.protocol.progress import MAX_ATTEST, PeerProgress, ProgressTracker
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(model: torch.nn.Module) -> dict[str, str]:
+    """Parameter name -> "shape:dtype", in the model's order (part of the manifest)."""
+    return {name: f"{'x'.join(map(str, p.shape)) or 'scalar'}:{str(p.dtype).removeprefix('torch.')}"
+            for name, p in model.named_parameters()}
+
+
+@dataclass(frozen=True)
+class _Inner:
+    steps: int
+    samples: int
+    seconds: float
+    mean_loss: float
+
+
+class DiLoCo(PeerState):
+    """One peer's DiLoCo over ``swarm`` (see the module doc)."""
+
+    def __init__(self, swarm, model: torch.nn.Module, inner_optimizer, *, inner_steps: int = 50,
+                 outer: OuterConfig | None = None, codec: CodecConfig | None = None,
+                 access: AccessConfig | None = None, checkpoint: CheckpointConfig | None = None,
+                 run_config: dict[str, Any] | None = None, seed: int = 0, resume: bool = False,
+                 evaluate: Callable[[], float] | None = None, board: StatusBoard | None = None,
+                 manifest: dict[str, Any] | None = None):
+        """``inner_optimizer``: a factory ``params -> torch.optim.Optimizer`` (as hivemind and OpenDiLoCo take)
+        or an optimizer already built over ``model``'s parameters; ``diloco.inner_optimizer`` is it.
+        ``evaluate()``: held-out loss of the model, called after each committed round with the global
+        parameters in the model (reported with the round). ``checkpoint``: where and how often to write
+        checkpoints (``resume`` starts from the newest). ``run_config``: anything else every peer must
+        share (hyperparameters, data recipe), part of the manifest. ``manifest``: the whole shared run
+        definition instead (the CLI passes its config's), to which the fingerprint and genesis are added."""
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps={inner_steps!r} is invalid: must be a positive integer")
+        self.swarm, self.model, self.H = swarm, model, inner_steps
+        self.outer_cfg, self.codec_cfg = outer or OuterConfig(), codec or CodecConfig()
+        self.checkpoint_cfg = checkpoint or CheckpointConfig()
+        self.resume, self.evaluate_fn = resume, evaluate
+        self.board = board or StatusBoard()
+        self.stop = swarm.stop  # the user's (or the CLI's signal handler's): ends waits and the loop
+        self._halt = threading.Event()  # set by close(): ends this engine's threads, not the swarm's other runs
+        self.identity = swarm.identity
+        self.inner_optimizer = inner_optimizer if isinstance(inner_optimizer, torch.optim.Optimizer) \
+            else inner_optimizer(model.parameters())
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError("the model has no parameters to train")
+        self.device = first.device
+        pin = self.device.type == "cuda"  # the CPU side of every host<->device copy is pinned: async DMA
+        self.global_params = [_cpu_buffer(p, pin).copy_(p.detach()) for p in model.parameters()]
+        self._staging = [_cpu_buffer(p, pin) for p in model.parameters()]  # the local params, copied off
+        self.digest = params_digest(self.global_params)
+        base = manifest if manifest is not None else {
+            "run_id": swarm.run_id, "seed": seed, "inner": {"steps": inner_steps},
+            "outer": dataclasses.asdict(self.outer_cfg), "codec": dataclasses.asdict(self.codec_cfg),
+            "access": dataclasses.asdict(access or AccessConfig()), "run": dict(run_config or {})}
+        self.manifest = RunManifest.from_dict({**base, "fingerprint": fingerprint(model), "genesis": self.digest})
+        self.outer_opt = OuterNesterov(self.global_params, lr=self.outer_cfg.lr, momentum=self.outer_cfg.momentum,
+                                       nesterov=self.outer_cfg.nesterov)
+        self.codec = get_codec(self.codec_cfg)
+        self.error_feedback = ErrorFeedback() if (self.codec_cfg.error_feedback and self.codec.info.lossy) else None
+        self.transport = swarm.transport_for(self.manifest, templates=self.global_params, codec=self.codec,
+                                             clip_factor=self.outer_cfg.clip_factor)
+        cfg = swarm.config
+        self.cfg_swarm = cfg
+        self.outer_step = 0
+        self.inner_step = 0
+        """Inner steps of this peer's schedule (moves to ``outer_step * inner_steps`` when it adopts a state)."""
+        self.membership = Membership(self.manifest, self.transport, self.identity, cfg, self.board)
+        self.tracker = ProgressTracker(self.transport, self.manifest.progress_key, cfg.heartbeat_ttl, self.identity,
+                                       admits=self.membership.admits)
+        self.sync = Synchronizer(self.transport, self.tracker, cfg, heartbeat=self._progress, stop=self.stop,
+                                 refused=lambda peer_id: self.membership.refused(peer_id, self.outer_step),
+                                 behind=self._behind_check)
+        self.chain = Chain(self.manifest.hash, 0, bytes.fromhex(self.digest))  # rooted at the run's genesis
+        self._attest: deque[tuple[int, bytes]] = deque(maxlen=MAX_ATTEST)  # our signatures of recent rounds
+        self._mates: set[str] = set()  # peers of this step's attempts and of our last commit
+        self._lock = threading.Lock()  # global params, momentum, outer step and chain change together under it
+        self.catchup = CatchUp(
+            manifest=self.manifest.hash, transport=self.transport, cfg=cfg, snapshot=self._chain_snapshot,
+            counts=self._counts, fetch=lambda: self.sync.live(self.tracker.fetch()),
+            blame=lambda peer_id, why: self.membership.exclude(peer_id, self.outer_step, why),
+            templates=self.global_params, download_sources=cfg.download_sources, stop=self._halt)
+        self.catchup.paused = lambda: self._state == "averaging"
+        self._pseudo = [torch.zeros_like(p) for p in self.global_params]
+        self._averaged = [torch.zeros_like(p) for p in self.global_params]
+        self._samples_since_sync = self._inner_steps = 0
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_n = 0
+        self._round_started = time.perf_counter()
+        self._last_sps = 0.0
+        self._last_round_bytes: int | None = None
+        self._known_peers: set[str] = set()
+        self._maddrs = tuple(self.transport.visible_maddrs()[:4])  # asked once: each call is an RPC to the DHT
+        self._state = "joining"
+        self._heartbeat_thread: threading.Thread | None = None
+        self._round_due = threading.Event()  # target_samples mode: the swarm has done enough samples
+        self._swarm_samples = 0
+        self._attempt = 0  # which try of the current round (heartbeats say it)
+        self._started = self._closed = False
+        self.initial_eval_loss = float("nan")
+        self.transport.set_state_provider(self._serve_state)
+        self.board.update(
+            peer_id=self.transport.peer_id, run_id=self.manifest.run_id, manifest_hash=self.manifest.hash,
+            device=str(self.device), inner_steps_per_round=self.H, outer_step=0, inner_step=0,
+            num_params=sum(p.numel() for p in self.global_params), codec=self.codec.info.name)
+
+    # ----- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> DiLoCo:
+        """Resume (if asked), check the manifest and access against the swarm's (ManifestMismatch,
+        AccessRefused), announce this peer, adopt the swarm's state if its lineage outweighs ours, and
+        start the heartbeat and catch-up threads. :meth:`step` calls it the first time."""
+        if self._started:
+            return self
+        self._started = True
+        self.push_lineage(0)
+        if self.resume:
+            self.maybe_resume()
+        self.membership.announce(wait_s=min(10.0, self.cfg_swarm.ready_timeout))
+        self.tracker.publish(self._progress())
+        self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._heartbeat_thread.start()
+        if self.catchup.check(self.sync.live(self.tracker.fetch())) is not None:  # a late joiner, an old restart
+            taken = self.catchup.take(self._chain_snapshot())
+            if taken is not None:
+                self.adopt(taken)
+        self.catchup.start()
+        self.initial_eval_loss = self._evaluate()
+        self.board.update(eval_loss=self.initial_eval_loss, initial_eval_loss=self.initial_eval_loss)
+        self._set_state("training")
+        self._round_started = time.perf_counter()
+        self.tracker.publish(self._progress())
+        return self
+
+    def close(self) -> None:
+        """Leave the swarm: a last heartbeat saying so, the final checkpoint, the averager stopped."""
+        if self._closed:
+            return
+        self._closed = True
+        self._halt.set()
+        try:
+            if self._started:
+                self._set_state("stopped")
+                self.tracker.publish(self._progress())
+                self.write_checkpoint()
+        finally:
+            self.transport.shutdown()
+
+    def __enter__(self) -> DiLoCo:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----- the user's loop calls this -----------------------------------------------------------------
+    def step(self, samples: int = 1, loss: torch.Tensor | float | None = None) -> RoundReport | None:
+        """Count one inner step (``samples`` processed; ``loss``, optional, is averaged into the round's
+        report without a device sync per step). Runs the outer round when it is due and returns its report;
+        adopts a heavier lineage proven meanwhile (its report has ``adopted``); otherwise returns None."""
+        if not self._started:
+            self.start()
+        self._inner_steps += 1
+        self.inner_step += 1
+        self._samples_since_sync += int(samples)
+        if loss is not None:
+            self._loss_sum = self._loss_sum + (loss.detach().float() if isinstance(loss, torch.Tensor) else float(loss))
+            self._loss_n += 1
+        if self.stop.is_set():
+            return None
+        if self.catchup.pending is not None:
+            return self._adopt_pending(barrier_wait=None)
+        if self._round_is_due():
+            return self.sync_now()
+        return None
+
+    def sync_now(self) -> RoundReport:
+        """Run the outer round now (with whatever inner steps were done since the last one)."""
+        if not self._started:
+            self.start()
+        inner = self._inner_result()
+        report = run_round(self, inner)
+        self._next_round()
+        return report
+
+    @property
+    def round_due(self) -> bool:
+        """Whether the next :meth:`step` would start a round (or adopt a prepared lineage)."""
+        return self.catchup.pending is not None or self._round_is_due(counting_next=True)
+
+    def _round_is_due(self, counting_next: bool = False) -> bool:
+        target = self.outer_cfg.target_samples
+        if not target:
+            return self._inner_steps + (1 if counting_next else 0) >= self.H
+        return self._round_due.is_set() or self._samples_since_sync + self._swarm_samples >= target
+
+    def _inner_result(self) -> _Inner:
+        seconds = time.perf_counter() - self._round_started
+        mean = float(self._loss_sum) / self._loss_n if self._loss_n else float("nan")
+        if self._inner_steps and seconds > 0:
+            self._last_sps = self._samples_since_sync / seconds
+        self.board.update(inner_steps_total=self.inner_step, train_loss=mean, samples_per_second=self._last_sps,
+                          inner_step=self._inner_steps)
+        return _Inner(self._inner_steps, self._samples_since_sync, seconds, mean)
+
+    def _next_round(self) -> None:
+        self._inner_steps, self._loss_sum, self._loss_n = 0, 0.0, 0
+        self._round_due.clear()
+        self._swarm_samples = 0  # the others' count for this step comes with their next heartbeats
+        self._round_started = time.perf_counter()
+        if not self.stop.is_set():
+            self._set_state("training")
+            self.tracker.publish(self._progress())
+
+    def _adopt_pending(self, barrier_wait: float | None) -> RoundReport:
+        inner = self._inner_result()
+        report = self._catch_up_instead_of_round(None, inner, self._round_started)
+        self._next_round()
+        return report
+
+    def _evaluate(self) -> float:
+        return float(self.evaluate_fn()) if self.evaluate_fn is not None else float("nan")
+
+    # ----- heartbeats ---------------------------------------------------------------------------------
+    def _progress(self) -> PeerProgress:
+        with self._lock:  # the step and digest change together
+            step, digest = self.outer_step, self.digest
+        return PeerProgress(
+            peer_id=self.transport.peer_id, outer_step=step, state=self._state, time=time.time(),
+            samples=self._samples_since_sync, samples_per_second=self._last_sps, maddrs=self._maddrs,
+            round_time=self.board.get("last_round_time"), bytes_per_round=self._last_round_bytes,
+            digest=digest[:DIGEST_CHARS], attempt=self._attempt, attest=tuple(self._attest))
+
+    def _heartbeat_loop(self) -> None:
+        beats = 0
+        while not self._halt.wait(self.cfg_swarm.heartbeat_period) and not self.stop.is_set():
+            if self._state != "stopped":  # also while averaging: a long round must not look like a dead peer
+                self.tracker.publish(self._progress())
+            beats += 1
+            try:
+                if beats % REFRESH_BEATS == 0:
+                    self.membership.refresh()
+                elif self.membership.tokens_due:  # a stranger's heartbeat: maybe a token was just issued
+                    self.membership.refresh_tokens()
+            except Exception as e:  # noqa: BLE001 - a DHT hiccup: the next refresh tries again
+                logger.warning("refreshing the manifest and tokens failed: %s", e)
+            try:
+                peers = self.tracker.fetch()
+            except Exception as e:  # noqa: BLE001
+                logger.debug("progress fetch failed: %s", e)
+                continue
+            self.board.update(peers_online=len(peers), swarm=[p.display_dict() for p in peers])
+            self._note_membership({p.peer_id for p in peers} - {self.transport.peer_id})
+            self._collect_signatures(peers)
+            self.catchup.offer(self.sync.live(peers))
+            self._check_target_samples(peers)
+
+    def _check_target_samples(self, peers: list[PeerProgress]) -> None:
+        """target_samples mode, while training: the round is due once the live peers at this step did enough."""
+        step = self.outer_step
+        if self._state != "training" or not self.outer_cfg.target_samples:
+            return
+        now, me = time.time(), self.transport.peer_id
+        others = [p for p in self.sync.live(peers) if p.peer_id != me and p.outer_step == step]
+        total = sum(p.samples + (p.samples_per_second * max(0.0, now - p.time) if p.state == "training" else 0)
+                    for p in others)
+        if self.outer_step != step:  # the round ended while we looked: these counts are stale
+            return
+        self._swarm_samples = int(total)
+        if any(p.state in READY_STATES for p in others) or \
+                total + self._samples_since_sync >= self.outer_cfg.target_samples:
+            self._round_due.set()  # someone saw the target reached, or we do: join the round now
+
+    def _note_membership(self, others: set[str]) -> None:
+        for peer_id in sorted(others - self._known_peers):
+            self.board.event("peer_joined", f"peer {peer_id[-8:]} joined")
+        for peer_id in sorted(self._known_peers - others):
+            self.board.event("peer_left", f"peer {peer_id[-8:]} left (no heartbeat for "
+                             f"{self.cfg_swarm.heartbeat_ttl:.0f}s)")
+        self._known_peers = others
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.board.update(state=state)
+
+    # ----- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The global (agreed) state, this peer's inner optimizer state and its lineage: what a checkpoint
+        holds (the model's entries are the global parameters; the model itself is not touched)."""
+        return self._state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adopt a :meth:`state_dict` (a checkpoint): the model restarts from its global parameters."""
+        self.load_state(state)
+
+
+def _cpu_buffer(like: torch.Tensor, pin: bool) -> torch.Tensor:
+    """An fp32 CPU tensor shaped like ``like`` (page-locked when ``pin``)."""
+    return torch.empty(like.shape, dtype=torch.float32, pin_memory=pin)
+
+
+__all__ = ["DiLoCo", "RoundReport", "fingerprint"]

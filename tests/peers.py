@@ -56,9 +56,9 @@ class PeerProcess:
         deadline = time.monotonic() + timeout
         while not self.maddrs_file.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text(4000)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not publish its address in {timeout}s:\n{self.log_text()}")
+                raise TimeoutError(f"{self.name} did not publish its address in {timeout}s:\n{self.log_text(4000)}")
             time.sleep(0.05)
         return [m for m in self.maddrs_file.read_text().split() if m]
 
@@ -68,13 +68,13 @@ class PeerProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{self.name}: no round in {timeout}s:\n{self.log_text()}")
+                raise TimeoutError(f"{self.name}: no round in {timeout}s:\n{self.log_text(4000)}")
             try:
                 ev = self.events.get(timeout=remaining)
             except queue.Empty:
                 continue
             if ev.get("type") == "exit":
-                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before its next round:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before its next round:\n{self.log_text(4000)}")
             if ev.get("type") == "round":
                 self.rounds.append(ev)
                 return ev
@@ -90,13 +90,13 @@ class PeerProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{self.name}: no {kind!r} event in {timeout}s:\n{self.log_text()}")
+                raise TimeoutError(f"{self.name}: no {kind!r} event in {timeout}s:\n{self.log_text(4000)}")
             try:
                 ev = self.events.get(timeout=remaining)
             except queue.Empty:
                 continue
             if ev.get("type") == "exit":
-                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before a {kind!r} event:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before a {kind!r} event:\n{self.log_text(4000)}")
             if ev.get("type") == "round":
                 self.rounds.append(ev)
             elif ev.get("kind") == kind:
@@ -127,9 +127,11 @@ class PeerProcess:
             f.seek(offset)
             return f.read().decode(errors="replace").splitlines()
 
-    def log_text(self) -> str:
+    def log_text(self, tail: int | None = None) -> str:
+        """The peer's log (stderr): all of it, or its last ``tail`` characters (for error messages)."""
         self.log.flush()
-        return self.log_path.read_text()[-4000:]
+        text = self.log_path.read_text()
+        return text[-tail:] if tail else text
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

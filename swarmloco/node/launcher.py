@@ -10,8 +10,8 @@ stretch, leaves a round in flight after a short grace, marks itself stopped in t
 checkpoint, and the transport shuts hivemind's averager, DHT and p2pd down, then kills whatever is
 left of their process groups. hivemind's processes lead their own process groups, so a signal to this
 peer's group (a terminal's Ctrl-C, closing it, ``kill -- -PGID``) reaches only this process; they get
-``PR_SET_PDEATHSIG`` so they die with a peer that is SIGKILLed (p2pd then exits after its idle
-timeout). See :mod:`swarmloco.protocol.processes`.
+``PR_SET_PDEATHSIG`` so they (p2pd too) die with a peer that is SIGKILLed. See
+:mod:`swarmloco.protocol.processes`.
 """
 
 from __future__ import annotations

@@ -7,14 +7,14 @@ those signals too, they (and p2pd, which ignores no SIGTERM: Go installs its own
 before the peer has left the swarm, and the peer would block in its last DHT store. So:
 
 * every Python-level fork made inside :func:`isolated_helpers` (hivemind forks its DHT and averager
-  processes there) puts the child in a process group of its own (``setpgid``); p2pd, started by the
-  DHT process, joins that group. Group signals then reach only the peer, which stops them in order;
-* the child gets ``PR_SET_PDEATHSIG`` = SIGKILL (Linux), so a peer that dies without cleaning up
-  (SIGKILL, the OOM killer) does not leave them serving stale state; p2pd then exits on its own after
-  its idle timeout (hivemind's default: 30 s);
-* :func:`reap_helpers` SIGKILLs whatever is left of those groups (a p2pd whose DHT process was killed,
-  a helper that did not stop in time). The transport calls it after its shutdown, the second-signal
-  path before ``os._exit``, and ``atexit`` at the end: no process of the peer's session outlives it.
+  processes there) puts the child in a process group of its own (``setpgid``) and gives it
+  ``PR_SET_PDEATHSIG`` = SIGKILL (Linux). The DHT process inherits the hook and is still "inside" when
+  it starts p2pd (uvloop runs Python's fork hooks), so p2pd too leads its own group and dies with the DHT
+  process. Group signals then reach only the peer, which stops them in order; a peer that dies without
+  cleaning up (SIGKILL, the OOM killer) takes all of them with it;
+* :func:`reap_helpers` SIGKILLs whatever is left of those groups (a helper that did not stop in time).
+  The transport calls it after its shutdown, the second-signal path before ``os._exit``, and ``atexit``
+  at the end: no process of the peer's session outlives it.
 
 Only processes of this session and of a group we created are ever signalled (a pid reused by another
 program is left alone).

@@ -173,10 +173,12 @@ def test_several_processes_train_a_custom_model_through_the_api_bit_identically(
 
 @pytest.mark.slow
 def test_a_peer_killed_mid_round_and_a_late_joiner_under_the_api(example) -> None:
-    first = example("a", "--min-peers", "3", "--rounds", "8")
+    # (all train on until the test is done with them: with 8 rounds, the victim could finish before its
+    # second all-reduce and a and b before the late joiner averaged with them)
+    first = example("a", "--min-peers", "3", "--rounds", "1000")
     addr = first.expect(r"address: (\S+)").group(1)
-    mate = example("b", "--initial-peers", addr, "--seed", "1", "--rounds", "8")
-    victim = example("c", "--initial-peers", addr, "--seed", "2", "--rounds", "8",
+    mate = example("b", "--initial-peers", addr, "--seed", "1", "--rounds", "1000")
+    victim = example("c", "--initial-peers", addr, "--seed", "2", "--rounds", "1000",
                      env={"SWARMLOCO_FAULT": "hang_allreduce:2"})
     victim.expect(r'"kind": "fault"')  # a reducer in the middle of its second all-reduce
     victim.kill()

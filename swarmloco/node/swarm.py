@@ -7,8 +7,9 @@
 Starting a swarm starts hivemind's DHT process and its p2pd daemon, running with this peer's Ed25519 key
 (so its libp2p peer id inlines the public key that signs its records). Those processes lead process groups
 of their own and die with this one (``PR_SET_PDEATHSIG``; :mod:`swarmloco.protocol.processes`): a signal to
-this process's group (a terminal's Ctrl-C) reaches only it, and it decides when they stop. :meth:`Swarm.close` (or leaving the
-``with`` block) stops every averager a :class:`~swarmloco.DiLoCo` opened on it, then the DHT node.
+this process's group (a terminal's Ctrl-C) reaches only it, and it decides when they stop.
+:meth:`Swarm.close` (or leaving the ``with`` block) stops every averager a :class:`~swarmloco.DiLoCo`
+opened on it, then the DHT node.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Swarm:
             return
         from swarmloco.protocol.transport import shutdown_dht
 
-        shutdown_dht(dht)  # (then whatever is left of its process group: p2pd)
+        shutdown_dht(dht)  # (and kills whatever is left of its process group)
 
     def __enter__(self) -> Swarm:
         return self.start()

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from peers import PeerProcess  # noqa: E402
 
 from swarmloco.config import config_from_dict, dump_toml  # noqa: E402
-from swarmloco.node.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
+from swarmloco.node.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 
 
 def loopback_throughput(nbytes: int = 256 << 20) -> float:
@@ -118,7 +118,8 @@ def main() -> None:
         broken = [float(m.group(1)) / 100 for r in disturbed for e in r.get("retried", [])
                   for m in [re.search(r"only ([\d.]+)% of values", e or "")] if m]
         step = disturbed[0]["outer_step"]
-        states = [load_checkpoint(checkpoint_path(work / f"ckpt{peers.index(p)}", step)) for p in survivors]
+        states = [load_checkpoint(next(c.path for c in list_checkpoints(work / f"ckpt{peers.index(p)}")
+                                       if c.outer_step == step)) for p in survivors]
         max_diff = 0.0
         for other in states[1:]:
             for k, v in states[0]["model"].items():

@@ -2,6 +2,10 @@
 
 The CLI picks a config file (or preset) and a few overrides; everything else lives in the TOML.
 Logging is configured here and only here.
+
+Every bad input is refused before anything starts, in one line naming the flag or field as the user
+wrote it, with the exit codes of :data:`EXIT_CODES`; no input produces a traceback (``-v`` shows one
+for an unexpected error).
 """
 
 from __future__ import annotations
@@ -11,31 +15,92 @@ import logging
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from swarmloco import __version__
-from swarmloco.config import load_config
+from swarmloco.config import ConfigError, load_config, show_value
+from swarmloco.node.console import say
 
 log = logging.getLogger("swarmloco")
 
+EXIT_CODES = """\
+exit codes:
+  0  done, or stopped by Ctrl-C / SIGTERM / SIGHUP (once: it stops cleanly)
+  1  could not start (a port is taken, the initial peers are unreachable)
+  2  bad flags, config or data (one line names the flag or field)
+  3  refused by the swarm (another manifest, no access token, no owner-signed manifest)
+  130  a second signal: exit at once"""
 
-def _setup_logging(verbose: int, log_file: str | None = None) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO
+# config fields a flag sets: an error in the value names the flag, as the user typed it
+FLAG_OF_FIELD = {
+    "swarm.initial_peers": "--initial-peers", "swarm.host_maddrs": "--host-maddrs",
+    "swarm.announce_maddrs": "--announce-maddrs", "swarm.identity_path": "--identity",
+    "checkpoint.dir": "--checkpoint-dir", "status.port": "--status-port", "swarm.min_peers": "--min-peers",
+    "run_id": "--run-id",
+}
+
+
+class Refusal(Exception):
+    """A bad input found by the CLI itself: one line, an exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one ``--help`` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        say(f"{self.prog}: {message} (see: {self.prog} --help)")
+        raise SystemExit(2)
+
+
+def _setup_logging(verbose: int, log_file: str | None, stop: threading.Event) -> None:
+    """Console: warnings and errors (``-v``: info, ``-vv``: debug, hivemind's too); a ``--log-file``
+    gets info. After a stop signal the console stays quiet (see ``stopping.QuietAfterStop``)."""
+    from swarmloco.node.stopping import OneLineFormatter, QuietAfterStop
+
+    level = logging.DEBUG if verbose > 1 else logging.INFO if (verbose or log_file) else logging.WARNING
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    if log_file:
-        logging.basicConfig(level=level, format=fmt, filename=log_file)
-    else:
-        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt) if verbose or log_file else OneLineFormatter(fmt))
+    if not verbose and not log_file:
+        handler.addFilter(QuietAfterStop(stop))
+    handler._swarmloco = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_swarmloco", False)]:  # main() called again (tests)
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(level)
     logging.getLogger("hivemind").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+    threading.excepthook = _thread_died  # (inherited by hivemind's helper processes: forked after this)
+
+
+def _thread_died(args) -> None:
+    """A thread's uncaught exception is a log record (one line on the console), not a raw traceback."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("swarmloco").warning("thread %s died: %s: %s", name, args.exc_type.__name__, args.exc_value,
+                                           exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _load(path: str | None, overrides: dict[str, Any]) -> Any:
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return load_config(path, {k: v for k, v in overrides.items() if v is not None})
+        return load_config(path, given)
+    except ConfigError as e:
+        flag = FLAG_OF_FIELD.get(e.field)
+        if flag and e.field in given:
+            value = e.value if isinstance(e.value, (str, int)) and not isinstance(e.value, bool) else show_value(e.value)
+            raise Refusal(f"{flag} {value}: {e.why}") from None
+        raise Refusal(str(e)) from None
     except ValueError as e:
-        print(f"swarmloco: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise Refusal(str(e)) from None
 
 
 def _swarm_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,7 +117,7 @@ def _swarm_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network (libp2p)")
     g.add_argument("--initial-peers", action="append", metavar="MADDR",
-                   help="multiaddr of a live peer to join through (repeatable)")
+                   help="multiaddr of a live peer to join through, ending in /p2p/<peer id> (repeatable)")
     g.add_argument("--host-maddrs", action="append", metavar="MADDR",
                    help="listen multiaddr, e.g. /ip4/0.0.0.0/tcp/31337 or /ip4/0.0.0.0/udp/31337/quic (repeatable)")
     g.add_argument("--announce-maddrs", action="append", metavar="MADDR",
@@ -68,21 +133,63 @@ def _peer_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "swarm.min_peers": args.min_peers}
 
 
+def check_peer_flags(args: argparse.Namespace, cfg: Any = None, *, listening: bool = True) -> None:
+    """The flags of ``run`` / ``join`` that can be checked before anything starts (Refusal if bad).
+    ``cfg``: the run's config if known (``join`` knows it only once the manifest is fetched)."""
+    from swarmloco.node import preflight
+
+    try:
+        if args.inner_steps is not None and args.inner_steps < 1:
+            raise preflight.Refused(f"--inner-steps {args.inner_steps}: must be >= 1 (inner steps per outer step)")
+        if args.max_outer_steps is not None and args.max_outer_steps < 1:
+            raise preflight.Refused(f"--max-outer-steps {args.max_outer_steps}: must be >= 1")
+        if args.shard is not None and args.shard < 0:
+            raise preflight.Refused(f"--shard {args.shard}: must be >= 0")
+        if cfg is not None:
+            preflight.check_peer_options(cfg, shard=args.shard, inner_steps=args.inner_steps,
+                                         max_outer_steps=args.max_outer_steps, resume=args.resume)
+        preflight.check_device(args.device)
+        if args.identity:
+            preflight.check_key_path(args.identity, "--identity")
+        if args.checkpoint_dir:
+            preflight.check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+        if args.status_port:
+            if not 0 < args.status_port < 65536:
+                raise preflight.Refused(f"--status-port {args.status_port}: must be from 0 (off) to 65535")
+            preflight.check_port_free(args.status_port, "--status-port")
+        if listening and args.host_maddrs:
+            preflight.check_listen_maddrs(args.host_maddrs, "--host-maddrs")
+    except preflight.Refused as e:
+        raise Refusal(str(e), e.exit_code) from None
+
+
 def _start_peer(cfg: Any, args: argparse.Namespace, **kwargs: Any) -> int:
     from swarmloco.node.launcher import run_peer
     from swarmloco.node.peer import PeerOptions
 
+    try:
+        check_peer_flags(args, cfg, listening=kwargs.get("dht") is None)
+    except Refusal:
+        if kwargs.get("dht") is not None:  # (join: its DHT node is already up)
+            from swarmloco.protocol.transport import shutdown_dht
+
+            shutdown_dht(kwargs["dht"])
+        raise
     options = PeerOptions(shard=args.shard, device=args.device, max_outer_steps=args.max_outer_steps,
                           resume=args.resume, inner_steps=args.inner_steps)
-    if args.shard is not None and not 0 <= args.shard < cfg.data.num_shards:
-        print(f"swarmloco: --shard {args.shard} is out of range [0, {cfg.data.num_shards})", file=sys.stderr)
-        return 2
+    out = _to_log if args.tui else say
     return run_peer(cfg, options, json_events=args.json_events, maddrs_file=args.maddrs_file,
-                    status_server_factory=_status_server_factory(), tui=args.tui, **kwargs)
+                    status_server_factory=_status_server_factory(), tui=args.tui, stop=args.stop, out=out, **kwargs)
+
+
+def _to_log(line: str) -> None:
+    """Under ``--tui`` the monitor owns the terminal: the peer's lines go to the log file."""
+    logging.getLogger("swarmloco.console").info(line)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _start_peer(_load(args.config, _peer_overrides(args)), args)
+    cfg = _load(args.config, _peer_overrides(args))
+    return _start_peer(cfg, args)
 
 
 def _status_server_factory():
@@ -102,64 +209,120 @@ def _status_server_factory():
 def cmd_demo(args: argparse.Namespace) -> int:
     from swarmloco.node.demo import run_demo
 
-    cfg = _load(args.config, {"run_id": args.run_id})
     if args.peers < 1 or args.outer_steps < 1 or (args.inner_steps is not None and args.inner_steps < 1):
-        print("swarmloco: --peers, --outer-steps and --inner-steps must be >= 1", file=sys.stderr)
-        return 2
+        bad = next(f"{flag} {v}" for flag, v in (("--peers", args.peers), ("--outer-steps", args.outer_steps),
+                                                 ("--inner-steps", args.inner_steps)) if v is not None and v < 1)
+        raise Refusal(f"{bad}: must be >= 1")
+    cfg = _load(args.config, {"run_id": args.run_id})
+    if args.workdir and Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        raise Refusal(f"--workdir {args.workdir}: exists and is not a directory")
     return run_demo(cfg, peers=args.peers, outer_steps=args.outer_steps, inner_steps=args.inner_steps,
                     workdir=args.workdir, tui=args.tui)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from swarmloco.tui import MonitorApp, NodeSource, RecordedSource
+    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
+    from swarmloco.tui import MonitorApp, NodeSource
 
     node = swarm = None
     dht = None
+    if args.node is None and not args.initial_peers and not args.replay:
+        raise Refusal("monitor needs --node PORT, --initial-peers MADDR or --replay FILE")
     if args.replay:
-        node = RecordedSource.from_file(args.replay, key="status", loop=True)
-        swarm = RecordedSource.from_file(args.replay, key="peers", loop=True, clock=time.time)
+        node, swarm = _recording(args.replay)
     if args.node is not None:
         node = NodeSource(_port_of(args.node))
     if args.initial_peers:
+        from swarmloco.node.joining import JoinError, RunSpec
         from swarmloco.protocol.progress import SwarmWatcher
         from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
 
+        try:
+            RunSpec.parse(args.run)
+        except JoinError as e:
+            raise Refusal(f"--run {args.run}: {e}") from None
         route_hivemind_logs()
         cfg = _load(None, {**_swarm_overrides(args), "swarm.client_mode": True,
                            "swarm.host_maddrs": args.host_maddrs or ["/ip4/0.0.0.0/tcp/0"]})
+        install_stop_handlers(args.stop, NODE_STOP)  # while the DHT starts; the app takes over the signals
         try:
             dht = DhtClient(cfg.swarm)
+            swarm = SwarmWatcher(dht, args.run, ttl=cfg.swarm.heartbeat_ttl)
         except Exception as e:  # noqa: BLE001
-            print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
-            return 1
-        swarm = SwarmWatcher(dht, args.run, ttl=cfg.swarm.heartbeat_ttl)
-    if node is None and swarm is None:
-        print("swarmloco: monitor needs --node PORT, --initial-peers MADDR or --replay FILE", file=sys.stderr)
-        return 2
+            reason = f"could not join the swarm's DHT: {_one_line(e)}"
+            if node is None:
+                raise Refusal(reason, 1) from None
+            swarm = _NoSwarm(reason)  # the node view still works (a demo whose swarm already finished)
     try:
-        MonitorApp(node, swarm).run()
+        if not args.stop.is_set():
+            MonitorApp(node, swarm, attached=args.attached, handle_signals=True).run()
     finally:
         if dht is not None:
+            install_stop_handlers(args.stop, NODE_STOP)  # (the app's own handlers are gone with its loop)
+            args.stop.set()
             dht.shutdown()
     return 0
+
+
+class _NoSwarm:
+    """The swarm view's source when the DHT could not be joined: it says why, the node view goes on."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def fetch(self) -> list[dict]:
+        from swarmloco.tui import Unreachable
+
+        raise Unreachable(self.reason)
+
+
+def _recording(path: str):
+    from swarmloco.tui import RecordedSource
+    from swarmloco.tui.sources import load_recording
+
+    try:
+        frames = load_recording(path)
+    except FileNotFoundError:
+        raise Refusal(f"--replay {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise Refusal(f"--replay {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    except ValueError as e:
+        raise Refusal(f"--replay {path}: not a JSON or JSON-lines recording ({_one_line(e)})") from None
+    if not frames:
+        raise Refusal(f"--replay {path}: the recording holds no frames")
+    return (RecordedSource(frames, key="status", loop=True),
+            RecordedSource(frames, key="peers", loop=True, clock=time.time))
 
 
 def _port_of(value: str) -> int:
     """--node takes a port or a URL like http://127.0.0.1:8000/status."""
     text = value.rsplit(":", 1)[-1].split("/")[0] if ":" in value else value
     if not text.isdigit() or not 0 < int(text) < 65536:
-        raise SystemExit(f"swarmloco: --node {value!r}: give a port or http://127.0.0.1:PORT")
+        raise Refusal(f"--node {value}: give a port (1-65535) or http://127.0.0.1:PORT")
     return int(text)
+
+
+def _one_line(e: BaseException) -> str:
+    from swarmloco.node.launcher import one_line
+
+    return one_line(e)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     from swarmloco.protocol.identity import Identity
 
-    if Path(args.path).exists() and not args.force:
-        print(f"swarmloco: {args.path} exists (use --force to overwrite)", file=sys.stderr)
-        return 2
+    path = Path(args.path)
+    if path.is_dir():
+        raise Refusal(f"{args.path}: is a directory; give a file name for the key")
+    if path.exists() and not args.force:
+        raise Refusal(f"{args.path} exists (use --force to overwrite)")
+    if not path.parent.is_dir():
+        raise Refusal(f"{args.path}: the folder {path.parent} does not exist")
     identity = Identity.generate()
-    identity.write_libp2p_key(args.path)
+    try:
+        identity.write_libp2p_key(args.path)
+    except OSError as e:
+        raise Refusal(f"{args.path}: cannot write it ({e.strerror or e})") from None
     print(f"peer id {identity.libp2p_peer_id()}\npublic key {identity.public_hex}\nwritten to {args.path} (mode 0600)")
     return 0
 
@@ -167,37 +330,42 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """A DHT-only peer with a stable address: no model, no GPU. With ``--run``, it validates those runs'
     records like their peers do (a node without validators stores anything)."""
-    from swarmloco.node import joining
-    from swarmloco.node.launcher import install_stop_handlers, load_identity, start_dht_node, write_maddrs
+    from swarmloco.node import joining, preflight
+    from swarmloco.node.launcher import load_identity, start_dht_node, write_maddrs
+    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.protocol.transport import route_hivemind_logs
 
+    install_stop_handlers(args.stop, NODE_STOP)
     route_hivemind_logs()
     overrides = _swarm_overrides(args)
     overrides["swarm.host_maddrs"] = args.host_maddrs or ["/ip4/0.0.0.0/tcp/31337"]
     cfg = _load(None, overrides)
     try:
         specs = [joining.RunSpec.parse(r) for r in args.run or []]
+        if args.identity:
+            preflight.check_key_path(args.identity)
+        preflight.check_listen_maddrs(cfg.swarm.host_maddrs)
         identity = load_identity(cfg.swarm.identity_path)
-    except (joining.JoinError, ValueError) as e:
-        print(f"swarmloco: {e}", file=sys.stderr)
-        return 2
+    except joining.JoinError as e:
+        raise Refusal(f"--run: {e}") from None
+    except preflight.Refused as e:
+        raise Refusal(str(e), e.exit_code) from None
+    except ValueError as e:
+        raise Refusal(str(e)) from None
     try:
         dht = start_dht_node(cfg.swarm, identity, [joining.join_validator(s) for s in specs])
     except Exception as e:  # noqa: BLE001
-        print(f"swarmloco: could not start the bootstrap peer: {e}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    install_stop_handlers(stop)
+        raise Refusal(f"could not start the bootstrap peer: {_one_line(e)}", 1) from None
     try:
         for m in dht.visible_maddrs():
-            print(f"swarmloco: bootstrap peer listening on {m}", file=sys.stderr, flush=True)
-        print("swarmloco: peers join with --initial-peers <one of the addresses above>", file=sys.stderr, flush=True)
+            say(f"swarmloco: bootstrap peer listening on {m}")
+        say("swarmloco: peers join with --initial-peers <one of the addresses above>")
         if args.maddrs_file:
             write_maddrs(args.maddrs_file, dht.visible_maddrs())
         if specs:
-            joining.guard_runs(dht, specs, stop)
+            joining.guard_runs(dht, specs, args.stop)
         else:
-            stop.wait()
+            args.stop.wait()
     finally:
         dht.shutdown()
     return 0
@@ -207,8 +375,9 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", type=int, default=None, help="data shard of this peer (default: from the peer id)")
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (overrides checkpoint.dir)")
     p.add_argument("--max-outer-steps", type=int, default=None, help="exit 0 after this many outer steps")
-    p.add_argument("--inner-steps", type=int, default=None, help="override inner.steps locally (H)")
-    p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in checkpoint.dir")
+    p.add_argument("--inner-steps", type=int, default=None, help="override inner.steps locally (H, >= 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from this run's newest checkpoint in the checkpoint directory (needs one)")
     p.add_argument("--min-peers", type=int, default=None, help="wait for this many peers before the first round")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--status-port", type=int, default=None, help="serve status on 127.0.0.1:PORT (0: off)")
@@ -219,15 +388,43 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
     _add_swarm_flags(p)
 
 
+def _sub(sub, name: str, help_text: str, epilog: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                          epilog=f"{epilog}\n\n{EXIT_CODES}", formatter_class=argparse.RawDescriptionHelpFormatter,
+                          **kwargs)
+
+
+PEER_STOP_NOTE = """stopping: Ctrl-C, SIGTERM or SIGHUP (also to the whole process group) once: the peer
+  leaves the swarm, writes its checkpoint, stops hivemind's processes and exits 0 (within seconds;
+  at most 60 s); a second signal exits at once."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from swarmloco.cli_public import cmd_init_run, cmd_join, cmd_token
 
-    parser = argparse.ArgumentParser(prog="swarmloco", description="DiLoCo training over a volunteer swarm")
+    parser = _Parser(
+        prog="swarmloco", description="DiLoCo training over a volunteer swarm.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""examples:
+  swarmloco demo                                   a local 4-peer swarm; one line per outer step
+  swarmloco run configs/small.toml                 start a swarm; prints the address others join through
+  swarmloco run configs/small.toml --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...
+  swarmloco join /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...   join an owned run, no config file
+  swarmloco monitor --node 8000                    watch a node started with --status-port 8000
+
+'swarmloco COMMAND --help' shows each command's flags, which are required, and an example.
+
+{EXIT_CODES}""")
     parser.add_argument("--version", action="version", version=f"swarmloco {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: debug, hivemind too)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run a local swarm of N peer processes on loopback")
+    p = _sub(sub, "demo", "run a local swarm of N peer processes on loopback", """required: nothing.
+example:
+  swarmloco demo --peers 4 --outer-steps 10      prints one line per outer step
+  swarmloco demo --tui                           the same, watched in the monitor (q stops the demo)
+
+stopping: Ctrl-C, SIGTERM or SIGHUP once stops every peer cleanly (exit 0); a second signal exits at once.""")
     p.add_argument("--peers", type=int, default=4, help="number of peer processes (default 4)")
     p.add_argument("--outer-steps", type=int, default=10, help="outer steps to run (default 10)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps per outer step (default: config's)")
@@ -237,12 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tui", action="store_true", help="watch the local swarm in the terminal monitor")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="start one peer from a config file")
+    p = _sub(sub, "run", "start one peer from a config file", f"""required: CONFIG (a TOML file); --initial-peers to join a swarm (none: start a new one).
+examples:
+  swarmloco run configs/small.toml --checkpoint-dir ckpt/
+  swarmloco run configs/small.toml --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...
+  swarmloco run configs/small.toml --resume --checkpoint-dir ckpt/ --status-port 8000
+
+It prints one line per outer step (loss, peers, bytes, round time) and a warning when this peer's
+work was dropped.
+
+{PEER_STOP_NOTE}""")
     p.add_argument("config", help="TOML config file")
     _add_peer_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("join", help="join an owned run: the manifest comes from the DHT, signed by its owner")
+    p = _sub(sub, "join", "join an owned run: the manifest comes from the DHT, signed by its owner",
+             f"""required: MADDR (any peer of the swarm, or its bootstrap peer, ending in /p2p/<peer id>).
+examples:
+  swarmloco join /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...                    the swarm's only run
+  swarmloco join /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... small@9f2c...e41a   pinned to its owner
+
+Takes every flag of 'run' except the config file.
+
+{PEER_STOP_NOTE}""")
     p.add_argument("maddr", metavar="MADDR", help="multiaddr of any peer of the swarm (or its bootstrap peer)")
     p.add_argument("run", metavar="RUN[@OWNER]", nargs="?", default=None,
                    help="run name, optionally pinned to the owner's public key (default: the swarm's only run)")
@@ -252,7 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peer_flags(p)
     p.set_defaults(func=cmd_join)
 
-    p = sub.add_parser("init-run", help="sign and publish a run's manifest as its owner; serve it")
+    p = _sub(sub, "init-run", "sign and publish a run's manifest as its owner; serve it",
+             """required: CONFIG and --identity OWNER_KEY (make one with: swarmloco keygen owner.key);
+  --once needs --initial-peers.
+example:
+  swarmloco init-run configs/small.toml --identity owner.key --host-maddrs /ip4/0.0.0.0/tcp/31337
+
+stopping: Ctrl-C, SIGTERM or SIGHUP once: it leaves the swarm and exits 0; a second signal exits at once.""")
     p.add_argument("config", help="TOML config file of the run")
     p.add_argument("--valid-days", type=float, default=30.0, help="the signed manifest's lifetime (default 30)")
     p.add_argument("--once", action="store_true", help="publish through --initial-peers and exit")
@@ -260,7 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm_flags(p)
     p.set_defaults(func=cmd_init_run)
 
-    p = sub.add_parser("token", help="as a private run's owner, let a peer's key in")
+    p = _sub(sub, "token", "as a private run's owner, let a peer's key in",
+             """required: OWNER_KEY RUN PEER and --initial-peers MADDR (the swarm to publish the token in).
+example:
+  swarmloco token owner.key small 12D3KooW... --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...""")
     p.add_argument("owner_key", metavar="OWNER_KEY", help="the owner's identity file")
     p.add_argument("run", metavar="RUN", help="run name")
     p.add_argument("peer", metavar="PEER", help="the peer's public key (hex) or peer id")
@@ -268,19 +491,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm_flags(p)
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("monitor", help="terminal UI of a node and of the swarm")
+    p = _sub(sub, "monitor", "terminal UI of a node and of the swarm",
+             """required: one of --node PORT, --initial-peers MADDR (with --run RUN) or --replay FILE.
+examples:
+  swarmloco monitor --node 8000                                   a node started with --status-port 8000
+  swarmloco monitor --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... --run small
+  swarmloco monitor --replay tests/fixtures/monitor_recording.jsonl
+
+keys: tab switches view, ? help, q quits the monitor (a node it watches keeps training).
+stopping: Ctrl-C (in its screen: q), SIGTERM or SIGHUP: it leaves the swarm's DHT and exits 0.""")
     p.add_argument("--node", default=None, metavar="PORT|URL", help="a node's status endpoint on 127.0.0.1")
     p.add_argument("--run", default="demo", help="run id whose peers to list (default demo)")
     p.add_argument("--replay", default=None, metavar="FILE", help="replay a recorded status stream (JSON/JSONL)")
+    p.add_argument("--attached", choices=("node", "demo"), default=None, help=argparse.SUPPRESS)
     _add_swarm_flags(p)
     p.set_defaults(func=cmd_monitor)
 
-    p = sub.add_parser("keygen", help="make a persistent Ed25519 libp2p identity")
+    p = _sub(sub, "keygen", "make a persistent Ed25519 libp2p identity", """required: PATH.
+example:
+  swarmloco keygen owner.key          prints the peer id and public key; use it with --identity owner.key""")
     p.add_argument("path", help="key file to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("bootstrap", help="run a DHT-only peer with a stable address for others to join through")
+    p = _sub(sub, "bootstrap", "run a DHT-only peer with a stable address for others to join through",
+             """required: nothing (--identity keeps its address stable across restarts).
+example:
+  swarmloco bootstrap --identity boot.key --host-maddrs /ip4/0.0.0.0/tcp/31337 --run small@9f2c...e41a
+
+stopping: Ctrl-C, SIGTERM or SIGHUP once: it leaves the swarm and exits 0; a second signal exits at once.""")
     p.add_argument("--run", action="append", metavar="RUN[@OWNER]",
                    help="validate this run's records like its peers do (repeatable; @OWNER: also its heartbeats)")
     p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
@@ -290,15 +529,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from swarmloco.node import preflight
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.stop = threading.Event()
     log_file = getattr(args, "log_file", None) or ("swarmloco.log" if getattr(args, "tui", False)
                                                   and args.command == "run" else None)
-    _setup_logging(args.verbose, log_file)
+    try:
+        preflight.check_log_file(log_file)
+    except preflight.Refused as e:
+        say(f"swarmloco: {e}")
+        return 2
+    _setup_logging(args.verbose, log_file, args.stop)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except Refusal as e:
+        say(f"swarmloco: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:  # a Ctrl-C before the command's own handlers were in place
         return 130
+    except Exception as e:  # noqa: BLE001 - never a traceback for the user; -v shows it
+        if args.verbose:
+            traceback.print_exc()
+        say(f"swarmloco: unexpected error: {type(e).__name__}: {_one_line(e)}"
+            + ("" if args.verbose else " (run with -v for the traceback)"))
+        return 1
+
+
+__all__ = ["EXIT_CODES", "Refusal", "build_parser", "check_peer_flags", "main"]
 
 
 if __name__ == "__main__":

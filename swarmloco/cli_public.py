@@ -3,103 +3,119 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import threading
+import math
 import time
 
-from swarmloco.cli import _load, _peer_overrides, _start_peer, _swarm_overrides
+from swarmloco.cli import Refusal, _load, _one_line, _peer_overrides, _start_peer, _swarm_overrides, check_peer_flags
+from swarmloco.node.console import say
 
 
 def cmd_join(args: argparse.Namespace) -> int:
     """Join an owned run with no config file: the manifest comes from the DHT, signed by the owner."""
+    from swarmloco.maddrs import maddr_problem
     from swarmloco.node import joining
-    from swarmloco.node.launcher import EXIT_CONFIG, EXIT_ERROR, load_identity, start_dht_node
+    from swarmloco.node.launcher import load_identity, start_dht_node
+    from swarmloco.node.stopping import install_stop_handlers
     from swarmloco.protocol.transport import route_hivemind_logs
 
-    route_hivemind_logs()
+    if why := maddr_problem(args.maddr, dial=True):
+        raise Refusal(f"MADDR {args.maddr}: {why}")
+    if not (math.isfinite(args.manifest_timeout) and args.manifest_timeout > 0):
+        raise Refusal(f"--manifest-timeout {args.manifest_timeout}: must be > 0 seconds")
     args.initial_peers = [args.maddr, *(args.initial_peers or [])]
     local = _load(None, _peer_overrides(args))
     try:
         spec = joining.RunSpec.parse(args.run) if args.run else None
+    except joining.JoinError as e:
+        raise Refusal(f"RUN {args.run}: {e}", e.exit_code) from None
+    check_peer_flags(args)  # before the DHT node: a bad flag must not wait for a manifest first
+    try:
         identity = load_identity(local.swarm.identity_path)
-    except (joining.JoinError, ValueError) as e:
-        print(f"swarmloco: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except ValueError as e:
+        raise Refusal(str(e)) from None
+    install_stop_handlers(args.stop)
+    route_hivemind_logs()
     validators = [joining.join_validator(spec)] if spec else []
     try:
         client = start_dht_node(local.swarm, identity, validators)
     except Exception as e:  # noqa: BLE001
-        print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        raise Refusal(f"could not join the swarm's DHT: {_one_line(e)}", 1) from None
     try:
         spec = joining.find_run(client.get, spec)
-        signed = joining.fetch_manifest(client.get, spec, timeout=args.manifest_timeout)
+        signed = joining.fetch_manifest(client.get, spec, timeout=args.manifest_timeout, stop=args.stop)
         cfg = joining.config_from_manifest(signed, local, trust_data_path=args.trust_data_path)
     except joining.JoinError as e:
         client.shutdown()
-        print(f"swarmloco: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"swarmloco: joining run '{spec.run_id}' of owner {signed.author.hex()} (manifest "
-          f"{signed.manifest.short}, signature checked)", file=sys.stderr, flush=True)
+        if args.stop.is_set():  # a signal while looking for the run: a clean stop
+            return 0
+        raise Refusal(str(e), e.exit_code) from None
+    except BaseException:
+        client.shutdown()
+        raise
+    if args.stop.is_set():
+        client.shutdown()
+        return 0
+    say(f"swarmloco: joining run '{spec.run_id}' of owner {signed.author.hex()} (manifest "
+        f"{signed.manifest.short}, signature checked)")
     return _start_peer(cfg, args, identity=identity, dht=client.detach_dht())
 
 
 def cmd_init_run(args: argparse.Namespace) -> int:
     """Sign and publish a run's manifest; keep a DHT node up that serves it (and bootstraps the swarm)."""
-    from swarmloco.node import joining
-    from swarmloco.node.launcher import install_stop_handlers, start_dht_node, write_maddrs
+    from swarmloco.node import joining, preflight
+    from swarmloco.node.launcher import start_dht_node, write_maddrs
+    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.protocol.identity import Identity
     from swarmloco.protocol.transport import route_hivemind_logs
 
-    route_hivemind_logs()
     overrides = {**_swarm_overrides(args), "swarm.identity_path": None}
     if not args.initial_peers:
         overrides["swarm.host_maddrs"] = args.host_maddrs or ["/ip4/0.0.0.0/tcp/31337"]
     cfg = _load(args.config, overrides)
     if not args.identity:
-        print("swarmloco: init-run needs --identity OWNER_KEY (make one with: swarmloco keygen PATH)", file=sys.stderr)
-        return 2
-    if not args.valid_days > 0 or (args.once and not args.initial_peers):
-        print("swarmloco: --valid-days must be > 0, and --once needs --initial-peers (a swarm to publish into)",
-              file=sys.stderr)
-        return 2
+        raise Refusal("init-run needs --identity OWNER_KEY (make one with: swarmloco keygen PATH)")
+    if not (math.isfinite(args.valid_days) and args.valid_days > 0):
+        raise Refusal(f"--valid-days {args.valid_days}: must be a number of days > 0")
+    if args.once and not args.initial_peers:
+        raise Refusal("--once needs --initial-peers MADDR (a swarm to publish into)")
     try:
         owner = Identity.load(args.identity)
         cfg = joining.owned_config(cfg, owner)
     except (OSError, ValueError) as e:
-        print(f"swarmloco: owner key {args.identity}: {e} (make one with: swarmloco keygen PATH)", file=sys.stderr)
-        return 2
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise Refusal(f"--identity {args.identity}: {reason} (make a key with: swarmloco keygen PATH)") from None
     except joining.JoinError as e:
-        print(f"swarmloco: {e}", file=sys.stderr)
-        return e.exit_code
+        raise Refusal(str(e), e.exit_code) from None
     from swarmloco.node.peer import prepare_config, run_manifest
 
     try:
         cfg = prepare_config(cfg)  # the owner pins the tokenizer's and pretrained weights' hashes
+        preflight.check_codec(cfg)
+        preflight.check_listen_maddrs(cfg.swarm.host_maddrs)
+    except preflight.Refused as e:
+        raise Refusal(str(e), e.exit_code) from None
     except ValueError as e:
-        print(f"swarmloco: {e}", file=sys.stderr)
-        return 2
+        raise Refusal(str(e)) from None
     manifest = run_manifest(cfg)
     valid_s = args.valid_days * 86400.0
+    install_stop_handlers(args.stop, NODE_STOP)
+    route_hivemind_logs()
     try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish
         client = start_dht_node(cfg.swarm, owner, [manifest.validator()])
     except Exception as e:  # noqa: BLE001
-        print(f"swarmloco: could not start the DHT node: {e}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    install_stop_handlers(stop)
+        raise Refusal(f"could not start the DHT node: {_one_line(e)}", 1) from None
     try:
+        if args.stop.is_set():
+            return 0
         joining.publish_owned_run(client, manifest, owner, valid_s)
-        print(f"swarmloco: run '{manifest.run_id}' (manifest {manifest.short}) signed by {owner.public_hex}, "
-              f"valid {args.valid_days:g} days{' (private: peers need tokens)' if cfg.access.private else ''}",
-              file=sys.stderr, flush=True)
+        say(f"swarmloco: run '{manifest.run_id}' (manifest {manifest.short}) signed by {owner.public_hex}, "
+            f"valid {args.valid_days:g} days{' (private: peers need tokens)' if cfg.access.private else ''}")
         for m in client.visible_maddrs():
-            print(f"swarmloco: join with: swarmloco join {m} {manifest.run_id}@{owner.public_hex}",
-                  file=sys.stderr, flush=True)
+            say(f"swarmloco: join with: swarmloco join {m} {manifest.run_id}@{owner.public_hex}")
         if args.maddrs_file:
             write_maddrs(args.maddrs_file, client.visible_maddrs())
         if not args.once:
-            joining.serve_owned_run(client, manifest, owner, valid_s, stop)
+            joining.serve_owned_run(client, manifest, owner, valid_s, args.stop)
     finally:
         client.shutdown()
     return 0
@@ -107,6 +123,8 @@ def cmd_init_run(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """The owner of a private run lets one peer key in: a signed token, published in the DHT."""
+    from swarmloco.node.joining import JoinError, RunSpec
+    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.protocol.access import issue_token, token_subkey
     from swarmloco.protocol.identity import Identity, public_key_of_peer_id
     from swarmloco.protocol.manifest import tokens_key
@@ -115,8 +133,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     try:
         owner = Identity.load(args.owner_key)
     except (OSError, ValueError) as e:
-        print(f"swarmloco: owner key {args.owner_key}: {e}", file=sys.stderr)
-        return 2
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise Refusal(f"OWNER_KEY {args.owner_key}: {reason}") from None
+    try:
+        RunSpec.parse(args.run)
+    except JoinError as e:
+        raise Refusal(f"RUN {args.run}: {e}") from None
     peer = public_key_of_peer_id(args.peer) if args.peer.startswith("12D3KooW") else None
     if peer is None:
         try:
@@ -124,34 +146,28 @@ def cmd_token(args: argparse.Namespace) -> int:
         except ValueError:
             peer = b""
     if len(peer) != 32:
-        print("swarmloco: PEER must be a peer's public key (64 hex chars) or its 12D3KooW... peer id", file=sys.stderr)
-        return 2
-    if not args.valid_days > 0:
-        print("swarmloco: --valid-days must be > 0", file=sys.stderr)
-        return 2
+        raise Refusal(f"PEER {args.peer}: give a peer's public key (64 hex chars) or its 12D3KooW... peer id")
+    if not (math.isfinite(args.valid_days) and args.valid_days > 0):
+        raise Refusal(f"--valid-days {args.valid_days}: must be a number of days > 0")
     expires = time.time() + args.valid_days * 86400.0
     try:
         token = issue_token(owner, peer, args.run, expires)
     except ValueError as e:
-        print(f"swarmloco: {e}", file=sys.stderr)
-        return 2
+        raise Refusal(f"RUN {args.run}: {e}") from None
     if not args.initial_peers:
-        print("swarmloco: token needs --initial-peers MADDR of the swarm to publish the token in", file=sys.stderr)
-        return 2
-    route_hivemind_logs()
+        raise Refusal("token needs --initial-peers MADDR of the swarm to publish the token in")
     cfg = _load(None, {**_swarm_overrides(args), "swarm.client_mode": True, "swarm.identity_path": None})
+    install_stop_handlers(args.stop, NODE_STOP)
+    route_hivemind_logs()
     try:
         client = DhtClient(cfg.swarm)
     except Exception as e:  # noqa: BLE001
-        print(f"swarmloco: could not join the swarm's DHT: {e}", file=sys.stderr)
-        return 1
+        raise Refusal(f"could not join the swarm's DHT: {_one_line(e)}", 1) from None
     try:
         ok = client.store(tokens_key(args.run), token_subkey(owner.public_bytes, peer), token, expires)
     finally:
         client.shutdown()
     if not ok:
-        print("swarmloco: the DHT did not store the token", file=sys.stderr)
-        return 1
-    print(f"swarmloco: token for {peer.hex()} in run '{args.run}' published, valid {args.valid_days:g} days",
-          file=sys.stderr)
+        raise Refusal("the DHT did not store the token", 1)
+    say(f"swarmloco: token for {peer.hex()} in run '{args.run}' published, valid {args.valid_days:g} days")
     return 0

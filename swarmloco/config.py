@@ -8,6 +8,7 @@ The ``swarm``, ``checkpoint`` and ``status`` sections are local to one peer and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -29,20 +30,62 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "MANIFEST_SECTIONS",
+    "ConfigError",
+    "show_value",
 ]
+
+
+class ConfigError(ValueError):
+    """A config value is refused: ``field`` (dotted, as in the TOML file), the ``value``, and ``why``."""
+
+    def __init__(self, field: str, value: Any, why: str):
+        super().__init__(f"config: {field} = {show_value(value)} is invalid: {why}")
+        self.field, self.value, self.why = field, value, why
+
+
+def show_value(value: Any) -> str:
+    """A value as the user wrote it in TOML (not as a Python repr: lists, not tuples; true, not True)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {show_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return str(value)
 
 
 def _check(cond: bool, name: str, value: Any, why: str) -> None:
     if not cond:
-        raise ValueError(f"config: {name}={value!r} is invalid: {why}")
+        raise ConfigError(name, value, why)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _positive(name: str, value: float) -> None:
-    _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, value, "must be > 0")
+    _check(_is_number(value) and value > 0, name, value, "must be a number > 0")
 
 
 def _non_negative(name: str, value: float) -> None:
-    _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "must be >= 0")
+    _check(_is_number(value) and value >= 0, name, value, "must be a number >= 0")
+
+
+def _in_range(name: str, value: Any, lo: float, hi: float, closed_hi: bool = False) -> None:
+    ok = _is_number(value) and lo <= value and (value <= hi if closed_hi else value < hi)
+    _check(ok, name, value, f"must be a number in [{lo:g}, {hi:g}{']' if closed_hi else ')'}")
+
+
+def _bool(name: str, value: Any) -> None:
+    _check(isinstance(value, bool), name, value, "must be true or false")
 
 
 _SHA256_HEX = frozenset("0123456789abcdef")
@@ -99,9 +142,9 @@ class ModelConfig:
         _check(self.kind in ("gpt", "hf"), "model.kind", self.kind, 'must be "gpt" or "hf"')
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"model.{name}", value, "must be a positive integer")
+            _check(_is_int(value) and value > 0, f"model.{name}", value, "must be a positive integer")
         _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd, f"must divide by n_head={self.n_head}")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        _in_range("model.dropout", self.dropout, 0.0, 1.0)
         _check(isinstance(self.architecture, str) and (self.architecture == "" or self.architecture.isidentifier()),
                "model.architecture", self.architecture, "must be a transformers class name like LlamaForCausalLM")
         _check(isinstance(self.config, dict), "model.config", self.config, "must be a table")
@@ -170,15 +213,16 @@ class DataConfig:
         _check(isinstance(self.path, str), "data.path", self.path, "must be a string")
         for name in ("max_bytes", "num_shards", "batch_size", "eval_batches", "tokenizer_train_bytes"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"data.{name}", value, "must be a positive integer")
-        _check(0.0 < self.holdout_fraction < 0.5, "data.holdout_fraction", self.holdout_fraction, "must be in (0, 0.5)")
+            _check(_is_int(value) and value > 0, f"data.{name}", value, "must be a positive integer")
+        _check(_is_number(self.holdout_fraction) and 0.0 < self.holdout_fraction < 0.5, "data.holdout_fraction",
+               self.holdout_fraction, "must be a number in (0, 0.5)")
         for name in ("dataset", "split", "text_field", "eos_token"):
             value = getattr(self, name)
             _check(isinstance(value, str) and value != "", f"data.{name}", value, "must be a non-empty string")
         for name in ("subset", "tokenizer"):
             _check(isinstance(getattr(self, name), str), f"data.{name}", getattr(self, name), "must be a string")
-        _check(isinstance(self.streaming, bool), "data.streaming", self.streaming, "must be true or false")
-        _check(isinstance(self.tokenizer_vocab_size, int) and self.tokenizer_vocab_size >= 258,
+        _bool("data.streaming", self.streaming)
+        _check(_is_int(self.tokenizer_vocab_size) and self.tokenizer_vocab_size >= 258,
                "data.tokenizer_vocab_size", self.tokenizer_vocab_size,
                "must be an integer >= 258 (256 bytes, the eos token and a merge)")
         _sha256_field("data.tokenizer_sha256", self.tokenizer_sha256)
@@ -218,17 +262,16 @@ class InnerConfig:
     """Clip the global gradient norm to this value (0 disables)."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.steps, int) and self.steps > 0, "inner.steps", self.steps, "must be a positive integer")
+        _check(_is_int(self.steps) and self.steps > 0, "inner.steps", self.steps, "must be a positive integer")
         _positive("inner.lr", self.lr)
         _non_negative("inner.weight_decay", self.weight_decay)
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"inner.{name}", value, "must be in [0, 1)")
-        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "inner.warmup_steps",
+            _in_range(f"inner.{name}", getattr(self, name), 0.0, 1.0)
+        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "inner.warmup_steps",
                self.warmup_steps, "must be a non-negative integer")
-        _check(isinstance(self.total_steps, int) and self.total_steps > 0, "inner.total_steps",
+        _check(_is_int(self.total_steps) and self.total_steps > 0, "inner.total_steps",
                self.total_steps, "must be a positive integer")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "inner.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _in_range("inner.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, closed_hi=True)
         _non_negative("inner.grad_clip", self.grad_clip)
 
 
@@ -255,12 +298,12 @@ class OuterConfig:
 
     def __post_init__(self) -> None:
         _positive("outer.lr", self.lr)
-        _check(isinstance(self.clip_factor, (int, float)) and (self.clip_factor == 0 or self.clip_factor >= 1),
-               "outer.clip_factor", self.clip_factor, "must be 0 (off) or >= 1")
-        _check(isinstance(self.target_samples, int) and self.target_samples >= 0, "outer.target_samples",
+        _check(_is_number(self.clip_factor) and (self.clip_factor == 0 or self.clip_factor >= 1),
+               "outer.clip_factor", self.clip_factor, "must be 0 (off) or a number >= 1")
+        _check(_is_int(self.target_samples) and self.target_samples >= 0, "outer.target_samples",
                self.target_samples, "must be an integer >= 0")
-        _check(0.0 <= self.momentum < 1.0, "outer.momentum", self.momentum, "must be in [0, 1)")
-        _check(isinstance(self.nesterov, bool), "outer.nesterov", self.nesterov, "must be true or false")
+        _in_range("outer.momentum", self.momentum, 0.0, 1.0)
+        _bool("outer.nesterov", self.nesterov)
         _check(not self.nesterov or self.momentum > 0, "outer.nesterov", self.nesterov, "needs momentum > 0")
 
 
@@ -283,15 +326,20 @@ class CodecConfig:
     """Carry what compression dropped from a peer's pseudo-gradient into its next one."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.name, str) and self.name != "", "codec.name", self.name, "must be a codec name")
-        _check(isinstance(self.block_size, int) and self.block_size > 0, "codec.block_size", self.block_size,
+        from swarmloco.compression.registry import codec_names  # (the registry imports this module)
+
+        names = codec_names()
+        _check(isinstance(self.name, str) and self.name in names, "codec.name", self.name,
+               f"must be one of {', '.join(names)}")
+        _check(_is_int(self.block_size) and self.block_size > 0, "codec.block_size", self.block_size,
                "must be a positive integer")
-        _check(isinstance(self.topk_fraction, (int, float)) and 0.0 < self.topk_fraction <= 1.0,
+        _check(_is_number(self.topk_fraction) and 0.0 < self.topk_fraction <= 1.0,
                "codec.topk_fraction", self.topk_fraction, "must be in (0, 1]")
-        _check(isinstance(self.topk_chunk, int) and 1 <= self.topk_chunk <= 65536, "codec.topk_chunk",
+        _check(_is_int(self.topk_chunk) and 1 <= self.topk_chunk <= 65536, "codec.topk_chunk",
                self.topk_chunk, "must be an integer in 1..65536")
-        _check(isinstance(self.topk_decay, (int, float)) and 0.0 <= self.topk_decay <= 1.0, "codec.topk_decay",
+        _check(_is_number(self.topk_decay) and 0.0 <= self.topk_decay <= 1.0, "codec.topk_decay",
                self.topk_decay, "must be in [0, 1]")
+        _bool("codec.error_feedback", self.error_feedback)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,8 +386,8 @@ class SwarmConfig:
     """Largest all-reduce group."""
     matchmaking_time: float = 2.0
     """Seconds a group leader waits for followers after the ready barrier."""
-    request_timeout: float = 3.0
-    """Seconds to wait for one matchmaking RPC."""
+    request_timeout: float = 1.5
+    """Seconds to wait for one matchmaking RPC (keep it below matchmaking_time, as hivemind asks)."""
     allreduce_timeout: float = 60.0
     """Whole all-reduce deadline, seconds."""
     next_chunk_timeout: float = 10.0
@@ -364,20 +412,30 @@ class SwarmConfig:
     matchmaking for this many outer steps. 0: never."""
 
     def __post_init__(self) -> None:
-        for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
+        from swarmloco.maddrs import maddr_problem
+
+        for name, kind in (("initial_peers", "dial"), ("host_maddrs", "listen"), ("announce_maddrs", "")):
             value = getattr(self, name)
-            _check(isinstance(value, tuple) and all(isinstance(v, str) and v.startswith("/") for v in value),
-                   f"swarm.{name}", value, "must be a list of multiaddr strings like /ip4/1.2.3.4/tcp/31337")
-        _check(isinstance(self.min_peers, int) and self.min_peers >= 1, "swarm.min_peers", self.min_peers,
+            _check(isinstance(value, tuple) and all(isinstance(v, str) for v in value), f"swarm.{name}", value,
+                   "must be a list of multiaddr strings like \"/ip4/203.0.113.5/tcp/31337\"")
+            for text in value:
+                why = maddr_problem(text, listen=kind == "listen", dial=kind == "dial")
+                _check(why is None, f"swarm.{name}", text, f"not a usable multiaddr: {why}")
+        _check(len(self.host_maddrs) > 0 or self.client_mode, "swarm.host_maddrs", self.host_maddrs,
+               "needs at least one address to listen on (or client_mode = true)")
+        for name in ("client_mode", "use_relay", "use_auto_relay"):
+            _bool(f"swarm.{name}", getattr(self, name))
+        _check(isinstance(self.identity_path, str), "swarm.identity_path", self.identity_path, "must be a string")
+        _check(_is_int(self.min_peers) and self.min_peers >= 1, "swarm.min_peers", self.min_peers,
                "must be an integer >= 1")
-        _check(isinstance(self.max_group_size, int) and self.max_group_size >= 2, "swarm.max_group_size",
+        _check(_is_int(self.max_group_size) and self.max_group_size >= 2, "swarm.max_group_size",
                self.max_group_size, "must be an integer >= 2")
-        _check(isinstance(self.round_retries, int) and self.round_retries >= 0, "swarm.round_retries",
+        _check(_is_int(self.round_retries) and self.round_retries >= 0, "swarm.round_retries",
                self.round_retries, "must be an integer >= 0")
         _non_negative("swarm.retry_grace", self.retry_grace)
-        _check(isinstance(self.exclude_rounds, int) and self.exclude_rounds >= 0, "swarm.exclude_rounds",
+        _check(_is_int(self.exclude_rounds) and self.exclude_rounds >= 0, "swarm.exclude_rounds",
                self.exclude_rounds, "must be an integer >= 0")
-        _check(isinstance(self.download_sources, int) and 1 <= self.download_sources <= 64, "swarm.download_sources",
+        _check(_is_int(self.download_sources) and 1 <= self.download_sources <= 64, "swarm.download_sources",
                self.download_sources, "must be an integer from 1 to 64")
         for name in ("ready_timeout", "matchmaking_time", "request_timeout", "allreduce_timeout",
                      "next_chunk_timeout", "heartbeat_period", "heartbeat_ttl", "state_timeout"):
@@ -401,8 +459,8 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.dir, str), "checkpoint.dir", self.dir, "must be a string")
-        _check(isinstance(self.every, int) and self.every >= 1, "checkpoint.every", self.every, "must be >= 1")
-        _check(isinstance(self.keep, int) and self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+        _check(_is_int(self.every) and self.every >= 1, "checkpoint.every", self.every, "must be an integer >= 1")
+        _check(_is_int(self.keep) and self.keep >= 1, "checkpoint.keep", self.keep, "must be an integer >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,8 +471,8 @@ class StatusConfig:
     """TCP port on 127.0.0.1; 0 disables the endpoint."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.port, int) and 0 <= self.port < 65536, "status.port", self.port,
-               "must be an integer in [0, 65535]")
+        _check(_is_int(self.port) and 0 <= self.port < 65536, "status.port", self.port,
+               "must be an integer from 0 (off) to 65535")
 
 
 MANIFEST_SECTIONS = ("model", "data", "inner", "outer", "codec", "access")
@@ -442,7 +500,7 @@ class RunConfig:
         _check(isinstance(self.run_id, str) and self.run_id.replace("-", "").replace("_", "").isalnum()
                and len(self.run_id) <= 64, "run_id", self.run_id,
                "must be 1-64 letters, digits, '-' or '_'")
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be a non-negative integer")
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "must be a non-negative integer")
 
     def replace(self, **sections: Any) -> RunConfig:
         """Copy with some top-level fields or whole sections replaced."""
@@ -520,6 +578,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ValueError(f"config: file not found: {path}") from None
+        except IsADirectoryError:
+            raise ValueError(f"config: {path} is a directory, not a TOML file") from None
+        except OSError as e:
+            raise ValueError(f"config: cannot read {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config: {path} is not a text (UTF-8) TOML file (byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config: {path} is not valid TOML: {e}") from None
     for dotted, value in (overrides or {}).items():
@@ -527,6 +591,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config: [{key}] must be a table, got {type(node).__name__}")
         node[leaf] = value
     return config_from_dict(data)
 

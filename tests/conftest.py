@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,11 +47,22 @@ def spawn(tmp_path: Path):
     started: list[PeerProcess] = []
 
     def start(name: str, config: Path | None, *args: str, initial_peers: list[str] = (),
-              env: dict[str, str] | None = None, command: str = "run") -> PeerProcess:
-        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers, env=env, command=command)
+              env: dict[str, str] | None = None, command: str = "run", verbose: bool = True) -> PeerProcess:
+        peer = PeerProcess(name, config, tmp_path, *args, initial_peers=initial_peers, env=env, command=command,
+                           verbose=verbose)
         started.append(peer)
         return peer
 
     yield start
     for peer in started:
         peer.kill()
+
+
+def tmpfs(path: Path, size: str) -> Path | None:
+    """Mount a tmpfs of ``size`` at ``path`` (a disk that fills; root only); None where that is impossible.
+    The caller unmounts it (``umount -l``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return None
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return path if done.returncode == 0 else None

@@ -12,19 +12,24 @@ import threading
 import time
 from pathlib import Path
 
+from swarmloco.protocol.processes import session_processes, signal_session
+
 PREFIX = "@@swarmloco "
 
 
 class PeerProcess:
     """`python -m swarmloco run ...` (or ``command``: join, init-run) in its own session, with its JSON
-    events in a queue. ``config`` None: the command takes no config file (join: pass MADDR in ``args``)."""
+    events in a queue. ``config`` None: the command takes no config file (join: pass MADDR in ``args``).
+    ``verbose``: run with ``-v`` (info logs in the log file, for debugging a failure); without it the log
+    holds exactly what an operator's console shows."""
 
     def __init__(self, name: str, config: Path | None, workdir: Path, *args: str, initial_peers: list[str] = (),
-                 env: dict[str, str] | None = None, command: str = "run"):
+                 env: dict[str, str] | None = None, command: str = "run", verbose: bool = True):
         self.name = name
         self.maddrs_file = workdir / f"{name}.maddrs"
         self.log_path = workdir / f"{name}.log"
-        cmd = [sys.executable, "-m", "swarmloco", command, *([str(config)] if config is not None else []),
+        cmd = [sys.executable, "-m", "swarmloco", *(["-v"] if verbose else []), command,
+               *([str(config)] if config is not None else []),
                *(["--json-events"] if command in ("run", "join") else []), "--maddrs-file", str(self.maddrs_file),
                *args]
         for m in initial_peers:
@@ -51,9 +56,9 @@ class PeerProcess:
         deadline = time.monotonic() + timeout
         while not self.maddrs_file.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text(4000)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} did not publish its address in {timeout}s:\n{self.log_text()}")
+                raise TimeoutError(f"{self.name} did not publish its address in {timeout}s:\n{self.log_text(4000)}")
             time.sleep(0.05)
         return [m for m in self.maddrs_file.read_text().split() if m]
 
@@ -63,13 +68,13 @@ class PeerProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{self.name}: no round in {timeout}s:\n{self.log_text()}")
+                raise TimeoutError(f"{self.name}: no round in {timeout}s:\n{self.log_text(4000)}")
             try:
                 ev = self.events.get(timeout=remaining)
             except queue.Empty:
                 continue
             if ev.get("type") == "exit":
-                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before its next round:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before its next round:\n{self.log_text(4000)}")
             if ev.get("type") == "round":
                 self.rounds.append(ev)
                 return ev
@@ -85,13 +90,13 @@ class PeerProcess:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{self.name}: no {kind!r} event in {timeout}s:\n{self.log_text()}")
+                raise TimeoutError(f"{self.name}: no {kind!r} event in {timeout}s:\n{self.log_text(4000)}")
             try:
                 ev = self.events.get(timeout=remaining)
             except queue.Empty:
                 continue
             if ev.get("type") == "exit":
-                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before a {kind!r} event:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited ({self.proc.poll()}) before a {kind!r} event:\n{self.log_text(4000)}")
             if ev.get("type") == "round":
                 self.rounds.append(ev)
             elif ev.get("kind") == kind:
@@ -100,15 +105,33 @@ class PeerProcess:
                 self.seen.append(ev)
 
     def signal_session(self, sig: int) -> None:
-        """Signal every process of the peer (a frozen or powered-off machine, not just the main process)."""
+        """Signal every process of the peer (a frozen or powered-off machine, not just the main process;
+        hivemind's helpers lead process groups of their own, so this goes by session)."""
+        signal_session(self.proc.pid, sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the peer's process group, as a terminal's Ctrl-C, closing it, or ``kill -- -PGID`` do."""
         try:
             os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
-    def log_text(self) -> str:
+    def log_size(self) -> int:
         self.log.flush()
-        return self.log_path.read_text()[-4000:]
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> list[str]:
+        """Lines the peer wrote to its log (stderr) after ``offset`` (from :meth:`log_size`)."""
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace").splitlines()
+
+    def log_text(self, tail: int | None = None) -> str:
+        """The peer's log (stderr): all of it, or its last ``tail`` characters (for error messages)."""
+        self.log.flush()
+        text = self.log_path.read_text()
+        return text[-tail:] if tail else text
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -119,24 +142,10 @@ class PeerProcess:
 
     def session_processes(self) -> list[int]:
         """PIDs still alive in this peer's session (the peer, hivemind's helpers, p2pd)."""
-        pids = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if os.getsid(int(entry)) == self.proc.pid:
-                    with open(f"/proc/{entry}/stat") as f:
-                        if f.read().split(")")[-1].split()[0] != "Z":
-                            pids.append(int(entry))
-            except (ProcessLookupError, PermissionError, FileNotFoundError, OSError):
-                continue
-        return pids
+        return session_processes(self.proc.pid)
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_session(self.proc.pid, signal.SIGKILL)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:

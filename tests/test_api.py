@@ -22,6 +22,7 @@ import torch
 
 import swarmloco
 from test_cuda import LoneSwarm
+from swarmloco.protocol.processes import signal_session
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model.py"
 
@@ -145,10 +146,7 @@ class Example:
         return out
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_session(self.proc.pid, signal.SIGKILL)  # (hivemind's helpers lead process groups of their own)
         self.proc.wait(10)
         self.log.close()
 

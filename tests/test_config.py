@@ -51,3 +51,44 @@ def test_manifest_mismatch_names_the_fields() -> None:
         check_against_swarm(RunManifest.from_config(other), [RunManifest.from_config(base)])
     check_against_swarm(RunManifest.from_config(base), [RunManifest.from_config(base)])
     check_against_swarm(RunManifest.from_config(base), [])
+
+
+def test_the_example_configs_load_and_let_several_peers_share_a_machine() -> None:
+    from pathlib import Path
+
+    from swarmloco.maddrs import parse_maddr
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")):
+        cfg = load_config(path)
+        assert all(parse_maddr(m).port == 0 for m in cfg.swarm.host_maddrs), path  # no fixed port to collide on
+        assert cfg.swarm.request_timeout < cfg.swarm.matchmaking_time, path  # hivemind warns otherwise
+
+
+def test_the_defaults_trigger_no_warning_of_hivemind() -> None:
+    cfg = RunConfig()
+    assert cfg.swarm.request_timeout < cfg.swarm.matchmaking_time  # "It is recommended to use request_timeout..."
+
+
+def test_errors_show_values_as_written_in_toml_not_as_python() -> None:
+    with pytest.raises(ValueError) as e:
+        config_from_dict({"swarm": {"announce_maddrs": ["x"]}})
+    assert 'swarm.announce_maddrs = "x" is invalid' in str(e.value) and "(" not in str(e.value).split("invalid")[0]
+    with pytest.raises(ValueError, match=r"outer\.nesterov = 1 is invalid: must be true or false"):
+        config_from_dict({"outer": {"nesterov": 1}})
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"model": {"n_layer": True}}, "model.n_layer"),            # a bool is no integer
+    ({"inner": {"beta1": "0.9"}}, "inner.beta1"),               # a string is no number
+    ({"inner": {"lr": float("nan")}}, "inner.lr"),
+    ({"outer": {"clip_factor": float("inf")}}, "outer.clip_factor"),
+    ({"codec": {"name": "zstd"}}, "codec.name"),
+    ({"codec": {"error_feedback": "yes"}}, "codec.error_feedback"),
+    ({"swarm": {"host_maddrs": ["/ip4/1.2.3.4/tcp/99999"]}}, "swarm.host_maddrs"),
+    ({"swarm": {"initial_peers": ["/ip4/1.2.3.4/tcp/1"]}}, "swarm.initial_peers"),  # no /p2p/ peer id
+    ({"swarm": {"client_mode": "no"}}, "swarm.client_mode"),
+    ({"status": {"port": True}}, "status.port"),
+])
+def test_values_of_the_wrong_type_name_the_field(data, field) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_from_dict(data)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from test_faults import FAST, PACED, assert_same_state, rounds_until, start_swarm
+from swarmloco.protocol.processes import signal_session
 from swarmloco.node.lineage import Chain
 
 pytestmark = pytest.mark.slow
@@ -94,10 +95,7 @@ class Claimer:
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def kill(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_session(self.proc.pid, signal.SIGKILL)  # (hivemind's helpers lead process groups of their own)
         self.proc.wait(10)
         self.log.close()
 

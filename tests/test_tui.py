@@ -133,14 +133,14 @@ async def test_peer_table_from_recorded_stream() -> None:
         assert table.row_count == 5
         rows = {str(table.get_row_at(i)[0]): [str(c) for c in table.get_row_at(i)]
                 for i in range(table.row_count)}
-        assert rows["…6nF2Dd"][5] == "stale" and rows["…6nF2Dd"][4] == "29s"
-        assert rows["…5iG8Ee"][5] == "joining"
-        assert rows["…5iG8Ee"][1] == "gpu-box.example.org:4445"
-        assert rows["…3hE9Cc"][1] == "192.168.1.7:31337" and rows["…3hE9Cc"][2] == "10"
+        assert rows["…Kp6nF2Dd"][5] == "stale" and rows["…Kp6nF2Dd"][4] == "29s"
+        assert rows["…Xo5iG8Ee"][5] == "joining"
+        assert rows["…Xo5iG8Ee"][1] == "gpu-box.example.org:4445"
+        assert rows["…iY3hE9Cc"][1] == "192.168.1.7:31337" and rows["…iY3hE9Cc"][2] == "10"
         totals = text(app, "#swarm-totals")
         assert "4 peers online" in totals and "+1 stale" in totals
         assert "4853.6 samples/s" in totals and "step 10" in totals
-        assert "round 11.2s" in totals and "9.2 MiB/round" in totals
+        assert "round time 11.2s (median over peers)" in totals and "9.6 MB/round" in totals
 
 
 def test_swarm_totals_and_staleness_are_pure() -> None:
@@ -160,14 +160,14 @@ async def test_node_view_from_fake_source() -> None:
         await poll(app, pilot, times=len(FRAMES))
         status = FRAMES[-1]["status"]
         header = text(app, "#node-header")
-        assert "UQ4a1A" in header and "run demo" in header and "step 9" in header
+        assert "…ZdUQ4a1A" in header and "run demo" in header and "step 9" in header
         assert "UNREACHABLE" not in header
         bar = app.query_one("#node-progress", ProgressBar)
         assert (bar.progress, bar.total) == (31, 50)
         assert len(app.query_one("#train-spark", Sparkline).data) == len(status["history"])
         assert "compute 10.1s" in text(app, "#node-round")
-        assert "13.7 MiB" in text(app, "#node-traffic")
-        assert "rss 1.1 GiB" in text(app, "#node-device")
+        assert "14.4 MB" in text(app, "#node-traffic")  # SI: 1 MB = 10^6 bytes
+        assert "rss 1.2 GB" in text(app, "#node-device")
         log_text = "\n".join(s.text for s in app.query_one("#node-events", RichLog).lines)
         assert log_text.count("peer_left") == 1  # events are not repeated across polls
         assert "allreduce timed out" in log_text and "outer step 9 done" in log_text
@@ -309,3 +309,92 @@ def test_snapshot(snap_compare, utc, view: str, size: tuple[int, int]) -> None:
         await poll(app, pilot, times=len(FRAMES))
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("node,swarm", [(False, True), (True, False)])
+@async_test
+async def test_a_view_without_a_source_says_so_and_is_no_failure(node: bool, swarm: bool) -> None:
+    app = replay_app(node=node, swarm=swarm)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await poll(app, pilot)
+        await pilot.press("tab")
+        await poll(app, pilot)
+        empty = "#node-header" if not node else "#swarm-header"
+        shown = text(app, empty)
+        assert ("no node source" if not node else "no swarm source") in shown and "UNREACHABLE" not in shown
+        log_text = "\n".join(s.text for s in app.query_one("#node-events", RichLog).lines)
+        assert "unreachable" not in log_text
+
+
+@pytest.mark.parametrize("attached,says", [(None, "the node keeps training"), ("node", "stop the node"),
+                                           ("demo", "stop the demo")])
+@async_test
+async def test_the_help_and_the_footer_say_what_q_does_in_each_mode(attached, says) -> None:
+    app = replay_app(attached=attached)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert says in text(app, "#help-text")
+        await pilot.press("escape")
+        await pilot.pause()
+        footer = {b.description for _, b, _, _ in app.active_bindings.values() if b.key == "q"}
+        assert footer == {MonitorApp.QUIT_LABELS[attached]}
+        await pilot.press("q")
+        await pilot.pause()
+        assert not app.is_running
+
+
+@async_test
+async def test_ctrl_c_quits_like_q() -> None:
+    app = replay_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert not app.is_running
+
+
+@async_test
+async def test_a_node_that_stopped_shows_stopped_not_unreachable() -> None:
+    finished = {**FRAMES[-1]["status"], "state": "stopped"}
+    app = MonitorApp(FlakySource([finished]), clock=lambda: END, refresh_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await poll(app, pilot, times=2)  # its last state, then its endpoint is gone
+        header = text(app, "#node-header")
+        assert "STOPPED" in header and "UNREACHABLE" not in header and "…ZdUQ4a1A" in header
+        log_text = "\n".join(s.text for s in app.query_one("#node-events", RichLog).lines)
+        assert "the node has stopped" in log_text and "unreachable" not in log_text
+
+
+@async_test
+async def test_the_loss_chart_has_a_labelled_scale() -> None:
+    app = replay_app(swarm=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await poll(app, pilot, times=len(FRAMES))
+        history = FRAMES[-1]["status"]["history"]
+        for name in ("train", "eval"):
+            losses = [h[f"{name}_loss"] for h in history]
+            label = text(app, f"#{name}-label")
+            assert f"{max(losses):.3f} top" in label and f"{min(losses):.3f} bottom" in label, label
+            assert f"steps {history[0]['outer_step']}–{history[-1]['outer_step']}" in label
+
+
+def test_units_peer_ids_and_round_time_are_one_system() -> None:
+    from swarmloco.node.console import fmt_bytes, format_round_line, round_parts
+    from swarmloco.node.demo import format_step_line
+    from swarmloco.tui import fmt
+    from swarmloco.tui.node_view import round_time
+
+    assert fmt.human_bytes(2_600_000) == fmt_bytes(2_600_000) == "2.6 MB"  # SI everywhere, MB = 10^6 bytes
+    assert fmt.human_bytes(999) == "999 B" and fmt.human_bytes(1_234_567_890) == "1.2 GB"
+    peer_id = FRAMES[-1]["status"]["peer_id"]
+    assert fmt.short_peer_id(peer_id) == "…" + peer_id[-8:]  # the 8 characters logs and events use
+    last = {"outer_step": 3, "compute_s": 5.0, "barrier_s": 1.0, "matchmaking_s": 0.5, "allreduce_s": 0.25}
+    parts = round_parts(last, 7.0)
+    assert parts == {"compute": 5.0, "wait": 1.0, "averaging": 0.75, "other": 0.25} and sum(parts.values()) == 7.0
+    assert round_time({"last_round": last, "last_round_time": 7.0}) == 7.0  # the monitor's round time
+    record = {"outer_step": 3, "ok": True, "train_loss": 2.0, "eval_loss": 2.5, "peers": 2, "bytes_sent": 2_600_000,
+              "bytes_received": 2_600_000, "round_time": 7.0, "digest": "d"}
+    assert "round 7.0s (compute 5.0, wait 1.0, averaging 0.8, other 0.2)" in format_round_line(record, last)
+    assert "sent 2.6 MB recv 2.6 MB" in format_round_line(record, last)
+    assert "round 7.0s" in format_step_line(3, [record], 2) and "sent 2.6 MB" in format_step_line(3, [record], 2)

@@ -43,28 +43,51 @@ def corpus_files(path: str) -> list[Path]:
     if root.is_file():
         return [root]
     if root.is_dir():
-        return sorted((p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES),
-                      key=lambda p: p.relative_to(root).as_posix())
-    raise ValueError(f"data.path={path!r}: no such file or directory")
+        files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES),
+                       key=lambda p: p.relative_to(root).as_posix())
+        if not files:
+            raise ValueError(f"data.path = {path!r}: no text files ({' '.join(sorted(TEXT_SUFFIXES))}) in that "
+                             "directory")
+        return files
+    raise ValueError(f"data.path = {path!r}: no such file or directory")
+
+
+def _binary_at(data: bytes) -> int:
+    """Offset of the first NUL byte (text has none; images, archives and executables do), or -1."""
+    return data.find(b"\0")
 
 
 def load_corpus(cfg: DataConfig) -> torch.Tensor:
-    """Read the corpus as a 1-D uint8 tensor of byte tokens."""
-    chunks, total = [], 0
-    for f in corpus_files(cfg.path):
+    """Read the corpus as a 1-D uint8 tensor of byte tokens. A file named by ``data.path`` must be text
+    (ValueError otherwise); binary or unreadable files inside a ``data.path`` directory are skipped."""
+    chunks, total, skipped = [], 0, []
+    files = corpus_files(cfg.path)
+    explicit = cfg.path != "" and len(files) == 1 and Path(cfg.path).expanduser().is_file()
+    for f in files:
         try:
             data = f.read_bytes()
         except OSError as e:
-            logger.warning("skipping unreadable corpus file %s: %s", f, e)
+            if explicit:
+                raise ValueError(f"data.path = {cfg.path!r}: cannot read it ({e.strerror or e})") from None
+            skipped.append(f"{f.name} (unreadable)")
             continue
         data = data[: cfg.max_bytes - total]
+        if (at := _binary_at(data)) >= 0:
+            if explicit:
+                raise ValueError(f"data.path = {cfg.path!r}: not a text file (a NUL byte at offset {at}); give a "
+                                 "text file or a directory of them")
+            skipped.append(f"{f.name} (binary)")
+            continue
         chunks.append(data)
         total += len(data)
         if total >= cfg.max_bytes:
             break
+    if skipped:
+        logger.warning("skipped %d corpus file(s) under %s: %s", len(skipped), cfg.path, ", ".join(skipped[:5])
+                       + (" ..." if len(skipped) > 5 else ""))
     blob = b"".join(chunks)
     if len(blob) < 10_000:
-        raise ValueError(f"data.path={cfg.path!r}: corpus too small ({len(blob)} bytes, need >= 10000)")
+        raise ValueError(f"data.path = {cfg.path!r}: corpus too small ({len(blob)} bytes of text, need >= 10000)")
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
@@ -84,7 +107,8 @@ class Corpus:
         self.shard_len = self.holdout_start // cfg.num_shards
         if self.shard_len <= block_size + 1 or n - self.holdout_start <= block_size + 1:
             raise ValueError(
-                f"corpus of {n} bytes is too small for {cfg.num_shards} shards of block_size {block_size}"
+                f"data: a corpus of {n} bytes is too small for data.num_shards = {cfg.num_shards} shards of "
+                f"model.block_size = {block_size} tokens (lower num_shards, or add data)"
             )
 
     @property

@@ -2,8 +2,14 @@
 
 The first peer starts the swarm and writes its multiaddrs to a file; the others join through it.
 Each peer trains on its own shard of the corpus (shard i for peer i) and prints machine-readable
-round summaries that this launcher folds into one line per outer step. Ctrl-C sends SIGTERM to
-every peer, waits for their clean exit, and kills whatever is left of their process groups.
+round summaries that this launcher folds into one line per outer step (units, peer ids and round time
+as everywhere: :mod:`swarmloco.node.console`).
+
+Stopping: Ctrl-C, SIGTERM or SIGHUP once (to the demo or its whole process group; the peers run in
+sessions of their own) prints one line, sends SIGTERM to every peer, waits for their clean exit (each
+leaves the swarm), kills whatever is left of their sessions and exits 0; a second signal kills them all
+at once (exit 130). With ``--tui``, quitting the monitor stops the demo the same way; a demo that
+finished keeps its monitor open (the node shows as stopped) until ``q``.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from swarmloco.config import RunConfig, dump_toml
+from swarmloco.node.console import fmt_bytes, say
 from swarmloco.node.launcher import start_monitor, stop_monitor
 from swarmloco.node.status import JsonLinesReporter
+from swarmloco.protocol.processes import signal_session
 
 STARTUP_TIMEOUT = 90.0
 
@@ -67,22 +75,11 @@ class _PeerProc:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             code = None
-        try:  # hivemind helpers and p2pd live in the peer's session: none may outlive it
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_session(self.proc.pid, signal.SIGKILL)  # hivemind helpers and p2pd: none may outlive it
         if code is None:
             code = self.proc.wait(10)
         self.log.close()
         return code
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def format_step_line(step: int, reports: list[dict], n_peers: int) -> str:
@@ -99,7 +96,7 @@ def format_step_line(step: int, reports: list[dict], n_peers: int) -> str:
     return (f"outer {step:3d} | train {mean('train_loss'):.4f} | eval {mean('eval_loss'):.4f} | "
             f"peers {max((r.get('peers') or 1) for r in use)}/{n_peers} | "
             f"{sum(float(r.get('samples_per_second') or 0) for r in use):7.0f} samples/s | "
-            f"sent {_fmt_bytes(mean('bytes_sent'))} recv {_fmt_bytes(mean('bytes_received'))} per peer | "
+            f"sent {fmt_bytes(mean('bytes_sent'))} recv {fmt_bytes(mean('bytes_received'))} per peer | "
             f"round {mean('round_time'):.1f}s | {sync}")
 
 
@@ -125,13 +122,27 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
     cfg_path = root / "demo.toml"
     cfg_path.write_text(dump_toml(cfg))
     status_port = _free_port() if tui else 0
-    monitor = None
+    monitor: subprocess.Popen | None = None
     if tui:
         out = open(root / "demo.out", "w")
     events: queue.Queue = queue.Queue()
     procs: list[_PeerProc] = []
-    stop = threading.Event()
-    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    stop, signalled = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if signalled.is_set():  # the second one: everything, now
+            say("swarmloco demo: second signal, killing every peer now")
+            for p in procs:
+                signal_session(p.proc.pid, signal.SIGKILL)
+            if monitor is not None:
+                monitor.kill()
+            os._exit(130)
+        signalled.set()
+        say(f"swarmloco demo: {signal.Signals(signum).name} received, stopping every peer cleanly "
+            "(a second signal exits at once)")
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def peer_args(i: int, initial: list[str]) -> list[str]:
         args = [sys.executable, "-m", "swarmloco", "run", str(cfg_path), "--shard", str(i),
@@ -149,11 +160,14 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
     print(f"swarmloco demo: {peers} peers, {outer_steps} outer steps of "
           f"{inner_steps or cfg.inner.steps} inner steps; logs in {root}", file=out, flush=True)
     exit_codes: list[int | None] = []
+    finished = False
     try:
         procs.append(_PeerProc(0, peer_args(0, []), root / "peer0.log", events))
         maddr_file, deadline = root / "peer0.maddrs", time.monotonic() + STARTUP_TIMEOUT
         while not maddr_file.exists():
-            if procs[0].proc.poll() is not None or time.monotonic() > deadline or stop.is_set():
+            if stop.is_set():
+                return 0
+            if procs[0].proc.poll() is not None or time.monotonic() > deadline:
                 print(f"swarmloco demo: the first peer did not start; see {procs[0].log_path}", file=out)
                 return 1
             time.sleep(0.1)
@@ -161,7 +175,7 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
         for i in range(1, peers):
             procs.append(_PeerProc(i, peer_args(i, initial), root / f"peer{i}.log", events))
         if tui:
-            monitor = start_monitor(status_port, initial, cfg.run_id, stop)
+            monitor = start_monitor(status_port, initial, cfg.run_id, stop, attached="demo")
 
         reports: dict[int, list[dict]] = defaultdict(list)
         alive, printed = set(range(peers)), 0
@@ -181,24 +195,32 @@ def run_demo(base: RunConfig, *, peers: int, outer_steps: int, inner_steps: int 
             while printed + 1 in reports and len(reports[printed + 1]) >= max(1, len(alive)):
                 printed += 1
                 print(format_step_line(printed, reports[printed], peers), file=out, flush=True)
-        for step in sorted(k for k in reports if k > printed):
+        for step in sorted(k for k in reports if k > printed and not signalled.is_set()):
             print(format_step_line(step, reports[step], peers), file=out, flush=True)
+        finished = not alive
+        if finished and monitor is not None:  # the user looks at the finished run until they quit
+            print("swarmloco demo: finished; quit the monitor with q", file=out, flush=True)
+            while monitor.poll() is None and not stop.is_set():
+                stop.wait(0.2)
     finally:
         stop_monitor(monitor)
-        if stop.is_set():
+        if stop.is_set() and not finished and not signalled.is_set():  # (a signal said so in its own line)
             print("swarmloco demo: stopping all peers", file=out, flush=True)
         for p in procs:
             if stop.is_set():
                 p.terminate()
         for p in procs:
-            code = p.reap(timeout=30.0 if not stop.is_set() else 15.0)
+            code = p.reap(timeout=30.0 if not stop.is_set() else 20.0)
             exit_codes.append(code)
         for s, h in old.items():
             signal.signal(s, h)
+        if tui:
+            out.close()
     bad = [(i, c) for i, c in enumerate(exit_codes) if c != 0]
-    if bad and not stop.is_set():
-        print(f"swarmloco demo: peers exited with errors {bad}; logs kept in {root}", file=out, flush=True)
+    if bad:
+        print(f"swarmloco demo: peers exited with errors {bad}; logs kept in {root}", file=sys.stdout if tui else out,
+              flush=True)
         return 1
     if tmp_ctx is not None:
         tmp_ctx.cleanup()
-    return 130 if stop.is_set() else 0
+    return 0

@@ -136,8 +136,9 @@ def find_run(get: Callable[[str], dict[str, bytes]], spec: RunSpec | None) -> Ru
 
 
 def fetch_manifest(get: Callable[[str], dict[str, bytes]], spec: RunSpec, timeout: float,
-                   poll: float = 1.0) -> SignedManifest:
-    """The owner-signed manifest of ``spec`` (JoinError if none, or several owners claim the run)."""
+                   poll: float = 1.0, stop: threading.Event | None = None) -> SignedManifest:
+    """The owner-signed manifest of ``spec`` (JoinError if none, or several owners claim the run, or
+    ``stop`` is set while waiting for it)."""
     deadline = time.monotonic() + timeout
     while True:
         found = [m for m in read_manifests(get(run_key(spec.run_id)), spec.run_id, time.time()) if m.by_owner]
@@ -149,11 +150,14 @@ def fetch_manifest(get: Callable[[str], dict[str, bytes]], spec: RunSpec, timeou
         if len(owners) > 1:
             raise JoinError(f"run '{spec.run_id}' is claimed by several owners; pin one with "
                             f"{spec.run_id}@OWNER: {', '.join(owners)}", 2)
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
             who = f" signed by {spec.owner.hex()[:16]}..." if spec.owner else " signed by its owner"
             raise JoinError(f"no manifest of run '{spec.run_id}'{who} found in the DHT in {timeout:.0f}s "
                             "(unowned runs are joined with: swarmloco run CONFIG)", 3)
-        time.sleep(poll)
+        if stop is not None:
+            stop.wait(poll)
+        else:
+            time.sleep(poll)
 
 
 def _hub_id(value: str) -> bool:

@@ -1,84 +1,56 @@
-"""Start one peer process: signals, transport, peer, clean shutdown.
+"""Start one peer process: checks, status endpoint, transport, peer, clean shutdown.
 
-Ctrl-C / SIGTERM set a stop flag: the peer finishes (or abandons) its current inner step, leaves the
-swarm, writes its checkpoint and shuts hivemind's DHT, averager and p2pd down. SIGINT is ignored
-while hivemind starts its helper processes, so a terminal's Ctrl-C (sent to the whole process
-group) reaches only this process, which then stops its children in order instead of leaving them
-half-dead. A second signal exits at once.
+Order matters to an operator: every input is checked (:mod:`swarmloco.node.preflight`: device, codec,
+data, ports) and the status endpoint is bound *before* hivemind's DHT node and p2pd start
+and before a join address is printed, so a bad input is one line and exit 2 (or 1 for a taken port),
+never a peer that comes up and then dies.
 
-If the peer itself dies without a chance to clean up (SIGKILL, OOM killer), its hivemind helper
-processes die with it: they are forked with ``PR_SET_PDEATHSIG`` (Linux). hivemind's p2pd daemon
-exits on its own once its client has been gone for its idle timeout.
+Stopping (:mod:`swarmloco.node.stopping`): a signal sets ``stop``; the peer abandons its current inner
+stretch, leaves a round in flight after a short grace, marks itself stopped in the DHT, writes its
+checkpoint, and the transport shuts hivemind's averager, DHT and p2pd down, then kills whatever is
+left of their process groups. hivemind's processes lead their own process groups, so a signal to this
+peer's group (a terminal's Ctrl-C, closing it, ``kill -- -PGID``) reaches only this process; they get
+``PR_SET_PDEATHSIG`` so they (p2pd too) die with a peer that is SIGKILLed. See
+:mod:`swarmloco.protocol.processes`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from swarmloco.config import RunConfig
+from swarmloco.node import preflight
+from swarmloco.node.checkpoint import list_checkpoints
+from swarmloco.node.console import ConsoleReporter, say
 from swarmloco.node.membership import AccessRefused
 from swarmloco.node.peer import Peer, PeerOptions, prepare_config
-from swarmloco.node.status import JsonLinesReporter, NullReporter, StatusBoard
+from swarmloco.node.status import JsonLinesReporter, StatusBoard, TeeReporter
+from swarmloco.node.stopping import install_stop_handlers
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_MANIFEST = 0, 1, 2, 3
+STATUS_LINGER = 2.0
+"""A status endpoint that was read recently stays up this long after the peer stopped, so a monitor
+sees the node's last state ("stopped") rather than a dead endpoint."""
 
 
-_dying_with_parent = False
-
-
-def die_with_parent() -> None:
-    """Make every process forked from now on (hivemind's DHT and averager) get SIGKILL when we die."""
-    global _dying_with_parent
-    if not sys.platform.startswith("linux") or _dying_with_parent:
-        return
-    _dying_with_parent = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    pr_set_pdeathsig = 1
-    forking = [0]
-
-    def before() -> None:
-        forking[0] = os.getpid()
-
-    def in_child() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != forking[0]:  # the parent died between fork and prctl
-            os._exit(1)
-
-    os.register_at_fork(before=before, after_in_child=in_child)
-
-
-def install_stop_handlers(stop: threading.Event) -> None:
-    def handler(signum, frame):
-        if stop.is_set():
-            print("swarmloco: second signal, exiting now", file=sys.stderr, flush=True)
-            os._exit(130)
-        print(f"swarmloco: {signal.Signals(signum).name} received, stopping cleanly "
-              "(leaving the swarm, writing the checkpoint)", file=sys.stderr, flush=True)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or SSH session closed
-        signal.signal(sig, handler)
-
-
-def start_monitor(port: int, initial_peers: list[str], run_id: str, stop: threading.Event) -> subprocess.Popen:
-    """``swarmloco monitor`` in the foreground of this terminal; quitting it sets ``stop``."""
-    args = [sys.executable, "-m", "swarmloco", "monitor", "--node", str(port), "--run", run_id]
+def start_monitor(port: int, initial_peers: list[str], run_id: str, stop: threading.Event,
+                  attached: str = "node") -> subprocess.Popen:
+    """``swarmloco monitor`` in the foreground of this terminal; quitting it sets ``stop`` (``attached``:
+    what quitting stops, "node" or "demo", which its help text says)."""
+    args = [sys.executable, "-m", "swarmloco", "monitor", "--node", str(port), "--run", run_id,
+            "--attached", attached]
     for m in initial_peers[:1]:
         args += ["--initial-peers", m]
     monitor = subprocess.Popen(args)
@@ -91,10 +63,17 @@ def start_monitor(port: int, initial_peers: list[str], run_id: str, stop: thread
     return monitor
 
 
-def stop_monitor(monitor: subprocess.Popen | None) -> None:
-    if monitor is not None and monitor.poll() is None:
+def stop_monitor(monitor: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """Ask the monitor to quit (SIGTERM: it leaves its DHT in order) and wait for it; kill it if it hangs."""
+    if monitor is None:
+        return
+    if monitor.poll() is None:
         monitor.terminate()
-        monitor.wait(10)
+    try:
+        monitor.wait(timeout)
+    except subprocess.TimeoutExpired:
+        monitor.kill()
+        monitor.wait(5)
 
 
 def load_identity(path: str) -> Identity:
@@ -109,8 +88,11 @@ def load_identity(path: str) -> Identity:
             logger.info("generated a new identity %s at %s", identity.libp2p_peer_id(), path)
             return identity
         return Identity.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"identity file {path}: the folder {Path(path).parent} does not exist") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"identity file {path}: {e}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ValueError(f"identity file {path}: {reason}") from None
 
 
 def p2pd_key_file(identity: Identity, workdir: str) -> str:
@@ -130,85 +112,159 @@ def write_maddrs(path: str, maddrs: list[str]) -> None:
 
 def start_dht_node(swarm, identity: Identity, record_validators=()):
     """A DHT-only node (join, init-run, bootstrap) running with ``identity``'s key. Like a peer's
-    transport, its processes die with us and ignore the terminal's Ctrl-C (they are stopped in order)."""
+    transport, its processes lead their own process group and die with us (they are stopped in order)."""
     from swarmloco.protocol.transport import DhtClient
 
-    die_with_parent()
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # children (and p2pd) inherit "ignore"
-    try:
-        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
-            return DhtClient(swarm, identity_path=p2pd_key_file(identity, keydir),
-                             record_validators=list(record_validators))
-    finally:
-        signal.signal(signal.SIGINT, old_int)
+    with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
+        return DhtClient(swarm, identity_path=p2pd_key_file(identity, keydir),
+                         record_validators=list(record_validators))
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (hivemind's errors can carry p2pd's whole output)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300] + "..." if len(text) > 300 else text
 
 
 def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
              maddrs_file: str | None = None, status_server_factory=None, tui: bool = False,
-             identity: Identity | None = None, dht=None) -> int:
+             identity: Identity | None = None, dht=None, stop: threading.Event | None = None,
+             out: Callable[[str], None] = say) -> int:
     """Run one peer until it stops; returns the process exit code.
 
-    ``identity`` and ``dht``: a key and a DHT node already started with it (``swarmloco join``); ``dht``
-    is a DhtClient's node, handed over."""
+    ``identity`` and ``dht``: a key and a DHT node already started with it (``swarmloco join``: a
+    DhtClient's node, handed over); the DHT node is shut down here whatever happens. ``stop``: set by the
+    caller's signal handlers (and by the monitor quitting, with ``tui``). ``out``: where this peer's lines
+    go (stderr; the log file under ``--tui``)."""
     from swarmloco.node.swarm import Swarm
     from swarmloco.protocol.transport import route_hivemind_logs
 
     route_hivemind_logs()
-    stop = threading.Event()
-    if cfg.access.private and not cfg.access.owner:
-        print("swarmloco: access.private needs access.owner, the key that signs tokens (swarmloco init-run sets it)",
-              file=sys.stderr)
-        return EXIT_CONFIG
+    stop = stop or threading.Event()
+    board = StatusBoard()
+    status_server = swarm = None
     try:
-        cfg = prepare_config(cfg)  # before anything starts: a bad model or data source is one line
-        swarm = Swarm(cfg.run_id, config=cfg.swarm, identity=identity, stop=stop)
-    except ValueError as e:
-        print(f"swarmloco: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        swarm.start(dht=dht)
-    except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
-        print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    status_server = monitor = None
-    try:
-        board = StatusBoard(reporter=JsonLinesReporter() if json_events else NullReporter())
+        if cfg.access.private and not cfg.access.owner:
+            raise preflight.Refused("access.private needs access.owner, the key that signs tokens "
+                                    "(swarmloco init-run sets it)")
+        preflight.check_peer_options(cfg, shard=options.shard, inner_steps=options.inner_steps,
+                                     max_outer_steps=options.max_outer_steps, resume=options.resume)
+        preflight.check_device(options.device)
+        preflight.check_codec(cfg)
+        preflight.check_writable_dir(cfg.checkpoint.dir, "checkpoint.dir")
+        if dht is None:
+            preflight.check_listen_maddrs(cfg.swarm.host_maddrs, "swarm.host_maddrs")
         try:
-            peer = Peer(cfg, swarm, options, board=board)
-        except ValueError as e:  # config that only shows up once the model and data exist
-            print(f"swarmloco: {e}", file=sys.stderr, flush=True)
+            cfg = prepare_config(cfg)  # a bad model or data source is one line
+            swarm = Swarm(cfg.run_id, config=cfg.swarm, identity=identity, stop=stop)
+        except ValueError as e:
+            raise preflight.Refused(str(e)) from None
+        corpus = preflight.load_corpus(cfg)  # data problems before the DHT node, not after its address
+        if (cfg.status.port or tui) and status_server_factory is not None:
+            try:
+                status_server = status_server_factory(board.snapshot, cfg.status.port)
+            except OSError as e:
+                raise preflight.Refused(f"status.port {cfg.status.port}: cannot listen on 127.0.0.1:"
+                                        f"{cfg.status.port} ({e.strerror or e}); pick another --status-port (or 0: off)",
+                                        EXIT_ERROR) from None
+    except preflight.Refused as e:
+        say(f"swarmloco: {e}")
+        if dht is not None:
+            from swarmloco.protocol.transport import shutdown_dht
+
+            shutdown_dht(dht)
+        return e.exit_code
+
+    if threading.current_thread() is threading.main_thread():
+        install_stop_handlers(stop)  # from here on a signal is a clean stop
+    if not cfg.swarm.initial_peers:
+        out("swarmloco: no --initial-peers given: starting a new swarm")
+    monitor, last_word = None, None
+    try:
+        try:
+            swarm.start(dht=dht)
+        except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
+            say(f"swarmloco: could not start the swarm node: {one_line(e)}")
+            return EXIT_ERROR
+        H = options.inner_steps or cfg.inner.steps
+        console = ConsoleReporter(out, last_round=lambda: board.get("last_round"), inner_steps=H,
+                                  run_inner_steps=cfg.inner.steps, quiet=stop)
+        board.reporter = TeeReporter(console, JsonLinesReporter()) if json_events else console  # (line first)
+        try:
+            peer = Peer(cfg, swarm, options, board=board, corpus=corpus)
+        except ValueError as e:  # config that only shows up once the model exists (its vocabulary...)
+            say(f"swarmloco: {e}")
+            return EXIT_CONFIG
+        except MemoryError:
+            say("swarmloco: [model]: the model does not fit in this machine's memory; use a smaller one")
             return EXIT_CONFIG
         except Exception as e:  # noqa: BLE001 - the averager could not start
-            print(f"swarmloco: could not start the swarm node: {e}", file=sys.stderr, flush=True)
+            say(f"swarmloco: could not start the swarm node: {one_line(e)}")
             return EXIT_ERROR
-        install_stop_handlers(stop)
         maddrs = swarm.visible_maddrs()
         manifest = peer.diloco.manifest
-        print(f"swarmloco: peer {swarm.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})",
-              file=sys.stderr, flush=True)
+        out(f"swarmloco: peer {swarm.peer_id} of run '{manifest.run_id}' (manifest {manifest.short})")
         for m in maddrs:
-            print(f"swarmloco: listening on {m}", file=sys.stderr, flush=True)
+            out(f"swarmloco: listening on {m}")
         if maddrs and not cfg.swarm.initial_peers:
-            print(f"swarmloco: others join with: --initial-peers {maddrs[0]}", file=sys.stderr, flush=True)
+            out(f"swarmloco: others join with: --initial-peers {maddrs[0]}")
         if maddrs_file:
             write_maddrs(maddrs_file, maddrs)
-        if (cfg.status.port or tui) and status_server_factory is not None:
-            status_server = status_server_factory(board.snapshot, cfg.status.port)
-            print(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status", file=sys.stderr, flush=True)
+        if stop.is_set():  # a signal while the node was starting: leave before joining anything
+            return EXIT_OK
+        if status_server is not None:
+            out(f"swarmloco: status on http://127.0.0.1:{status_server.port}/status")
         if tui and status_server is not None:
             monitor = start_monitor(status_server.port, maddrs, manifest.run_id, stop)
+        out(_start_line(peer, cfg, H))
+        if H > cfg.inner.steps:
+            out(f"swarmloco: warning: --inner-steps {H} is larger than the run's inner.steps = {cfg.inner.steps}: "
+                "the other peers will average without this peer's work (or wait for it)")
+        if options.resume:
+            out(_resume_line(cfg, manifest))
         try:
             steps = peer.run()
         except (ManifestMismatch, AccessRefused) as e:
-            print(f"swarmloco: refused: {e}", file=sys.stderr, flush=True)
+            last_word = f"swarmloco: refused: {e}"
             return EXIT_MANIFEST
         except FloatingPointError as e:  # the local model diverged: say so in one line, leave cleanly
-            print(f"swarmloco: stopping: {e}", file=sys.stderr, flush=True)
+            last_word = f"swarmloco: stopping: {e}"
             return EXIT_ERROR
         logger.info("stopped after %d outer steps (now at outer step %d)", steps, peer.outer_step)
         return EXIT_OK
     finally:
         stop_monitor(monitor)
-        if status_server is not None:
-            status_server.close()
+        if last_word:  # (after the monitor gave the terminal back)
+            out(last_word)
+            if out is not say:
+                say(last_word)
         swarm.close()
+        if status_server is not None:
+            _close_status(status_server, linger=monitor is None)  # (our own monitor is gone already)
+
+
+def _start_line(peer: Peer, cfg: RunConfig, H: int) -> str:
+    ckpt = f"checkpoints every {cfg.checkpoint.every} in {cfg.checkpoint.dir}" if cfg.checkpoint.dir else \
+        "no checkpoints (--checkpoint-dir DIR to keep them)"
+    n = sum(p.numel() for p in peer.model.parameters())  # (the CLI's peer: its own model)
+    return (f"swarmloco: training on {peer.device}: {n / 1e6:.2f}M parameters, data shard {peer.shard}, "
+            f"{H} inner steps per outer step, {ckpt}; one line per outer step follows")
+
+
+def _resume_line(cfg: RunConfig, manifest) -> str:
+    ours = list_checkpoints(cfg.checkpoint.dir, manifest.hash)
+    if not ours:
+        return (f"swarmloco: --resume: no checkpoint of this run (manifest {manifest.short}) in "
+                f"{cfg.checkpoint.dir}; starting from the swarm's state, or from outer step 0")
+    return f"swarmloco: --resume: from outer step {ours[-1].outer_step} ({ours[-1].path})"
+
+
+def _close_status(server, linger: bool = True) -> None:
+    """Close the status endpoint; if a monitor is reading it, first let it see the final state."""
+    last = getattr(server, "last_request", None)
+    if linger and callable(last) and last() is not None and time.monotonic() - last() < 5.0:
+        seen = last()
+        deadline = time.monotonic() + STATUS_LINGER
+        while time.monotonic() < deadline and last() == seen:
+            time.sleep(0.05)
+    server.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-PHASES = ("compute", "matchmaking", "allreduce", "outer_step")
+PHASES = ("compute", "barrier", "matchmaking", "allreduce", "outer_step")
 
 # name, type, help, key in the status dict
 _SIMPLE: tuple[tuple[str, str, str, str], ...] = (
@@ -26,6 +26,8 @@ _SIMPLE: tuple[tuple[str, str, str, str], ...] = (
     ("swarmloco_bytes_received_total", "counter", "Bytes received from the swarm.",
      "bytes_received_total"),
     ("swarmloco_peers_online", "gauge", "Peers seen online in the swarm.", "peers_online"),
+    ("swarmloco_round_seconds", "gauge", "Wall time of the last round, from its start to the next round's.",
+     "last_round_time"),
     ("swarmloco_rss_bytes", "gauge", "Resident memory of the node process.", "rss_bytes"),
     ("swarmloco_cuda_allocated_bytes", "gauge", "CUDA memory allocated by the node.",
      "cuda_allocated_bytes"),

@@ -39,14 +39,32 @@ class JsonLinesReporter:
 
     def _emit(self, obj: dict[str, Any]) -> None:
         with self.lock:
-            self.stream.write(self.PREFIX + json.dumps(obj) + "\n")
-            self.stream.flush()
+            try:
+                self.stream.write(self.PREFIX + json.dumps(obj) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # the reader went away (closed pipe or terminal): training goes on
+                pass
 
     def round_done(self, summary: dict[str, Any]) -> None:
         self._emit({"type": "round", **summary})
 
     def event(self, kind: str, message: str) -> None:
         self._emit({"type": "event", "kind": kind, "message": message})
+
+
+class TeeReporter:
+    """Several reporters as one (e.g. ``--json-events`` lines and the console's step lines)."""
+
+    def __init__(self, *reporters: Reporter):
+        self.reporters = reporters
+
+    def round_done(self, summary: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.round_done(summary)
+
+    def event(self, kind: str, message: str) -> None:
+        for r in self.reporters:
+            r.event(kind, message)
 
 
 class StatusBoard:

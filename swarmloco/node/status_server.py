@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,11 +36,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _make_handler(get_status: Callable[[], dict]) -> type[BaseHTTPRequestHandler]:
+def _make_handler(get_status: Callable[[], dict], seen: Callable[[], None]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "swarmloco-status/1"
 
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            seen()
             path = self.path.split("?", 1)[0]
             if path not in ("/status", "/metrics"):
                 self._send(404, "application/json", json.dumps({"error": "not found"}))
@@ -87,11 +89,20 @@ class StatusServer:
         self._requested_port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._last_request: float | None = None
+
+    def _seen(self) -> None:
+        self._last_request = time.monotonic()
+
+    def last_request(self) -> float | None:
+        """``time.monotonic()`` of the last request served (a monitor is reading), or None."""
+        return self._last_request
 
     def start(self) -> None:
+        """Bind and serve; OSError if the port is taken (the caller says so in one line)."""
         if self._server is not None:
             raise RuntimeError("StatusServer already started")
-        self._server = _Server((HOST, self._requested_port), _make_handler(self._get_status))
+        self._server = _Server((HOST, self._requested_port), _make_handler(self._get_status, self._seen))
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
             name="swarmloco-status", daemon=True,

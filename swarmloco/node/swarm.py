@@ -5,17 +5,17 @@
         ...
 
 Starting a swarm starts hivemind's DHT process and its p2pd daemon, running with this peer's Ed25519 key
-(so its libp2p peer id inlines the public key that signs its records). Those processes die with this one
-(``PR_SET_PDEATHSIG``) and ignore the terminal's Ctrl-C while they start (a terminal signals the whole
-process group: the peer, not its children, decides when they stop). :meth:`Swarm.close` (or leaving the
-``with`` block) stops every averager a :class:`~swarmloco.DiLoCo` opened on it, then the DHT node.
+(so its libp2p peer id inlines the public key that signs its records). Those processes lead process groups
+of their own and die with this one (``PR_SET_PDEATHSIG``; :mod:`swarmloco.protocol.processes`): a signal to
+this process's group (a terminal's Ctrl-C) reaches only it, and it decides when they stop.
+:meth:`Swarm.close` (or leaving the ``with`` block) stops every averager a :class:`~swarmloco.DiLoCo`
+opened on it, then the DHT node.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -68,18 +68,12 @@ class Swarm:
         if dht is not None:
             self.dht = dht
             return self
-        from swarmloco.node.launcher import die_with_parent, p2pd_key_file
+        from swarmloco.node.launcher import p2pd_key_file
         from swarmloco.protocol.transport import start_dht
 
-        die_with_parent()
-        in_main = threading.current_thread() is threading.main_thread()
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None  # children inherit "ignore"
-        try:
-            with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd reads the key once
-                self.dht = start_dht(self.config, identity_path=p2pd_key_file(self.identity, keydir))
-        finally:
-            if in_main:
-                signal.signal(signal.SIGINT, old_int)
+        # (start_dht forks hivemind's processes into process groups of their own, dying with us)
+        with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd reads the key once
+            self.dht = start_dht(self.config, identity_path=p2pd_key_file(self.identity, keydir))
         return self
 
     @property
@@ -95,15 +89,9 @@ class Swarm:
         from swarmloco.protocol.transport import SwarmTransport
 
         self.start()
-        in_main = threading.current_thread() is threading.main_thread()
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-        try:
-            transport = SwarmTransport(self.config, prefix=manifest.key_prefix, templates=templates, codec=codec,
-                                       record_validators=[manifest.validator()], clip_factor=clip_factor,
-                                       dht=self.dht, own_dht=False)
-        finally:
-            if in_main:
-                signal.signal(signal.SIGINT, old_int)
+        transport = SwarmTransport(self.config, prefix=manifest.key_prefix, templates=templates, codec=codec,
+                                   record_validators=[manifest.validator()], clip_factor=clip_factor,
+                                   dht=self.dht, own_dht=False, stopping=self.stop)
         self._transports.append(transport)
         return transport
 
@@ -115,13 +103,9 @@ class Swarm:
         dht, self.dht = self.dht, None
         if dht is None:
             return
-        try:
-            dht.shutdown()
-        except Exception as e:  # noqa: BLE001
-            logger.warning("shutting down the DHT failed: %s", e)
-        if dht.is_alive():
-            dht.kill()
-            dht.join(5)
+        from swarmloco.protocol.transport import shutdown_dht
+
+        shutdown_dht(dht)  # (and kills whatever is left of its process group)
 
     def __enter__(self) -> Swarm:
         return self.start()

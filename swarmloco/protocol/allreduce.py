@@ -280,6 +280,22 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         self._gate.update(private, admitted, excluded)
         future.set_result(None)
 
+    async def _shutdown(self, timeout: float | None) -> None:
+        """Leave cleanly, also mid-round. hivemind's own ``_shutdown`` calls ``finalize`` on the *futures* of
+        its running groups (not their runners) and so dies with a traceback on the averager's thread whenever
+        a peer stops in the middle of a round; here the runners that exist are cancelled (their group mates
+        see a failed round, as if this peer had died) and groups still forming are dropped."""
+        if not self.client_mode:
+            try:
+                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            except Exception as e:  # noqa: BLE001 - leaving anyway
+                logger.debug("removing the averager's handlers failed: %s", e)
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().finalize(cancel=True)
+            elif not future.done():
+                future.cancel()
+
     def drain(self, timeout: float) -> bool:
         """Wait (at most ``timeout``) until this peer has sent its group mates every averaged part it owes
         them: a peer leaving right after its last round otherwise cut its mates' round short."""

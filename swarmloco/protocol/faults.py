@@ -14,7 +14,11 @@ heterogeneous-speed tests.
 A hostile peer, for the robustness tests: ``poison_scale:K`` multiplies the pseudo-gradient it sends by
 K, ``poison_random:S`` sends Gaussian noise of standard deviation S instead, ``poison_nan:1`` sends NaN,
 ``poison_weight:K`` claims K times the samples it processed, ``poison_bytes:1`` sends undecodable bytes
-(every encoded part or payload inverted after encoding: what a peer not running our code can send). Nothing else reads the variable; unset or malformed means no fault.
+(every encoded part or payload inverted after encoding: what a peer not running our code can send).
+
+``SWARMLOCO_FAULT=no_dht:1`` makes starting a DHT node fail with a message saying so: the CLI input
+tests use it to prove that a bad input is refused before any DHT node (and p2pd) starts.
+Nothing else reads the variable; unset or malformed means no fault.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ def inner_step_delay() -> float:
         return max(0.0, float(arg)) if kind == "slow_steps" else 0.0
     except ValueError:
         return 0.0
+
+
+def refuse_dht() -> None:
+    """``no_dht``: a DHT node must not start in this process (tests of input checks)."""
+    if os.environ.get(ENV, "").partition(":")[0] == "no_dht":
+        raise RuntimeError("SWARMLOCO_FAULT=no_dht: a DHT node was about to start")
 
 
 def announce(message: str) -> None:

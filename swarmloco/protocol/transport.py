@@ -16,7 +16,10 @@ The node depends only on the :class:`Transport` protocol, so an in-memory fake c
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -25,8 +28,16 @@ import torch
 
 from swarmloco.compression.base import Codec
 from swarmloco.config import SwarmConfig
+from swarmloco.protocol.processes import isolated_helpers, reap_helpers, track
 
 logger = logging.getLogger(__name__)
+
+DHT_CALL_TIMEOUT = 30.0
+"""Longest wait for one DHT store or get: a DHT process that died (or a p2pd killed under it) must not
+block the peer forever, least of all in the last heartbeat of a clean stop."""
+STOP_ROUND_GRACE = 5.0
+"""A peer told to stop while a round is in flight waits this long for it to finish (its group mates
+then need no re-run), then leaves it: the others re-run it without this peer, as if it had died."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +126,30 @@ class Transport(Protocol):
     def shutdown(self) -> None: ...
 
 
+class _LeftRound(Exception):
+    """This peer stopped and left the round before it finished."""
+
+
 class _HivemindRound:
     def __init__(self, transport: SwarmTransport, control, outputs: Sequence[torch.Tensor], started: float):
         self._transport, self._control, self._outputs, self._started = transport, control, outputs, started
+
+    def _wait(self) -> Any:
+        """The round's result; gives up ``STOP_ROUND_GRACE`` after the transport was told to stop."""
+        stopping, stop_seen = self._transport.stopping, None
+        while True:
+            try:
+                return self._control.result(timeout=0.25)
+            except TimeoutError:
+                if self._control.done():  # the round's own failure, raised as a timeout
+                    return self._control.result()
+            if stopping is not None and stopping.is_set():
+                stop_seen = stop_seen or time.monotonic()
+                if time.monotonic() - stop_seen >= STOP_ROUND_GRACE:
+                    self.abort("this peer is stopping")  # (its group mates learn it at once)
+                    self._control.cancel()
+                    self._transport.left_a_round = True
+                    raise _LeftRound("left the round: this peer is stopping")
 
     def done(self) -> bool:
         return self._control.done()
@@ -131,7 +163,7 @@ class _HivemindRound:
 
     def result(self) -> RoundOutcome:
         try:
-            info = self._control.result()
+            info = self._wait()
         except BaseException as e:  # noqa: BLE001 - every failure of a round is a value
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             names = {attr: tuple(s for s in getattr(e, attr, ()) if isinstance(s, str))
@@ -157,22 +189,52 @@ class _HivemindRound:
         )
 
 
+@contextlib.contextmanager
+def _sigint_kept():
+    """hivemind's averager sets SIGINT to "ignore" in the process that starts it: keep the caller's handler."""
+    try:
+        old = signal.getsignal(signal.SIGINT)
+    except ValueError:
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, old)
+
+
 def start_dht(cfg: SwarmConfig, *, identity_path: str | None = None, record_validators: Sequence[Any] = (),
               client_mode: bool | None = None):
-    """A started hivemind DHT node (and its p2pd) with this peer's libp2p settings and identity key."""
+    """A started hivemind DHT node (and its p2pd) with this peer's libp2p settings and identity key; its
+    processes lead their own process group (see :mod:`swarmloco.protocol.processes`)."""
     import hivemind
 
+    from swarmloco.protocol import faults
+
+    faults.refuse_dht()  # (tests: proves a bad input never got this far)
     kwargs: dict[str, Any] = dict(
         initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.host_maddrs),
         client_mode=cfg.client_mode if client_mode is None else client_mode,
         use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay, record_validators=list(record_validators),
-        start=True, startup_timeout=30,
+        start=False, startup_timeout=30,
     )
     if cfg.announce_maddrs:
         kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
     if identity_path:  # hivemind's "identity taken?" probe only parses RSA keys: ours are Ed25519
         kwargs.update(identity_path=identity_path, check_if_identity_free=False)
-    return hivemind.DHT(**kwargs)
+    dht = hivemind.DHT(**kwargs)
+    try:
+        with isolated_helpers(), _sigint_kept():
+            dht.run_in_background(await_ready=False)
+        track([dht.pid])
+        dht.wait_until_ready(timeout=60)
+    except BaseException:
+        if dht.is_alive():
+            dht.kill()
+            dht.join(5)
+        reap_helpers([dht.pid] if dht.pid else [])  # its p2pd, if it got that far
+        raise
+    return dht
 
 
 class SwarmTransport:
@@ -180,38 +242,43 @@ class SwarmTransport:
 
     def __init__(self, cfg: SwarmConfig, *, prefix: str, templates: Sequence[torch.Tensor], codec: Codec,
                  record_validators: Sequence[Any] = (), identity_path: str | None = None, clip_factor: float = 0.0,
-                 dht: Any = None, own_dht: bool = True):
+                 dht: Any = None, own_dht: bool = True, stopping: threading.Event | None = None):
         """``dht``: an already started DHT node to use (``swarmloco join`` starts one to fetch the manifest
         before it knows the model; a :class:`~swarmloco.Swarm` holds one for its runs); it is shut down with
-        this transport if ``own_dht``."""
+        this transport if ``own_dht``. ``stopping``: set when the peer is told to stop (a round in flight is
+        then left after ``STOP_ROUND_GRACE``)."""
         from swarmloco.protocol.allreduce import SwarmAverager
 
-        self.cfg = cfg
+        self.cfg, self.stopping = cfg, stopping
+        self.left_a_round = False  # a round left unfinished on a stop: nothing to drain for its group
         if dht is None:
             dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
         elif record_validators:
             dht.add_validators(list(record_validators))
         self.dht, self._own_dht, self._closed = dht, own_dht, False
         try:
-            self.averager = SwarmAverager(
-                [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates],
-                self.dht,
-                codec=codec,
-                clip_factor=clip_factor,
-                prefix=prefix,
-                start=True,
-                target_group_size=cfg.max_group_size,
-                min_group_size=2,
-                min_matchmaking_time=cfg.matchmaking_time,
-                request_timeout=cfg.request_timeout,
-                allreduce_timeout=cfg.allreduce_timeout,
-                next_chunk_timeout=cfg.next_chunk_timeout,
-                client_mode=cfg.client_mode,
-                shutdown_timeout=5,
-            )
+            with isolated_helpers(), _sigint_kept():
+                self.averager = SwarmAverager(
+                    [torch.zeros_like(t, dtype=torch.float32, device="cpu") for t in templates],
+                    self.dht,
+                    codec=codec,
+                    clip_factor=clip_factor,
+                    prefix=prefix,
+                    start=True,
+                    target_group_size=cfg.max_group_size,
+                    min_group_size=2,
+                    min_matchmaking_time=cfg.matchmaking_time,
+                    request_timeout=cfg.request_timeout,
+                    allreduce_timeout=cfg.allreduce_timeout,
+                    next_chunk_timeout=cfg.next_chunk_timeout,
+                    client_mode=cfg.client_mode,
+                    shutdown_timeout=5,
+                )
+            track([self.averager.pid])
         except BaseException:
             if own_dht:
                 self.dht.shutdown()
+                reap_helpers([self.dht.pid])
             raise
         self.peer_id = self.dht.peer_id.to_base58()
         self._target_group_size = cfg.max_group_size
@@ -221,17 +288,18 @@ class SwarmTransport:
 
     def store(self, key: str, subkey: str, value: bytes, expiration_time: float) -> bool:
         try:
-            return bool(self.dht.store(key, value, expiration_time, subkey=subkey))
+            future = self.dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
+            return bool(future.result(timeout=DHT_CALL_TIMEOUT))
         except Exception as e:  # noqa: BLE001 - a DHT hiccup is logged, not fatal
-            logger.warning("DHT store of %s failed: %s", key, e)
+            logger.warning("DHT store of %s failed: %s", key, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             return False
 
     def get(self, key: str) -> dict[str, bytes]:
         """Latest values under a dictionary key, as {subkey: value bytes}; empty when none or on error."""
         try:
-            found = self.dht.get(key, latest=True)
+            found = self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_CALL_TIMEOUT)
         except Exception as e:  # noqa: BLE001
-            logger.warning("DHT get of %s failed: %s", key, e)
+            logger.warning("DHT get of %s failed: %s", key, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             return {}
         if found is None or not isinstance(found.value, dict):
             return {}
@@ -301,7 +369,8 @@ class SwarmTransport:
             return None, (str(e) or type(e).__name__)[:300]
 
     def shutdown(self) -> None:
-        """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time.
+        """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time, then
+        whatever is left of their process groups.
 
         First let the averager finish sending group mates the averaged parts it owes them (bounded by
         ``next_chunk_timeout``), so that leaving right after a round does not fail the others' round.
@@ -310,19 +379,33 @@ class SwarmTransport:
             return
         self._closed = True
         try:
-            if not self.averager.drain(self.cfg.next_chunk_timeout):
-                logger.warning("left with averaged parts still owed to group mates")
+            if not self.left_a_round and not self.averager.drain(self.cfg.next_chunk_timeout):
+                logger.info("left with averaged parts still owed to group mates")
         except Exception as e:  # noqa: BLE001
             logger.debug("drain before shutdown failed: %s", e)
         for part, proc in (("averager", self.averager), ("dht", self.dht))[:2 if self._own_dht else 1]:
-            try:
-                proc.shutdown()
-            except Exception as e:  # noqa: BLE001
-                logger.warning("shutting down the %s failed: %s", part, e)
-            if proc.is_alive():
-                logger.warning("the %s process did not stop in time; killing it", part)
-                proc.kill()
-                proc.join(5)
+            stop_process(part, proc)
+        reap_helpers([self.averager.pid, self.dht.pid] if self._own_dht else [self.averager.pid])
+
+
+def shutdown_dht(dht: Any) -> None:
+    """Stop a started hivemind DHT node that no transport or client owns (a ``join`` that gave up, a
+    :class:`~swarmloco.Swarm` closing), then whatever is left of its process group (p2pd)."""
+    stop_process("dht", dht)
+    reap_helpers([dht.pid])
+
+
+def stop_process(part: str, proc: Any) -> None:
+    """hivemind's own shutdown (bounded by its grace period), then SIGKILL if it is still alive."""
+    try:
+        if proc.is_alive():
+            proc.shutdown()
+    except Exception as e:  # noqa: BLE001
+        logger.info("shutting down the %s failed: %s", part, e)
+    if proc.is_alive():
+        logger.info("the %s process did not stop in time; killing it", part)
+        proc.kill()
+        proc.join(5)
 
 
 class DhtClient:
@@ -347,13 +430,8 @@ class DhtClient:
     def shutdown(self) -> None:
         if self.dht is None:
             return
-        try:
-            self.dht.shutdown()
-        except Exception as e:  # noqa: BLE001
-            logger.warning("shutting down the dht failed: %s", e)
-        if self.dht.is_alive():
-            self.dht.kill()
-            self.dht.join(5)
+        stop_process("dht", self.dht)
+        reap_helpers([self.dht.pid])
 
 
 def route_hivemind_logs() -> None:

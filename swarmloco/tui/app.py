@@ -3,12 +3,20 @@
 The app never trains and never touches a node's internals: it polls a node source (the node's
 local status endpoint) and a swarm source (peer heartbeats) about once a second from a worker
 thread, so a slow or dead source never freezes the screen. A dead source shows UNREACHABLE and
-the last data it gave stays on screen.
+the last data it gave stays on screen; a node that stopped shows STOPPED; a view with no source says
+so (it is not a failure).
+
+``attached``: the monitor was started by ``run --tui`` ("node") or ``demo --tui`` ("demo"), and
+quitting it stops that too; the footer and the help say so. With ``handle_signals``, SIGINT, SIGTERM
+and SIGHUP quit it like ``q`` (a second one exits at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,10 +77,11 @@ class MonitorApp(App[None]):
     TITLE = "swarmloco monitor"
     CSS = "Screen { layout: vertical; } ContentSwitcher { height: 1fr; }"
     BINDINGS = [
-        Binding("q", "quit", "Quit"),
         Binding("tab", "switch_view", "Switch view", priority=True),
         Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
+    QUIT_LABELS = {None: "Quit", "node": "Quit & stop node", "demo": "Quit & stop demo"}
 
     def __init__(
         self,
@@ -83,8 +92,14 @@ class MonitorApp(App[None]):
         stale_after: float = 10.0,
         clock: Callable[[], float] = time.time,
         initial_view: str | None = None,
+        attached: str | None = None,
+        handle_signals: bool = False,
     ) -> None:
         super().__init__()
+        self.attached = attached
+        self.handle_signals = handle_signals
+        self._signalled = False
+        self.bind("q", "quit", description=self.QUIT_LABELS.get(attached, "Quit"))
         self.node_source = node_source
         self.swarm_source = swarm_source
         self.refresh_interval = refresh_interval
@@ -109,12 +124,26 @@ class MonitorApp(App[None]):
     def on_mount(self) -> None:
         self.sub_title = f"{self.initial_view} view"
         if self.node_source is None:
-            self.query_one(NodeView).show(None, reachable=False, error="no node source given")
+            self.query_one(NodeView).show_no_source("no node source: start the monitor with --node PORT "
+                                                    "to see one node")
         if self.swarm_source is None:
-            self.query_one(SwarmView).show(None, now=self.clock(), reachable=False,
-                                           error="no swarm source given")
+            self.query_one(SwarmView).show_no_source("no swarm source: start the monitor with --initial-peers "
+                                                     "MADDR --run RUN to see the swarm")
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, self._on_signal)
         self.refresh_data()
         self.set_interval(self.refresh_interval, self.refresh_data)
+
+    def _on_signal(self) -> None:
+        if self._signalled:  # a second signal: now
+            from swarmloco.protocol.processes import reap_helpers
+
+            reap_helpers()
+            os._exit(130)
+        self._signalled = True
+        self.exit()
 
     @property
     def current_view(self) -> str:
@@ -164,4 +193,4 @@ class MonitorApp(App[None]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(self.attached))

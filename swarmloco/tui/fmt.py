@@ -7,6 +7,8 @@ import re
 import time
 from typing import Any
 
+from swarmloco.node.console import PEER_ID_CHARS, fmt_bytes
+
 DASH = "–"
 
 _IP4_TCP = re.compile(r"^/ip4/([^/]+)/(?:tcp|udp)/(\d+)")
@@ -33,14 +35,9 @@ def integer(value: Any) -> str:
 
 
 def human_bytes(value: Any) -> str:
+    """SI units (1 MB = 10^6 bytes), as every line and screen of swarmloco."""
     v = number(value)
-    if v is None:
-        return DASH
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{int(v)} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return DASH  # unreachable
+    return DASH if v is None else fmt_bytes(v)
 
 
 def seconds(value: Any) -> str:
@@ -67,8 +64,9 @@ def age(value: Any) -> str:
     return f"{int(v // 3600)}h{int(v % 3600 // 60):02d}m"
 
 
-def short_peer_id(peer_id: Any, keep: int = 6) -> str:
-    """'12D3KooWAbc...xyz' -> '…Abcxyz'-style tail; libp2p ids share their first 8 characters."""
+def short_peer_id(peer_id: Any, keep: int = PEER_ID_CHARS) -> str:
+    """'12D3KooWAbc...xyz' -> its last 8 characters after '…' (libp2p ids share their first 8), the same
+    length as in every log line and event."""
     if not isinstance(peer_id, str) or not peer_id:
         return DASH
     return peer_id if len(peer_id) <= keep + 1 else "…" + peer_id[-keep:]

@@ -8,25 +8,39 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+QUIT_NOTES = {
+    None: "quit the monitor (the node keeps training)",
+    "node": "quit, and stop the node (it leaves the swarm\n          and writes its checkpoint)",
+    "demo": "quit, and stop the demo (all its peers)",
+}
+
 HELP_TEXT = """\
 [b]swarmloco monitor[/b] — read-only view of a node and its swarm
 
 [b]Keys[/b]
   [b]tab[/b]     switch between the node and the swarm view
   [b]?[/b]       this help (esc or ? closes it)
-  [b]q[/b]       quit (the node keeps training)
+  [b]q[/b]       {quit}
 
-[b]Node view[/b]  loss over outer steps, progress through the
-  round's inner steps, where the last round's time went
-  (compute / matchmaking / all-reduce / outer step),
-  traffic, memory and the node's event log.
+[b]Node view[/b]  loss over outer steps (scale: top and bottom
+  values, outer steps), progress through the round's inner
+  steps, the last round's time from its start to the next:
+  compute / wait (for peers) / averaging / other (outer
+  step, eval), traffic (1 MB = 10^6 bytes), memory, events.
 
 [b]Swarm view[/b]  one row per peer heartbeat from the DHT;
   a peer silent for longer than the stale limit shows
   as [red]stale[/red]. Totals count live peers only.
 
 A source that stops answering shows [reverse red] UNREACHABLE [/]
-and the last data stays on screen."""
+and the last data stays on screen; a node that stopped shows
+[reverse] STOPPED [/]; a view with no source says so."""
+
+
+def help_text(attached: str | None = None) -> str:
+    """The help, with what ``q`` does in this mode (a monitor started by ``run --tui`` or ``demo --tui``
+    stops what it watches when it quits)."""
+    return HELP_TEXT.format(quit=QUIT_NOTES.get(attached, QUIT_NOTES[None]))
 
 
 class HelpScreen(ModalScreen[None]):
@@ -47,9 +61,13 @@ class HelpScreen(ModalScreen[None]):
         Binding("q", "close", "Close", show=False),
     ]
 
+    def __init__(self, attached: str | None = None) -> None:
+        super().__init__()
+        self.attached = attached
+
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(HELP_TEXT, id="help-text")
+            yield Static(help_text(self.attached), id="help-text")
 
     def action_close(self) -> None:
         self.dismiss(None)

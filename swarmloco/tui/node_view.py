@@ -1,4 +1,8 @@
-"""The single-node view: losses, round progress, where the round's time went, traffic, events."""
+"""The single-node view: losses, round progress, where the round's time went, traffic, events.
+
+Round time is the one definition of :mod:`swarmloco.node.console` (a round's start to the next, split
+into compute / wait / averaging / other); bytes are SI; peer ids are their last 8 characters.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import ProgressBar, RichLog, Sparkline, Static
 
+from swarmloco.node.console import round_parts
 from swarmloco.tui import fmt
 
-PHASES = (  # key in last_round, legend label, bar colour
-    ("compute_s", "compute", "green"),
-    ("matchmaking_s", "match", "yellow"),
-    ("allreduce_s", "allreduce", "magenta"),
-    ("outer_step_s", "outer", "cyan"),
+PHASES = (  # part of a round (console.round_parts), legend label, bar colour
+    ("compute", "compute", "green"),
+    ("wait", "wait", "yellow"),
+    ("averaging", "averaging", "magenta"),
+    ("other", "other", "cyan"),
 )
 EVENT_STYLES = {"peer_joined": "green", "peer_left": "yellow", "round_failed": "bold red",
                 "checkpoint": "cyan", "state_downloaded": "blue", "info": "dim",
@@ -30,9 +35,22 @@ def _series(history: Any, key: str) -> list[float]:
     return [v for v in values if v is not None]
 
 
-def split_bar(last: dict, width: int = SPLIT_BAR_WIDTH) -> Text:
-    """A bar of ``width`` cells, coloured by each phase's share of the round."""
-    times = [(fmt.number(last.get(key)) or 0.0, colour) for key, _, colour in PHASES]
+def round_time(s: dict) -> float | None:
+    """The last round's wall time: the node's ``last_round_time``, else its history's, else the parts' sum."""
+    last = s.get("last_round") if isinstance(s.get("last_round"), dict) else {}
+    t = fmt.number(s.get("last_round_time"))
+    if t is None and isinstance(s.get("history"), list):
+        t = next((fmt.number(h.get("round_time")) for h in reversed(s["history"]) if isinstance(h, dict)
+                  and h.get("outer_step") == last.get("outer_step")), None)
+    if t is None:
+        t = sum(fmt.number(last.get(k)) or 0.0 for k in ("compute_s", "barrier_s", "matchmaking_s", "allreduce_s",
+                                                        "outer_step_s"))
+    return t
+
+
+def split_bar(parts: dict[str, float], width: int = SPLIT_BAR_WIDTH) -> Text:
+    """A bar of ``width`` cells, coloured by each part's share of the round."""
+    times = [(fmt.number(parts.get(key)) or 0.0, colour) for key, _, colour in PHASES]
     total = sum(t for t, _ in times)
     bar = Text()
     if total <= 0:
@@ -92,12 +110,27 @@ class NodeView(Vertical):
         log.border_title = "events"
         yield log
 
+    def show_no_source(self, message: str) -> None:
+        """This monitor watches no node (not a failure: nothing to reach)."""
+        self.query_one("#node-header", Static).update(Text(message, style="dim"))
+        self.query_one("#node-round", Static).update(Text(""))
+
+    @property
+    def stopped(self) -> bool:
+        """The node said it stopped (finished, or asked to), so a dead endpoint is no surprise."""
+        return bool(self.status) and self.status.get("state") == "stopped"
+
     def show(self, status: dict | None, *, reachable: bool, error: str | None = None) -> None:
         """Render ``status`` (None: keep the last one); ``reachable`` False marks it stale."""
         log = self.query_one("#node-events", RichLog)
         if reachable != self.reachable:
-            msg = "node reachable again" if reachable else f"node unreachable: {error or ''}"
-            log.write(Text(msg, style="green" if reachable else "bold red"))
+            if reachable:
+                msg, style = "node reachable again", "green"
+            elif self.stopped:
+                msg, style = "the node has stopped", "bold"
+            else:
+                msg, style = f"node unreachable: {error or ''}", "bold red"
+            log.write(Text(msg, style=style))
         self.reachable = reachable
         if status is not None:
             self.status = status
@@ -113,7 +146,10 @@ class NodeView(Vertical):
 
     def _render_header(self, error: str | None) -> None:
         header = Text()
-        if not self.reachable:
+        if not self.reachable and self.stopped:
+            header.append(" STOPPED ", style="bold black on white")
+            header.append(" the node has stopped; its last state ", style="dim")
+        elif not self.reachable:
             header.append(" UNREACHABLE ", style="bold white on red")
             header.append(f" {self.source_label} ")
             header.append("showing last data" if self.status else "waiting for data",
@@ -134,12 +170,17 @@ class NodeView(Vertical):
 
     def _render_losses(self, s: dict) -> None:
         history = s.get("history")
+        steps = [int(v) for h in history if isinstance(h, dict) and (v := fmt.number(h.get("outer_step"))) is not None] \
+            if isinstance(history, list) else []
         for key, name in (("train_loss", "train"), ("eval_loss", "eval")):
             series = _series(history, key)
             label = Text(f"{name:<5} ", style="bold")
             label.append(fmt.num(s.get(key), 3))
-            if len(series) >= 2:
-                label.append(f"  {series[0]:.2f}→{series[-1]:.2f}", style="dim")
+            if series:  # the chart's scale: its top and bottom values, and the outer steps it spans
+                label.append(f"\n▀ {max(series):.3f} top", style="dim")
+                label.append(f"\n▄ {min(series):.3f} bottom", style="dim")
+                if steps:
+                    label.append(f", steps {min(steps)}–{max(steps)}", style="dim")
             self.query_one(f"#{name}-label", Static).update(label)
             self.query_one(f"#{name}-spark", Sparkline).data = series
 
@@ -159,16 +200,17 @@ class NodeView(Vertical):
         if not isinstance(last, dict):
             widget.update(Text("no round finished yet", style="dim"))
             return
-        total = sum(fmt.number(last.get(k)) or 0.0 for k, _, _ in PHASES)
+        total = round_time(s)
+        parts = round_parts(last, total)
         line = Text(f"last round {fmt.integer(last.get('outer_step'))} ")
         ok = last.get("ok")
         line.append("ok" if ok else "FAILED", style="green" if ok else "bold red")
-        line.append(f" {fmt.integer(last.get('peers'))} peers {fmt.seconds(total)} ")
-        line.append_text(split_bar(last))
+        line.append(f" {fmt.integer(last.get('peers'))} peers, round time {fmt.seconds(total)} ")
+        line.append_text(split_bar(parts))
         legend = Text()
         for key, label, colour in PHASES:
             legend.append("■ ", style=colour)
-            legend.append(f"{label} {fmt.seconds(last.get(key))}  ")
+            legend.append(f"{label} {fmt.seconds(parts.get(key))}  ")
         if last.get("error"):
             legend.append(str(last["error"])[:60], style="red")
         widget.update(Text("\n").join([line, legend]))

@@ -86,6 +86,10 @@ class SwarmView(Vertical):
         for name in COLUMNS:
             table.add_column(name, key=name)
 
+    def show_no_source(self, message: str) -> None:
+        """This monitor watches no swarm (not a failure: nothing to reach)."""
+        self.query_one("#swarm-header", Static).update(Text(message, style="dim"))
+
     def show(self, peers: list[dict] | None, *, now: float, reachable: bool,
              error: str | None = None) -> None:
         """Render ``peers`` (None: keep the last list, re-aged against ``now``)."""
@@ -120,7 +124,7 @@ class SwarmView(Vertical):
         line.append(f"  {fmt.num(t['samples_per_second'], 1)}", style="bold")
         line.append(" samples/s  step ")
         line.append(fmt.integer(t["outer_step"]), style="bold")
-        line2 = Text(f"round {fmt.seconds(t['round_time'])} (median)"
+        line2 = Text(f"round time {fmt.seconds(t['round_time'])} (median over peers)"
                      f"  traffic {fmt.human_bytes(t['bytes_per_round'])}/round")
         self.query_one("#swarm-totals", Static).update(Text("\n").join([line, line2]))
 

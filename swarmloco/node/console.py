@@ -1,0 +1,128 @@
+"""What a peer prints to the console: one line per outer step, and one line when its work was lost.
+
+``swarmloco run`` / ``join`` subscribe a :class:`ConsoleReporter` to the status board's round records
+(the same records ``--json-events`` prints and the demo folds into its lines), so an operator sees
+the run move without reading logs::
+
+    outer  12 | train 2.3317 | eval 2.4853 | peers 3 | sent 2.6 MB recv 2.6 MB | round 6.8s (compute 5.9, wait 0.4, averaging 0.4, other 0.1)
+
+**Units and names, everywhere** (console, demo, monitor): bytes in SI units (1 kB = 1000 B, 1 MB =
+10^6 B), peer ids shortened to their last 8 characters, and one *round time*: the wall time of a
+round, from the start of its inner steps to the end of its outer step and held-out eval (the next
+round starts right after, once a checkpoint due then is written), with its parts: compute (inner
+steps), wait (the ready barrier), averaging (matchmaking and all-reduce), other (outer step, eval,
+re-runs).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+PEER_ID_CHARS = 8
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in SI units: '512 B', '2.6 MB' (one unit system in every line and screen)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # not reached
+
+
+def short_id(peer_id: str) -> str:
+    """The last characters of a peer id (libp2p ids share their first ones): the same length everywhere."""
+    return peer_id[-PEER_ID_CHARS:] if isinstance(peer_id, str) else "?"
+
+
+def say(line: str, stream=None) -> None:
+    """Print one line; a closed terminal (SIGHUP) or pipe must not turn into an exception."""
+    try:
+        print(line, file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def round_parts(last_round: dict[str, Any] | None, round_time: float | None) -> dict[str, float]:
+    """The parts of a round's time (see the module docstring); 'other' is what the named parts leave."""
+    last = last_round or {}
+
+    def part(key: str) -> float:
+        v = last.get(key)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+
+    parts = {"compute": part("compute_s"), "wait": part("barrier_s"),
+             "averaging": part("matchmaking_s") + part("allreduce_s")}
+    if isinstance(round_time, (int, float)) and math.isfinite(round_time):
+        parts["other"] = max(0.0, float(round_time) - sum(parts.values()))
+    return parts
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "  -   "
+
+
+def format_round_line(summary: dict[str, Any], last_round: dict[str, Any] | None = None) -> str:
+    """One outer step of this peer, from its round record (and the board's ``last_round`` for the parts)."""
+    step = summary.get("outer_step")
+    head = f"outer {step:3d}" if isinstance(step, int) else "outer   ?"
+    if summary.get("adopted"):
+        if not summary.get("ok"):
+            return f"{head} | did not adopt the swarm's state ({summary.get('error')})"
+        return f"{head} | adopted the swarm's state | eval {_loss(summary.get('eval_loss'))}"
+    round_time = summary.get("round_time")
+    parts = round_parts(last_round if (last_round or {}).get("outer_step") == step else None, round_time)
+    split = ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+    line = (f"{head} | train {_loss(summary.get('train_loss'))} | eval {_loss(summary.get('eval_loss'))} | "
+            f"peers {summary.get('peers') or 1} | sent {fmt_bytes(float(summary.get('bytes_sent') or 0))} "
+            f"recv {fmt_bytes(float(summary.get('bytes_received') or 0))} | "
+            f"round {float(round_time or 0.0):.1f}s ({split})")
+    if summary.get("ok"):
+        return line
+    return f"{head} | round failed ({summary.get('error')}): this peer's inner work carries into its next round"
+
+
+def lost_work_warning(summary: dict[str, Any], inner_steps: int, run_inner_steps: int) -> str | None:
+    """One line when this peer's inner work of a round was dropped, and why; else None (a failed round
+    says so in its own line: its work is not lost, it carries into the next round)."""
+    step, done = summary.get("outer_step"), int(summary.get("inner_steps") or 0)
+    if summary.get("adopted") and summary.get("ok") and done > 0:
+        if inner_steps > run_inner_steps:
+            why = (f"its --inner-steps {inner_steps} is larger than the run's inner.steps = {run_inner_steps}, so the "
+                   f"others finish first every round; use --inner-steps {run_inner_steps} or less")
+        else:
+            why = "the swarm finished the round first (a slower machine, or a late join or restart)"
+        return f"swarmloco: warning: outer step {step}: this peer's {done} inner steps were dropped: {why}"
+    return None
+
+
+class ConsoleReporter:
+    """Prints :func:`format_round_line` per round and :func:`lost_work_warning` when it applies.
+
+    ``write``: where lines go (stderr by default; the log file under ``--tui``). ``last_round``: the
+    board's latest round details. ``quiet``: once set (a stop was asked for), nothing more is printed."""
+
+    def __init__(self, write: Callable[[str], None] = say, *, last_round: Callable[[], Any] = lambda: None,
+                 inner_steps: int = 0, run_inner_steps: int = 0, quiet: threading.Event | None = None):
+        self.write, self.last_round = write, last_round
+        self.inner_steps, self.run_inner_steps = inner_steps, run_inner_steps
+        self.quiet = quiet or threading.Event()
+
+    def round_done(self, summary: dict[str, Any]) -> None:
+        if self.quiet.is_set():
+            return
+        self.write(format_round_line(summary, self.last_round()))
+        warning = lost_work_warning(summary, self.inner_steps, self.run_inner_steps)
+        if warning:
+            self.write(warning)
+
+    def event(self, kind: str, message: str) -> None:
+        pass  # events that matter to an operator are logged as warnings where they happen
+
+
+__all__ = ["ConsoleReporter", "PEER_ID_CHARS", "fmt_bytes", "format_round_line", "lost_work_warning", "round_parts",
+           "say", "short_id"]

@@ -114,12 +114,22 @@ class Swarm:
         return len(distinct)
 
 
+def common_step(swarm: Swarm, histories: dict[str, dict[int, str]] | None = None) -> int | None:
+    """The last outer step every live peer's current chain holds (None while one holds none of them)."""
+    histories = histories if histories is not None else {n: swarm.history[n] for n in swarm.live}
+    if not histories:
+        return None
+    return max(set.intersection(*(set(h) for h in histories.values())), default=None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers", type=int, default=12)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--every", type=float, nargs=2, default=(10.0, 25.0), help="seconds between faults (min max)")
     ap.add_argument("--settle", type=float, default=45.0, help="seconds without faults at the end")
+    ap.add_argument("--final-wait", type=float, default=120.0,
+                    help="at most this many seconds more for every live peer to reach a common outer step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_churn.json")
     args = ap.parse_args()
@@ -190,6 +200,11 @@ def main() -> None:
                 print(f"[{now - start:6.1f}s] {kind} {name} (peers live {len(swarm.live)})", flush=True)
                 next_fault = now + rng.uniform(*args.every)
             time.sleep(0.25)  # the sampling period of this harness, not a synchronization
+        # the churn is over: wait (bounded) until every live peer committed an outer step all of them hold
+        settled_by = time.time() + args.final_wait
+        while time.time() < settled_by and not common_step(swarm):
+            swarm.drain()
+            time.sleep(0.25)
         swarm.drain()
     finally:
         for proc, _ in claimers:
@@ -215,8 +230,7 @@ def main() -> None:
         settled = next((t for t, n in samples if t >= f["t"] and n <= 1), None)
         f["max_lineages_after"], f["back_to_one_after_s"] = max(after, default=0), \
             (settled - f["t"]) if settled is not None else None
-    shared = set.intersection(*(set(h) for h in finals.values())) if finals else set()
-    common = max(shared, default=None)  # the last outer step every live peer reported
+    common = common_step(swarm, finals)  # the last outer step every live peer reported
     final_digests = {name: h.get(common) for name, h in finals.items()}
     result = {
         "date": time.strftime("%Y-%m-%d"), "peers": args.peers, "minutes": args.minutes, "seed": args.seed,

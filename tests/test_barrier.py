@@ -111,6 +111,24 @@ def test_the_barrier_waits_a_bounded_time_for_the_verdict_on_a_mates_claim() -> 
     assert barrier.ready == ("me",) and VERDICT_WAIT_S <= barrier.waited_s < VERDICT_WAIT_S + 0.5
 
 
+def test_a_peer_at_the_step_on_another_lineage_is_not_waited_for() -> None:
+    # (a fork, or a signed claim of this step with a digest nobody serves: the catch-up judges it)
+    other = replace(beat("claimer", "training", 0.0), digest="e")
+    swarm = Swarm(lambda t: [replace(other, time=t), beat("a", "training" if t < 2 else "ready", t)])
+    barrier = sync_for(swarm).wait_for_peers(3)
+    assert barrier.ready == ("a", "me") and 2 <= barrier.waited_s < 3 and not barrier.timed_out
+
+
+def test_a_group_of_members_on_different_parent_states_does_not_commit() -> None:
+    outcome = RoundOutcome(ok=True, gathered={f"p{i}": {"outer_step": 3, "live": ["p0", "p1"], "parent": d}
+                                              for i, d in enumerate("de")})
+    mixed = Synchronizer.decide(outcome, 3)
+    assert not mixed.ok and "parent" in mixed.error
+    same = RoundOutcome(ok=True, gathered={f"p{i}": {"outer_step": 3, "live": ["p0", "p1"], "parent": "d"}
+                                           for i in range(2)})
+    assert Synchronizer.decide(same, 3).ok
+
+
 def gathered(n_group: int, live: list[str]) -> RoundOutcome:
     return RoundOutcome(ok=True, gathered={f"p{i}": {"outer_step": 3, "samples": 8, "live": live}
                                            for i in range(n_group)})

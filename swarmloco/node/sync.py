@@ -3,16 +3,18 @@
 Life of a round for outer step ``r`` (see ARCHITECTURE.md):
 
 1. **Ready barrier.** The peer heartbeats ``state=ready, outer_step=r`` and polls the DHT until every
-   live peer at step ``r`` is ready too (and, before its first round, at least ``swarm.min_peers``
-   peers are), bounded by ``swarm.ready_timeout``. Without it, fast peers would average alone
-   before slow ones are even visible.
+   live peer at step ``r`` on the same state (its heartbeat's digest; one at ``r`` on another lineage
+   is left to the catch-up below, not waited for) is ready too (and, before its first round, at least
+   ``swarm.min_peers`` peers are), bounded by ``swarm.ready_timeout``. Without it, fast peers would
+   average alone before slow ones are even visible.
 2. **Averaging.** ``Transport.start_round`` runs DHT matchmaking plus the exact butterfly all-reduce
    in the background, the pseudo-gradient weighted by the samples this peer processed. The handle
    can be waited on later, so training can go on beside a round (overlap comes with it).
 3. **Commit decision** from data every group member shares (the gathered metadata): the round
-   commits only if all members were at outer step ``r`` and the group holds a **quorum**: more than
-   half of the live peers any member saw (the union of the members' views, each a list of the peers
-   heartbeating, not joining and not excluded, sent with the round; capped at ``max_group_size``).
+   commits only if all members were at outer step ``r`` on the same parent state and the group holds a
+   **quorum**: more than half of the live peers any member saw (the union of the members' views, each a
+   list of the peers heartbeating, not joining and not excluded, sent with the round; capped at
+   ``max_group_size``).
    Any failure - no group, timeout, a dead reducer, a partial result, a bad part, no quorum - is a
    :class:`RoundOutcome` with ``ok=False``.
 
@@ -68,6 +70,11 @@ class BarrierResult:
     behind: Any = None
     """Set (a :class:`~swarmloco.node.catch_up.Pending`) when a heavier lineage is proven and its state
     downloaded: adopt it instead of averaging."""
+
+
+def same_state(theirs: str, mine: str) -> bool:
+    """Whether two heartbeats' digests (prefixes of the same length, or missing) name the same state."""
+    return not theirs or not mine or theirs == mine
 
 
 class _LocalRound:
@@ -158,7 +165,10 @@ class Synchronizer:
             pending, verdict_due = self.behind(peers, True)
             if pending is not None:
                 return BarrierResult((me,), self.clock() - start, timed_out=False, behind=pending)
-            at_step = [p for p in peers if p.outer_step == outer_step or p.peer_id == me]
+            # a peer at this step on another lineage (another digest: a fork, or a claim being checked in the
+            # background) cannot average with this one: not waited for, not in the round
+            at_step = [p for p in peers if p.peer_id == me or (p.outer_step == outer_step
+                                                               and same_state(p.digest, mine.digest))]
             ready = sorted({p.peer_id for p in at_step if p.state in READY_STATES and p.attempt >= attempt} | {me})
             # peers still finishing the previous round will be at this step in a moment: wait for them too,
             # unless they are still in an attempt of it that failed for us (stuck in a doomed round: they
@@ -199,7 +209,8 @@ class Synchronizer:
         if barrier.behind is not None:
             return None, barrier
         self.rounds_joined += 1
-        gather = {"outer_step": int(outer_step), "samples": int(samples), "live": self.last_view}
+        gather = {"outer_step": int(outer_step), "samples": int(samples), "live": self.last_view,
+                  "parent": self.heartbeat().digest}
         if len(barrier.ready) <= 1:
             return _LocalRound(tensors, outputs, self.transport.peer_id, gather), barrier
         self.tracker.publish(replace(self.heartbeat(), state="averaging", outer_step=outer_step, attempt=attempt,
@@ -244,6 +255,9 @@ class Synchronizer:
         steps = {m.get("outer_step") for m in outcome.gathered.values()}
         if steps != {outer_step}:
             return replace(outcome, ok=False, error=f"group mixed outer steps {sorted(map(str, steps))}")
+        parents = {m.get("parent") for m in outcome.gathered.values()}
+        if len(parents) > 1:  # members on different lineages at the same step: their average is no round
+            return replace(outcome, ok=False, error="group mixed parent states (members on different lineages)")
         live = set(outcome.gathered)
         for m in outcome.gathered.values():
             seen = m.get("live")

@@ -82,3 +82,43 @@ def test_a_lineage_proof_is_served_from_the_newest_shared_point(swarm) -> None:
     assert proof is None and "larger than" in error  # bounded: a hostile server cannot flood us
     proof, error = joiner.fetch_lineage(sources[1].peer_id, mine.locator(), timeout=5, max_bytes=1 << 20)
     assert proof is None and "served no proof" in error  # a peer with no lineage yet
+
+
+class Recording:
+    """A pipe end that records the pickled size of every message sent through it."""
+
+    def __init__(self, pipe):
+        self.pipe, self.sizes = pipe, []
+
+    def send(self, obj) -> None:
+        from multiprocessing.reduction import ForkingPickler
+
+        self.sizes.append(len(ForkingPickler.dumps(obj)))
+        self.pipe.send(obj)
+
+
+def test_a_long_lineage_pushed_at_once_reaches_the_averager_whole_and_leaves_it_working(swarm) -> None:
+    # (a resumed or adopted chain is pushed whole: hundreds of kB, more than the pipe to hivemind's averager
+    # process holds; that process reads the pipe non-blocking, so one big message was read torn and killed it)
+    from test_lineage import GENESIS_DIGEST, KEYS, genesis, grow
+
+    _, sources, joiner = swarm
+    chain = grow(genesis(), 300, KEYS, "long")
+    entries = [(c.digest, c.encode()) for c in chain.certs]
+    assert sum(len(d) + len(c) for d, c in entries) > 256 * 1024
+    averager = sources[2].averager
+    pipe = averager._outer_pipe
+    averager._outer_pipe = recording = Recording(pipe)
+    try:
+        sources[2].set_lineage(0, GENESIS_DIGEST, 0, entries)
+    finally:
+        averager._outer_pipe = pipe
+    sizes = recording.sizes
+    assert len(sizes) > 1 and max(sizes) <= 16384, sizes  # (multiprocessing writes larger ones in two parts)
+    mine = type(chain)(chain.manifest, 0, GENESIS_DIGEST, [])
+    proof, error = joiner.fetch_lineage(sources[2].peer_id, mine.locator(), timeout=10, max_bytes=1 << 22)
+    assert error is None and proof["certs"] == [c.encode() for c in chain.certs] and proof["tip"][0] == 300
+    more = grow(chain, 1, KEYS, "one more")
+    sources[2].set_lineage(0, GENESIS_DIGEST, 300, [(more.certs[-1].digest, more.certs[-1].encode())])
+    proof, error = joiner.fetch_lineage(sources[2].peer_id, mine.locator(), timeout=10, max_bytes=1 << 22)
+    assert error is None and proof["tip"] == [301, more.tip_digest]

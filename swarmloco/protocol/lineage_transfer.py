@@ -23,6 +23,9 @@ from hivemind.utils.asyncio import aiter_with_timeout
 
 MAX_LOCATOR = 128
 BATCH_BYTES = 256 * 1024
+PIPE_MESSAGE_BYTES = 8 * 1024
+"""The most certificate bytes in one message to the averager process (far below the 16 KiB above which
+``multiprocessing`` writes a message in two parts)."""
 
 
 def find_start(root: tuple[int, bytes], digests: list[bytes], locator) -> tuple[int, bytes] | None:
@@ -49,12 +52,27 @@ class LineageSharing:
     # ----- the host's chain, pushed in -----------------------------------------------------------
     def set_lineage(self, root_step: int, root_digest: bytes, start: int, entries: list[tuple[bytes, bytes]],
                     timeout: float = 10.0) -> None:
-        """Entries (digest after the round, encoded certificate) from index ``start`` on replace the rest."""
-        future = MPFuture()
-        with self._pipe_lock:
-            self._outer_pipe.send(("_set_lineage", [], dict(root=(int(root_step), bytes(root_digest)), start=int(start),
-                                                           entries=list(entries), future=future)))
-        future.result(timeout)
+        """Entries (digest after the round, encoded certificate) from index ``start`` on replace the rest.
+
+        Sent in pieces of at most :data:`PIPE_MESSAGE_BYTES`: hivemind's averager process reads its pipe
+        non-blocking (uvloop watches it), so a message the pipe delivers in two parts is read torn and the
+        averager's loop dies with it."""
+        root, entries = (int(root_step), bytes(root_digest)), list(entries)
+        pieces, piece, size = [], [], 0
+        for digest, cert in entries:
+            if piece and size + len(digest) + len(cert) + 16 > PIPE_MESSAGE_BYTES:
+                pieces.append(piece)
+                piece, size = [], 0
+            piece.append((digest, cert))
+            size += len(digest) + len(cert) + 16
+        pieces.append(piece)
+        for piece in pieces:
+            future = MPFuture()
+            with self._pipe_lock:
+                self._outer_pipe.send(("_set_lineage", [], dict(root=root, start=int(start), entries=piece,
+                                                               future=future)))
+            future.result(timeout)
+            start += len(piece)
 
     async def _set_lineage(self, root, start: int, entries, future: MPFuture) -> None:
         if self._lineage_root != root:

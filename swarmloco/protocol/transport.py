@@ -338,7 +338,7 @@ class SwarmTransport:
         try:
             self.averager.set_gate(private, admitted, excluded)
         except Exception as e:  # noqa: BLE001 - the previous gate stays; the next refresh tries again
-            logger.warning("could not update the matchmaking gate: %s", e)
+            logger.warning("could not update the matchmaking gate: %s", str(e) or type(e).__name__)
 
     def download_state(self, peer_ids: Sequence[str], timeout: float, max_bytes: int,
                        parallel: int = 1) -> tuple[DownloadedState | None, list[str]]:
@@ -359,7 +359,7 @@ class SwarmTransport:
         try:
             self.averager.set_lineage(root_step, root_digest, start, list(entries))
         except Exception as e:  # noqa: BLE001 - peers asking for proof get the previous chain meanwhile
-            logger.warning("could not hand the lineage to the averager: %s", e)
+            logger.warning("could not hand the lineage to the averager: %s", str(e) or type(e).__name__)
 
     def fetch_lineage(self, peer_id: str, locator: Sequence[tuple[int, bytes]], timeout: float,
                       max_bytes: int) -> tuple[dict | None, str | None]:

@@ -67,9 +67,27 @@ def test_signed_heartbeats_round_trip_and_forgeries_are_ignored() -> None:
     # an expired record of alice, stored under her subkey
     stale = dict(entries)
     stale[alice.public_hex] = encode_record("progress", beat(alice).to_dict(), alice, now - 1, key=key)
-    assert [p.peer_id for p in reader.fetch()] == [alice.libp2p_peer_id()]  # bob's slot holds a forgery now
+    fresh = lambda: ProgressTracker(DictTransport(alice, records), key, 10.0, alice)  # noqa: E731 - a first read
+    assert [p.peer_id for p in fresh().fetch()] == [alice.libp2p_peer_id()]  # bob's slot holds a forgery now
     records[key] = stale
-    assert reader.fetch() == []
+    assert fresh().fetch() == []
+
+
+def test_a_heartbeat_read_once_counts_until_its_ttl_even_if_a_later_read_misses_it() -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    records: dict = {}
+    key = "sl_test_0123456789abcdef_progress"
+    now = [time.time()]
+    ProgressTracker(DictTransport(bob, records), key, 10.0, bob).publish(beat(bob))
+    reader = ProgressTracker(DictTransport(alice, records), key, 10.0, alice, clock=lambda: now[0])
+    assert [p.peer_id for p in reader.fetch()] == [bob.libp2p_peer_id()]
+    saved, records[key] = records[key], {}  # a DHT read that comes back short
+    now[0] += 5
+    assert [p.peer_id for p in reader.fetch()] == [bob.libp2p_peer_id()]  # not an empty swarm
+    now[0] += 6
+    assert reader.fetch() == []  # bob's heartbeat is older than the ttl: gone
+    records[key] = saved
+    assert reader.fetch() == []  # (and an old record read again does not bring it back)
 
 
 def test_a_private_tracker_counts_admitted_authors_only() -> None:

@@ -122,3 +122,20 @@ def test_a_long_lineage_pushed_at_once_reaches_the_averager_whole_and_leaves_it_
     sources[2].set_lineage(0, GENESIS_DIGEST, 300, [(more.certs[-1].digest, more.certs[-1].encode())])
     proof, error = joiner.fetch_lineage(sources[2].peer_id, mine.locator(), timeout=10, max_bytes=1 << 22)
     assert error is None and proof["tip"] == [301, more.tip_digest]
+
+
+def test_a_dead_averager_process_is_named_not_waited_on() -> None:
+    import os
+    import signal
+
+    from swarmloco.protocol.transport import SwarmTransport
+
+    cfg = SwarmConfig(host_maddrs=("/ip4/127.0.0.1/tcp/0",))
+    transport = SwarmTransport(cfg, prefix="d", templates=[torch.zeros(4)], codec=get_codec(CodecConfig()))
+    try:
+        assert transport.dead() is None
+        os.kill(transport.averager.pid, signal.SIGKILL)
+        transport.averager.join(10)
+        assert "averager process died" in (transport.dead() or ""), transport.dead()
+    finally:
+        transport.shutdown()

@@ -36,6 +36,7 @@ from swarmloco.node.status import JsonLinesReporter, StatusBoard, TeeReporter
 from swarmloco.node.stopping import install_stop_handlers
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch
+from swarmloco.protocol.transport import TransportDied
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +228,8 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
         except (ManifestMismatch, AccessRefused) as e:
             last_word = f"swarmloco: refused: {e}"
             return EXIT_MANIFEST
-        except FloatingPointError as e:  # the local model diverged: say so in one line, leave cleanly
-            last_word = f"swarmloco: stopping: {e}"
+        except (FloatingPointError, TransportDied) as e:  # the local model diverged, or hivemind's averager
+            last_word = f"swarmloco: stopping: {e}"  # died: say so in one line, leave cleanly
             return EXIT_ERROR
         logger.info("stopped after %d outer steps (now at outer step %d)", steps, peer.outer_step)
         return EXIT_OK

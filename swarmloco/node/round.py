@@ -21,6 +21,7 @@ import torch
 from swarmloco.node.state_sync import params_digest
 from swarmloco.outer_optim import apply_outer_step
 from swarmloco.protocol import faults
+from swarmloco.protocol.transport import TransportDied
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ def run_round(engine, inner) -> RoundReport:
         to_send = [engine.error_feedback.compensate(i, g) for i, g in enumerate(engine._pseudo)]
     to_send = faults.poison(to_send)  # a hostile peer, in tests only (SWARMLOCO_FAULT)
 
+    dead = getattr(engine.transport, "dead", lambda: None)()  # (tests' transports may have no helpers)
+    if dead:  # no round can ever succeed: say so instead of failing every one of them
+        raise TransportDied(f"{dead}: this peer can no longer average; restart it (--resume keeps its progress)")
     engine._set_state("ready")
     t1 = time.perf_counter()
     step, retries = engine.outer_step, engine.cfg_swarm.round_retries

@@ -133,6 +133,7 @@ class ProgressTracker:
         self.transport, self.key, self.ttl, self.identity, self.clock = transport, key, ttl, identity, clock
         self.admits = admits
         self._warned: set[tuple[str, str]] = set()
+        self._known: dict[str, tuple[PeerProgress, bytes]] = {}  # peer id -> its newest heartbeat read, author
 
     def publish(self, progress: PeerProgress) -> bool:
         if self.identity is None:
@@ -146,18 +147,26 @@ class ProgressTracker:
         return self.transport.store(self.key, self.identity.public_hex, raw, expires)
 
     def fetch(self) -> list[PeerProgress]:
-        """Live peers (heartbeat younger than ttl), one record each, sorted by peer id."""
+        """Live peers (heartbeat younger than ttl), one record each, sorted by peer id.
+
+        A heartbeat read once counts until it is ``ttl`` old, as it does in the DHT, even when a later read
+        misses it: a DHT lookup on a loaded machine or a lossy link can come back short, and a peer that
+        took a short read for an empty swarm would commit a round alone while the others live."""
         now = self.clock()
-        out = []
         for subkey, raw in self.transport.get(self.key).items():
             try:
                 rec, author = read_progress(raw, key=self.key, subkey=subkey, now=now)
             except RecordError as e:
                 self._ignore(subkey, str(e))
                 continue
-            if self.admits is not None and not self.admits(author):
-                continue
-            if now - rec.time <= self.ttl and rec.state != "stopped":
+            known = self._known.get(rec.peer_id)
+            if known is None or rec.time >= known[0].time:
+                self._known[rec.peer_id] = (rec, author)
+        out = []
+        for peer_id, (rec, author) in list(self._known.items()):
+            if now - rec.time > self.ttl:
+                del self._known[peer_id]
+            elif rec.state != "stopped" and (self.admits is None or self.admits(author)):
                 out.append(rec)
         return sorted(out, key=lambda r: r.peer_id)
 

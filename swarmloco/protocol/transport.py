@@ -123,7 +123,14 @@ class Transport(Protocol):
         """Another peer's proof since the newest shared locator point: (``{"root", "from", "tip", "certs"}``,
         None), or (None, a one-line error)."""
 
+    def dead(self) -> str | None:
+        """Why this transport can take part in no round any more (a helper process died), else None."""
+
     def shutdown(self) -> None: ...
+
+
+class TransportDied(RuntimeError):
+    """A helper process of hivemind's (the averager, the DHT node) died under a running peer."""
 
 
 class _LeftRound(Exception):
@@ -368,6 +375,14 @@ class SwarmTransport:
         except Exception as e:  # noqa: BLE001 - a dead, refusing or lying peer: the caller decides
             return None, (str(e) or type(e).__name__)[:300]
 
+    def dead(self) -> str | None:
+        if self._closed:
+            return None
+        for part, proc in (("averager", self.averager), ("DHT node", self.dht)):
+            if not proc.is_alive():
+                return f"hivemind's {part} process died (exit code {proc.exitcode})"
+        return None
+
     def shutdown(self) -> None:
         """Stop the averager and DHT processes (and p2pd); kill whichever does not stop in time, then
         whatever is left of their process groups.
@@ -379,7 +394,8 @@ class SwarmTransport:
             return
         self._closed = True
         try:
-            if not self.left_a_round and not self.averager.drain(self.cfg.next_chunk_timeout):
+            if not self.left_a_round and self.averager.is_alive() and \
+                    not self.averager.drain(self.cfg.next_chunk_timeout):
                 logger.info("left with averaged parts still owed to group mates")
         except Exception as e:  # noqa: BLE001
             logger.debug("drain before shutdown failed: %s", e)

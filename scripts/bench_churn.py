@@ -47,6 +47,7 @@ class Swarm:
     def __init__(self, work: Path, base: dict, env: dict):
         self.work, self.base, self.env = work, base, env
         self.live: dict[str, PeerProcess] = {}
+        self.stopping: dict[str, tuple[PeerProcess, float]] = {}  # name -> (peer, kill after): SIGTERMed
         self.frozen: set[str] = set()
         self.history: dict[str, dict[int, str]] = {}  # name -> {outer step: digest} of its current chain
         self.rounds: list[dict] = []
@@ -71,16 +72,28 @@ class Swarm:
         self.first = self.first or peer
         return name
 
-    def stop(self, name: str, sig: int) -> None:
+    def stop(self, name: str, sig: int, wait: bool = True) -> None:
+        """Signal a peer; SIGTERM: it stops cleanly, waited for here or (``wait=False``) in :meth:`reap`."""
         peer = self.live.pop(name)
+        self.frozen.discard(name)
         peer.signal_session(sig) if sig == signal.SIGKILL else peer.signal(sig)
-        if sig != signal.SIGKILL:
+        self.stopping[name] = (peer, time.time() + 60.0)
+        if wait or sig == signal.SIGKILL:
             try:
                 peer.wait(60)
             except subprocess.TimeoutExpired:
+                pass
+            self.reap(force=name)
+
+    def reap(self, force: str | None = None) -> None:
+        """Finish the stops of peers that exited (or, past their deadline or when forced, kill them)."""
+        for name, (peer, deadline) in list(self.stopping.items()):
+            if peer.proc.poll() is None and name != force and time.time() < deadline:
+                continue
+            if peer.proc.poll() is None:
                 peer.signal_session(signal.SIGKILL)
-        peer.kill()
-        self.frozen.discard(name)
+            peer.kill()
+            del self.stopping[name]
 
     def drain(self) -> None:
         for name, peer in list(self.live.items()):
@@ -161,7 +174,8 @@ def main() -> None:
             swarm.drain()
             if not samples or now - start - samples[-1][0] >= 1.0:
                 samples.append((now - start, swarm.lineages()))
-            for when, name, resume in [p for p in pending if p[0] <= now]:
+            swarm.reap()
+            for when, name, resume in [p for p in pending if p[0] <= now and p[1] not in swarm.stopping]:
                 pending.remove((when, name, resume))
                 swarm.start(name, resume=resume)
             for when, name in [t for t in thawing if t[0] <= now]:
@@ -185,7 +199,7 @@ def main() -> None:
                     swarm.frozen.add(name)
                     thawing.append((now + rng.uniform(5, 15), name))
                 elif kind == "restart" and name:
-                    swarm.stop(name, signal.SIGTERM)
+                    swarm.stop(name, signal.SIGTERM, wait=False)  # (restarted 1 s after it exited)
                     pending.append((now + 1.0, name, rng.random() < 0.5))
                 elif kind == "joiner":
                     name = swarm.start()
@@ -212,8 +226,11 @@ def main() -> None:
         for name in list(swarm.live):
             swarm.live[name].signal_session(signal.SIGCONT)
         finals = {name: dict(swarm.history[name]) for name in swarm.live}
-        for name in list(swarm.live):
-            swarm.stop(name, signal.SIGTERM)
+        for name in list(swarm.live):  # all at once, then wait for them together (bounded: 60 s each at most)
+            swarm.stop(name, signal.SIGTERM, wait=False)
+        while swarm.stopping:
+            swarm.reap()
+            time.sleep(0.25)
 
     commits = [r for r in swarm.rounds if r["ok"] and not r.get("adopted")]
     advance: list[tuple[float, int]] = []

@@ -54,7 +54,8 @@ def test_the_reporter_prints_a_line_per_round_and_nothing_after_a_stop() -> None
 @pytest.mark.slow
 def test_a_peer_with_a_larger_h_than_the_swarm_is_told_its_work_is_dropped(spawn, write_config) -> None:
     config = write_config(swarm={"ready_timeout": 2.0})
-    swarm = spawn("swarm", config)
+    swarm = spawn("swarm", config)  # two peers: a quorum without the slow one (which one alone could not be)
+    spawn("mate", config, initial_peers=swarm.maddrs())
     slow = spawn("slow", config, "--inner-steps", "400", initial_peers=swarm.maddrs(), verbose=False,
                  env={"SWARMLOCO_FAULT": "slow_steps:0.02"})
     adopted = next(r for r in (slow.next_round(timeout=120) for _ in range(5)) if r["adopted"])

@@ -57,6 +57,9 @@ class LoneTransport:
     def fetch_lineage(self, *args, **kwargs):
         return None, "no peers"
 
+    def dead(self):
+        return None
+
     def shutdown(self):
         pass
 

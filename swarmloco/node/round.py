@@ -90,7 +90,7 @@ def run_round(engine, inner) -> RoundReport:
         to_send = [engine.error_feedback.compensate(i, g) for i, g in enumerate(engine._pseudo)]
     to_send = faults.poison(to_send)  # a hostile peer, in tests only (SWARMLOCO_FAULT)
 
-    dead = getattr(engine.transport, "dead", lambda: None)()  # (tests' transports may have no helpers)
+    dead = engine.transport.dead()
     if dead:  # no round can ever succeed: say so instead of failing every one of them
         raise TransportDied(f"{dead}: this peer can no longer average; restart it (--resume keeps its progress)")
     engine._set_state("ready")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,13 @@ def tmpfs(path: Path, size: str) -> Path | None:
         return None
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     return path if done.returncode == 0 else None
+
+
+@pytest.fixture
+def cpu_hog():
+    """Two busy processes: the machine's two cores are loaded while the test runs."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for h in hogs:
+        h.kill()
+        h.wait(10)

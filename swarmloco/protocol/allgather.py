@@ -52,6 +52,8 @@ class ServingCounter:
 
 
 serving = ServingCounter()
+LINGER_S = 10.0
+"""How long a handler keeps a finished stream open for the other side to close it first."""
 """Handlers of this (averager) process still streaming to a group mate: averaged parts of the
 all-reduce or our payload of the all-gather. A peer that leaves waits for zero (``SwarmAverager.drain``)."""
 
@@ -158,7 +160,11 @@ class SparseAllGatherRunner:
                 # hivemind routes the stream by group id, and the mate has not registered this round yet
                 # (it can learn of the group a moment after us): dial again shortly
                 await asyncio.sleep(0.05)
-            got = await self._read_payload(replies, first)
+            try:
+                got = await self._read_payload(replies, first)
+            finally:  # we close the stream first: the mate waits for it (see rpc_aggregate_part)
+                await replies.aclose()
+                await stream.aclose()
             await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
             self._settle(index, got)
         except BaseException as e:  # noqa: BLE001 - a failed pair is recorded; the round fails as a whole
@@ -197,6 +203,9 @@ class SparseAllGatherRunner:
                 yield msg
         finally:
             serving.remove()
+        # the dialer closes the stream once it has read our payload: a side that closed first could lose its
+        # last messages in p2pd's teardown (as in allreduce.py); hivemind cancels this wait at the close
+        await asyncio.sleep(LINGER_S)
 
     async def _await_dialer(self, index: int) -> None:
         """A member that should dial us must start within the timeout; then per-message timeouts apply."""

@@ -25,6 +25,7 @@ Three changes to hivemind's ``AllReduceRunner`` / ``DecentralizedAverager`` (1.1
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -35,14 +36,16 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import BannedException, TensorPartContainer
+from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
+from hivemind.utils.asyncio import (achain, aiter_with_timeout, amap_in_executor, anext, as_aiter,
+                                     attach_event_on_finished, azip)
 
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
-from swarmloco.protocol.allgather import SparseAllGatherRunner, serving
+from swarmloco.protocol.allgather import LINGER_S, SparseAllGatherRunner, serving
 from swarmloco.protocol.errors import InvalidContribution, PartialAllReduce, RoundFailures, is_invalid
 from swarmloco.protocol.gate import Gate, gate_matchmaking
 from swarmloco.protocol.lineage_transfer import LineageSharing
@@ -58,6 +61,14 @@ async def _numbered(stream):
     async for item in stream:
         yield index, item
         index += 1
+
+
+class _EndedShort(AllreduceException):
+    """A reducer's stream ended cleanly before it sent every averaged part."""
+
+
+class _NotInGroup(AllreduceException):
+    """A member of our group answered that it is running no such group."""
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -121,26 +132,37 @@ class ExactAllReduceRunner(AllReduceRunner):
 
             def _try_deserialize(index_and_msg):
                 index, msg = index_and_msg
+                if msg.code == averaging_pb2.BAD_GROUP_ID:
+                    raise _NotInGroup(f"{peer_id} is not in this group (its join timed out?)")
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
                 if index >= len(shapes):
                     raise InvalidContribution(f"{peer_id} sent more parts than expected")
                 return self._decode(msg.tensor_part, shapes[index].numel()).reshape(shapes[index])
 
-            async for averaged in amap_in_executor(
+            expected = self.tensor_part_container.num_parts_by_peer[peer_index]
+            async with contextlib.aclosing(amap_in_executor(
                 _try_deserialize, _numbered(aiter_with_timeout(stream, self.reducer_timeout)), max_prefetch=1
-            ):
-                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
-                self.last_progress = time.monotonic()
-                part_index += 1
-            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
-                raise AllreduceException(
-                    f"peer {peer_id} sent {part_index} parts, expected {self.tensor_part_container.num_parts_by_peer[peer_index]}"
-                )
+            )) as parts:
+                async for averaged in parts:
+                    self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                    self.last_progress = time.monotonic()
+                    part_index += 1
+                    if part_index == expected:  # we close the stream first (the reducer waits for it)
+                        break
+            if part_index != expected:
+                raise _EndedShort(f"peer {peer_id} sent {part_index} parts, expected {expected}")
         except BaseException as e:
             self.last_progress = time.monotonic()
             self.failures.record(peer_id.to_base58(), e)
-            gone = isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError))
+            # gone, or never here: a member counted into the group whose leader's answer it never got (a join
+            # that timed out under load) will not send its parts nor reduce ours
+            gone = isinstance(e, (ConnectionError, asyncio.IncompleteReadError, EOFError, _NotInGroup))
+            if isinstance(e, _EndedShort) and peer_id in self.sender_peer_ids and peer_id not in self.active_senders:
+                # the stream of a peer that died ends as if it were complete. One that never opened its own
+                # stream to us and is no longer connected is gone: our reducer would otherwise wait
+                # sender_timeout for its parts before the group learns what every member will (its part is lost)
+                gone = not await self._still_connected(peer_id)
             if gone and peer_id in self.sender_peer_ids and peer_id not in self.banned_senders:
                 # its connection is gone: stop waiting for its parts as a sender too, or our reducer would
                 # hold every other peer for sender_timeout when it died before sending to us. Only then: a
@@ -152,17 +174,33 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.doomed.set()
             raise
 
+    async def _still_connected(self, peer_id) -> bool:
+        try:
+            peers = await asyncio.wait_for(self._p2p.list_peers(), 2.0)
+        except Exception:  # noqa: BLE001 - unknown: take it as alive (its parts are then waited for)
+            return True
+        return any(info.peer_id == peer_id for info in peers)
+
     async def rpc_aggregate_part(self, stream, context):
         """hivemind's handler, plus one invariant: when a sender's stream ends, the sender either
         delivered every part or is banned. hivemind marks a sender active before it checks the request,
         and some exits (a rejected request, a stream reset in the p2p layer) skip the ban: our reducer
         then waited forever for parts that would never come, and held every peer of the group."""
         serving.add()
+        served = True
         try:
             async for message in super().rpc_aggregate_part(stream, context):
                 yield message
-        finally:
             serving.remove()
+            served = False
+            # let the sender close the stream once it has read our last part (_communicate_with_peer): when
+            # the reducer closed first, p2pd sometimes reset the stream with our last parts still in flight,
+            # and a live, healthy sender saw it end short ("sent k parts, expected n") and failed the round
+            # the others committed. hivemind's stream handler cancels this wait the moment the sender closes.
+            await asyncio.sleep(LINGER_S)
+        finally:
+            if served:
+                serving.remove()
             sender = context.remote_id
             if sender in self.sender_peer_ids and sender not in self.banned_senders:
                 index = self.sender_peer_ids.index(sender)
@@ -327,6 +365,24 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         except Exception as e:  # noqa: BLE001
             if not future.done():
                 future.set_exception(e)
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's handler with one bound: a stream for a group this peer is not running waits at most
+        ``request_timeout`` for it to register (its leader's answer may be a moment late), then answers
+        BAD_GROUP_ID. hivemind waited until this peer registered *any* group: a member the leader counted
+        in whose join had timed out on its side held every other member until their reducer timeout."""
+        request = await anext(stream)
+        if request.group_id not in self._running_groups:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._pending_groups_registered.wait(), self.request_timeout)
+        future = self._running_groups.get(request.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        group = await future
+        async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs) -> Any:
         self._round_stats = {}

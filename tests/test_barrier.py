@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from swarmloco.config import SwarmConfig
-from swarmloco.node.sync import VERDICT_WAIT_S, Synchronizer
+from swarmloco.node.sync import VERDICT_WAIT_S, Synchronizer, matchmaking_window
 from swarmloco.protocol.progress import PeerProgress
 from swarmloco.protocol.transport import RoundOutcome
 
@@ -150,23 +150,50 @@ def test_the_quorum_counts_every_members_view() -> None:
     assert Synchronizer.decide(outcome, 3, max_group_size=3).ok  # groups can never be larger than 3
 
 
+class Handle:
+    """A round in flight that finishes (ok) at ``done_at`` unless it is aborted before."""
+
+    def __init__(self, swarm: Swarm, done_at: float = float("inf")):
+        self.swarm, self.done_at, self.aborted = swarm, done_at, None
+
+    def done(self):
+        return self.aborted is not None or self.swarm.now >= self.done_at
+
+    def abort(self, reason):
+        self.aborted = reason
+
+    def result(self):
+        return RoundOutcome(ok=False, error=self.aborted) if self.aborted else gathered(2, ["p0", "p1"])
+
+
 def test_a_round_is_abandoned_once_a_mate_heartbeats_its_rerun() -> None:
-    class Handle:
-        aborted = None
-
-        def done(self):
-            return self.aborted is not None
-
-        def abort(self, reason):
-            self.aborted = reason
-
-        def result(self):
-            return RoundOutcome(ok=False, error=self.aborted)
-
-    swarm = Swarm(lambda t: [beat("a", "averaging" if t < 1 else "ready", t, attempt=0 if t < 1 else 1)])
-    handle = Handle()
+    swarm = Swarm(lambda t: [replace(beat("a", "averaging" if t < 1 else "ready", t, attempt=0 if t < 1 else 1),
+                                     rerun="" if t < 1 else "broken")])
+    handle = Handle(swarm)
     outcome = sync_for(swarm).wait(handle, 3, 0, ("a", "me"))
     assert not outcome.ok and "re-runs" in handle.aborted and 1.0 <= swarm.now < 1.5
+
+
+def test_a_mate_whose_own_group_decided_not_to_commit_does_not_make_this_group_give_up() -> None:
+    # "a" was at our barrier, then matched into a small group that had no quorum: it re-runs, but it was never
+    # in our all-reduce, which goes on and commits
+    swarm = Swarm(lambda t: [replace(beat("a", "averaging" if t < 1 else "ready", t, attempt=0 if t < 1 else 1),
+                                     rerun="" if t < 1 else "decided")])
+    handle = Handle(swarm, done_at=3.0)
+    outcome = sync_for(swarm).wait(handle, 3, 0, ("a", "me", "b"))
+    assert outcome.ok and handle.aborted is None and swarm.now >= 3.0
+
+
+def test_no_quorum_and_mixed_states_are_decided_failures_a_broken_allreduce_is_not() -> None:
+    everyone = [f"p{i}" for i in range(4)]
+    assert Synchronizer.decide(gathered(1, everyone), 3).decided
+    mixed = RoundOutcome(ok=True, gathered={"p0": {"outer_step": 3}, "p1": {"outer_step": 2}})
+    assert Synchronizer.decide(mixed, 3).decided
+    assert not Synchronizer.decide(RoundOutcome(ok=False, error="reducer died"), 3).decided
+
+
+def test_a_reruns_matchmaking_window_grows_with_each_attempt_up_to_a_bound() -> None:
+    assert [matchmaking_window(2.0, a) for a in range(6)] == [2.0, 4.0, 6.0, 8.0, 8.0, 8.0]
 
 
 def test_next_round_waits_for_a_peer_finishing_the_last_one_but_not_for_one_stuck_in_its_failed_attempt() -> None:

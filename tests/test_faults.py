@@ -60,15 +60,17 @@ def test_sigkill_of_a_reducer_mid_allreduce_survivors_finish_the_step_bit_identi
     p0, p1, victim = start_swarm(spawn, config, 3, env_for={2: {"SWARMLOCO_FAULT": "hang_allreduce:2"}})
     first = [p.next_round() for p in (p0, p1, victim)]
     assert_same_state(*first)
-    assert all(r["peers"] == 3 for r in first)
+    # (hivemind's rare cross-link race can fail one member's round: it adopts the others' certified state)
+    assert all(r["peers"] == 3 for r in first if not r["adopted"]), first
 
     victim.wait_event("fault")  # the moment: p2 is a reducer in the middle of the all-reduce
+    step = victim.rounds[-1]["outer_step"]  # ... of this outer step
     victim.signal_session(signal.SIGKILL)  # the whole machine is gone: main process, helpers, p2pd
 
-    survived = [p0.next_round(), p1.next_round()]
+    survived = [rounds_until(p, lambda r: r["outer_step"] >= step + 1) for p in (p0, p1)]
     if all(r["ok"] and not r["adopted"] for r in survived):  # the usual case: both re-ran the step at once
         assert_same_state(*survived)  # the step finished everywhere, with the same bits
-        assert survived[0]["outer_step"] == first[0]["outer_step"] + 1
+        assert survived[0]["outer_step"] == step + 1
         assert all(r["attempts"] >= 2 and r["peers"] == 2 for r in survived), survived  # re-run without p2
     else:  # under load a survivor can fail the re-run too (it never commits alone): it catches up next
         top = max(r["outer_step"] for r in survived)
@@ -76,7 +78,8 @@ def test_sigkill_of_a_reducer_mid_allreduce_survivors_finish_the_step_bit_identi
                  for p, r in zip((p0, p1), survived)]
         assert_same_state(*level)
     for p in (p0, p1):  # no survivor committed a round alone while the other lived
-        assert all(r["peers"] == 2 for r in p.rounds[1:] if r["ok"] and not r["adopted"]), p.rounds
+        assert all(r["peers"] == 2 for r in p.rounds if r["ok"] and not r["adopted"] and r["outer_step"] > step), \
+            p.rounds
     after = [p0.next_round(), p1.next_round()]  # the next round does not wait for the dead peer's heartbeat
     assert_same_state(*after)
     assert after[0]["round_time"] < 3 * first[0]["round_time"] + 5, after

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,16 +131,6 @@ def test_a_peer_claiming_a_lineage_it_cannot_prove_is_excluded_and_the_swarm_kee
         assert not dropped_work(p) and steps_are_consecutive(p.rounds)
 
 
-@pytest.fixture
-def cpu_hog():
-    """Two busy processes: the machine's two cores are loaded while the test runs."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    yield
-    for h in hogs:
-        h.kill()
-        h.wait(10)
-
-
 def test_a_peer_killed_mid_allreduce_on_a_loaded_machine_costs_survivors_one_round_and_no_solo_commit(
         spawn, write_config, tmp_path, cpu_hog):
     configs = [write_config(f"p{i}.toml", swarm={**FAST, "min_peers": 4}, checkpoint={"dir": str(tmp_path / f"c{i}")})
@@ -151,9 +142,12 @@ def test_a_peer_killed_mid_allreduce_on_a_loaded_machine_costs_survivors_one_rou
     normal_rounds = [[p.next_round() for p in peers] for _ in range(2)]
     normal = statistics.median(r["round_time"] for rs in normal_rounds for r in rs if r["peers"] == 4)
 
-    victim.wait_event("fault")  # the victim is a reducer in the middle of its third all-reduce
+    hang = victim.wait_event("fault")  # the victim is a reducer in the middle of its third all-reduce
     step = victim.rounds[-1]["outer_step"]  # ... the one for this outer step
     victim.signal_session(signal.SIGKILL)
+    # the harness's reaction between the victim's hang and its kill (seconds on a loaded machine) is no part
+    # of the fault's cost: a real crash has no such pause, it is the moment the peer dies
+    reaction = max(0.0, time.time() - hang["time"])
     # (a survivor may also adopt that step: hivemind's rare cross-link race can fail one live member)
     hit = [rounds_until(p, lambda r: r["outer_step"] == step + 1) for p in survivors]
     brief = [{k: r.get(k) for k in ("outer_step", "peers", "attempts", "adopted", "round_time", "retried", "error")}
@@ -162,8 +156,8 @@ def test_a_peer_killed_mid_allreduce_on_a_loaded_machine_costs_survivors_one_rou
     # the three re-ran it together (or, when that race failed the victim's all-reduce a round early, the four
     # committed it before the kill)
     assert all(r["peers"] >= 3 for r in hit if not r["adopted"]), brief
-    stall = max(r["round_time"] for r in hit) - normal
-    assert stall <= normal + 2.0, (normal, brief)
+    stall = max(r["round_time"] for r in hit) - normal - reaction
+    assert stall <= normal + 2.0, (normal, reaction, brief)
     after = [p.next_round() for p in survivors]
     assert_same_state(*after)
     for p in survivors:  # no survivor ever committed a round alone

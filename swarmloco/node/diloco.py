@@ -162,6 +162,7 @@ class DiLoCo(PeerState):
         self._round_due = threading.Event()  # target_samples mode: the swarm has done enough samples
         self._swarm_samples = 0
         self._attempt = 0  # which try of the current round (heartbeats say it)
+        self._rerun = ""  # why it is re-run ("broken" or "decided", see PeerProgress.rerun)
         self._started = self._closed = False
         self.initial_eval_loss = float("nan")
         self.transport.set_state_provider(self._serve_state)
@@ -293,7 +294,8 @@ class DiLoCo(PeerState):
             peer_id=self.transport.peer_id, outer_step=step, state=self._state, time=time.time(),
             samples=self._samples_since_sync, samples_per_second=self._last_sps, maddrs=self._maddrs,
             round_time=self.board.get("last_round_time"), bytes_per_round=self._last_round_bytes,
-            digest=digest[:DIGEST_CHARS], attempt=self._attempt, attest=tuple(self._attest))
+            digest=digest[:DIGEST_CHARS], attempt=self._attempt, rerun=self._rerun,
+            attest=tuple(self._attest))
 
     def _heartbeat_loop(self) -> None:
         beats = 0

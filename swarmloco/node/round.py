@@ -103,7 +103,7 @@ def run_round(engine, inner) -> RoundReport:
                                             faults.poison_weight(engine._samples_since_sync), attempt)
         barrier_s += barrier.waited_s
         if handle is None:  # a heavier lineage is ready: adopt its state, drop this round's inner work
-            engine._attempt = 0
+            engine._attempt, engine._rerun = 0, ""
             return engine._catch_up_instead_of_round(barrier.behind, inner, t0)
         engine._mates.update(barrier.ready)
         logger.info("outer step %d: %d peer(s) ready after %.1fs%s%s", step, len(barrier.ready), barrier.waited_s,
@@ -117,13 +117,16 @@ def run_round(engine, inner) -> RoundReport:
         engine.membership.note_round(outcome, step)  # rejected peers: not in the re-run either
         retried.append(outcome.error)
         attempt += 1
+        # a group that decided not to commit leaves nobody stuck: its re-run must not make other groups of
+        # this attempt give theirs up (their all-reduce may well commit; this peer then catches up)
+        engine._rerun = "decided" if outcome.decided else "broken"
         engine.board.add(rounds_retried=1)
         engine.board.event("round_retry", f"outer step {step}: {outcome.error}; re-running it"
                            + (f" without {', '.join(s[-8:] for s in outcome.suspects)}" if outcome.suspects else ""))
         logger.warning("round for outer step %d failed (%s); re-running it among the survivors", step, outcome.error)
         engine._set_state("ready")
     sync_s = time.perf_counter() - t1
-    engine._attempt = 0
+    engine._attempt, engine._rerun = 0, ""
     engine.membership.note_round(outcome, step)
 
     t2 = time.perf_counter()

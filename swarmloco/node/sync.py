@@ -7,9 +7,10 @@ Life of a round for outer step ``r`` (see ARCHITECTURE.md):
    is left to the catch-up below, not waited for) is ready too (and, before its first round, at least
    ``swarm.min_peers`` peers are), bounded by ``swarm.ready_timeout``. Without it, fast peers would
    average alone before slow ones are even visible.
-2. **Averaging.** ``Transport.start_round`` runs DHT matchmaking plus the exact butterfly all-reduce
-   in the background, the pseudo-gradient weighted by the samples this peer processed. The handle
-   can be waited on later, so training can go on beside a round (overlap comes with it).
+2. **Averaging.** ``Transport.start_round`` runs DHT matchmaking (a window that grows with each re-run:
+   :func:`matchmaking_window`) plus the exact butterfly all-reduce in the background, the
+   pseudo-gradient weighted by the samples this peer processed. The handle can be waited on later, so
+   training can go on beside a round (overlap comes with it).
 3. **Commit decision** from data every group member shares (the gathered metadata): the round
    commits only if all members were at outer step ``r`` on the same parent state and the group holds a
    **quorum**: more than half of the live peers any member saw (the union of the members' views, each a
@@ -30,8 +31,10 @@ reported the failure yet are waited for ``swarm.retry_grace`` seconds, and those
 (2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. While this peer waits for
 a round's result it watches its group mates' heartbeats: once one of them heartbeats a re-run of the same
 step, this attempt already failed for them, and it is abandoned at once (:meth:`Synchronizer.wait`)
-instead of waiting out its timeouts. A re-run commits only with a quorum like any round, so a survivor
-that blames live peers and re-runs alone commits nothing.
+instead of waiting out its timeouts - unless that mate's group *decided* not to commit (no quorum, mixed
+states: heartbeat ``rerun="decided"``): it was then in another group, and this one may still commit. A
+re-run commits only with a quorum like any round, so a survivor that blames live peers and re-runs alone
+commits nothing.
 
 **Behind the swarm.** A heartbeat's step and digest are claims, verified in the background
 (:mod:`swarmloco.node.catch_up`). The barrier returns ``behind`` when a heavier lineage has been proven
@@ -59,6 +62,8 @@ logger = logging.getLogger(__name__)
 READY_STATES = ("ready", "averaging")
 VERDICT_WAIT_S = 5.0
 """How long a barrier waits for the verdict on a recent group mate's lineage claim before going on."""
+MAX_WINDOW_FACTOR = 4
+"""A re-run's matchmaking window grows up to this many times ``swarm.matchmaking_time``."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,14 @@ class BarrierResult:
     behind: Any = None
     """Set (a :class:`~swarmloco.node.catch_up.Pending`) when a heavier lineage is proven and its state
     downloaded: adopt it instead of averaging."""
+
+
+def matchmaking_window(matchmaking_time: float, attempt: int) -> float:
+    """How long the round's leader waits for its group at most: ``matchmaking_time``, once more for each
+    re-run (up to 4x). A group whose expected peers all joined starts at once, so the longer window only
+    costs time when a group is not full - which is when, on slow links or a loaded machine, matchmaking
+    had split the round's peers into groups too small for a quorum."""
+    return matchmaking_time * min(1 + attempt, MAX_WINDOW_FACTOR)
 
 
 def same_state(theirs: str, mine: str) -> bool:
@@ -215,8 +228,9 @@ class Synchronizer:
             return _LocalRound(tensors, outputs, self.transport.peer_id, gather), barrier
         self.tracker.publish(replace(self.heartbeat(), state="averaging", outer_step=outer_step, attempt=attempt,
                                      time=self.clock()))
-        scheduled = self.clock() + self.cfg.matchmaking_time
-        find_timeout = self.cfg.matchmaking_time + 2 * self.cfg.request_timeout + 5.0
+        window = matchmaking_window(self.cfg.matchmaking_time, attempt)
+        scheduled = self.clock() + window
+        find_timeout = window + 2 * self.cfg.request_timeout + 5.0
         # weighted by samples; a peer that did no step since the last round still takes part (to stay in
         # sync) with a weight that leaves the average as it is
         handle = self.transport.start_round(tensors, outputs, weight=max(1e-3, float(samples)), gather=gather,
@@ -237,8 +251,9 @@ class Synchronizer:
                 break
             # a mate at the barrier of a later attempt of this step gave this one up; one already averaging
             # that later attempt may be in this very group (it came to this round from a re-run of its own)
+            # (one whose own group decided not to commit was in another group: ours may still commit)
             rerun = next((p for p in self.tracker.fetch() if p.peer_id in mates and p.outer_step == outer_step
-                          and p.attempt > attempt and p.state == "ready"), None)
+                          and p.attempt > attempt and p.state == "ready" and p.rerun != "decided"), None)
             if rerun is not None and not handle.done():
                 logger.info("outer step %d: peer %s already re-runs the round: abandoning attempt %d",
                             outer_step, rerun.peer_id[-8:], attempt)
@@ -254,10 +269,11 @@ class Synchronizer:
             return outcome
         steps = {m.get("outer_step") for m in outcome.gathered.values()}
         if steps != {outer_step}:
-            return replace(outcome, ok=False, error=f"group mixed outer steps {sorted(map(str, steps))}")
+            return replace(outcome, ok=False, decided=True, error=f"group mixed outer steps {sorted(map(str, steps))}")
         parents = {m.get("parent") for m in outcome.gathered.values()}
         if len(parents) > 1:  # members on different lineages at the same step: their average is no round
-            return replace(outcome, ok=False, error="group mixed parent states (members on different lineages)")
+            return replace(outcome, ok=False, decided=True,
+                           error="group mixed parent states (members on different lineages)")
         live = set(outcome.gathered)
         for m in outcome.gathered.values():
             seen = m.get("live")
@@ -265,6 +281,6 @@ class Synchronizer:
                 live.update(str(p) for p in seen[:4096])
         base = min(len(live), max_group_size)
         if 2 * len(outcome.gathered) <= base:
-            return replace(outcome, ok=False, error=f"no quorum: {len(outcome.gathered)} of {len(live)} live peers "
+            return replace(outcome, ok=False, decided=True, error=f"no quorum: {len(outcome.gathered)} of {len(live)} live peers "
                                                     "in the group (a round needs more than half)")
         return outcome

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -61,7 +62,8 @@ def refuse_dht() -> None:
 
 
 def announce(message: str) -> None:
-    sys.stdout.write("@@swarmloco " + json.dumps({"type": "event", "kind": "fault", "message": message}) + "\n")
+    sys.stdout.write("@@swarmloco " + json.dumps({"type": "event", "kind": "fault", "message": message,
+                                                  "time": time.time()}) + "\n")
     sys.stdout.flush()
 
 

@@ -27,6 +27,7 @@ from swarmloco.protocol.transport import Transport
 logger = logging.getLogger(__name__)
 
 KIND = "progress"
+RERUN_CAUSES = ("", "broken", "decided")
 STATES = ("joining", "training", "ready", "averaging", "idle", "stopped")
 _MAX_STR = 256
 MAX_ATTEST = 4
@@ -50,6 +51,10 @@ class PeerProgress:
     """First 16 hex digits of sha256 of the peer's global params at ``outer_step`` (equal across replicas)."""
     attempt: int = 0
     """Which try of the round for ``outer_step`` this peer is in (a failed round is re-run among survivors)."""
+    rerun: str = ""
+    """Why this peer re-runs the round (``attempt`` > 0): ``"broken"``, its all-reduce failed (group mates may
+    still be stuck inside it and should give it up), or ``"decided"``, its group finished the all-reduce and
+    decided not to commit (no quorum, mixed states): other groups of the same attempt are unaffected."""
     attest: tuple[tuple[int, bytes], ...] = ()
     """(outer step, signature) of this peer's last few committed rounds: its signature of each round's
     header (:mod:`swarmloco.protocol.certificates`), which its group mates add to their certificates."""
@@ -84,12 +89,13 @@ class PeerProgress:
                 bytes_per_round=None if obj.get("bytes_per_round") is None else int(obj["bytes_per_round"]),
                 digest=str(obj.get("digest", ""))[:64],
                 attempt=int(obj.get("attempt", 0)),
+                rerun=str(obj.get("rerun", "")),
                 attest=tuple((int(a[0]), bytes(a[1])) for a in attest),
                 extra=dict(extra),
             )
         except Exception:  # noqa: BLE001 - hostile or stale-schema values are ignored
             return None
-        if rec.state not in STATES or rec.outer_step < 0 or rec.attempt < 0 or not math.isfinite(rec.time) \
+        if rec.state not in STATES or rec.rerun not in RERUN_CAUSES or rec.outer_step < 0 or rec.attempt < 0 or not math.isfinite(rec.time) \
                 or len(rec.peer_id) > _MAX_STR or not math.isfinite(rec.samples_per_second):
             return None
         return rec

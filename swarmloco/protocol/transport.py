@@ -62,6 +62,9 @@ class RoundOutcome:
     """Peers that sent this peer invalid data (NaN/Inf, undecodable, wrong size or weight)."""
     slow: tuple[str, ...] = ()
     """Peers that timed out in this (failed) round."""
+    decided: bool = False
+    """The all-reduce finished but the group decided not to commit (no quorum, mixed states): every member
+    reached the same verdict, so no member is left stuck inside this round."""
 
     @property
     def group_size(self) -> int:

@@ -385,7 +385,8 @@ class SwarmConfig:
     max_group_size: int = 64
     """Largest all-reduce group."""
     matchmaking_time: float = 2.0
-    """Seconds a group leader waits for followers after the ready barrier."""
+    """Seconds a group leader waits for followers after the ready barrier (a full group starts at once; a
+    re-run waits 2x, 3x, up to 4x as long)."""
     request_timeout: float = 1.5
     """Seconds to wait for one matchmaking RPC (keep it below matchmaking_time, as hivemind asks)."""
     allreduce_timeout: float = 60.0

@@ -125,7 +125,7 @@ def test_a_peer_claiming_a_lineage_it_cannot_prove_is_excluded_and_the_swarm_kee
         recent = p.rounds[start:]
         commits = [r for r in recent if r["ok"] and not r["adopted"]]
         assert all(r["peers"] == 3 for r in commits) and len(commits) >= len(recent) - 1, recent
-        # (a round that hivemind's cross-link race failed for a member is re-run: its time is not the claimer's)
+        # (a round matchmaking split under load is re-run: its time is not the claimer's)
         paced = [r["round_time"] for r in recent if r["attempts"] <= 1]
         assert len(paced) >= len(recent) - 1 and max(paced) < 2 * normal + 2, (normal, recent)
         assert not dropped_work(p) and steps_are_consecutive(p.rounds)
@@ -148,12 +148,12 @@ def test_a_peer_killed_mid_allreduce_on_a_loaded_machine_costs_survivors_one_rou
     # the harness's reaction between the victim's hang and its kill (seconds on a loaded machine) is no part
     # of the fault's cost: a real crash has no such pause, it is the moment the peer dies
     reaction = max(0.0, time.time() - hang["time"])
-    # (a survivor may also adopt that step: hivemind's rare cross-link race can fail one live member)
+    # (a survivor may also adopt that step: matchmaking under load can leave one live member out)
     hit = [rounds_until(p, lambda r: r["outer_step"] == step + 1) for p in survivors]
     brief = [{k: r.get(k) for k in ("outer_step", "peers", "attempts", "adopted", "round_time", "retried", "error")}
              for r in hit]
     assert_same_state(*hit)
-    # the three re-ran it together (or, when that race failed the victim's all-reduce a round early, the four
+    # the three re-ran it together (or, when a failed round moved the victim's hang a round later, the four
     # committed it before the kill)
     assert all(r["peers"] >= 3 for r in hit if not r["adopted"]), brief
     stall = max(r["round_time"] for r in hit) - normal - reaction

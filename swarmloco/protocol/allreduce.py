@@ -187,17 +187,19 @@ class ExactAllReduceRunner(AllReduceRunner):
         and some exits (a rejected request, a stream reset in the p2p layer) skip the ban: our reducer
         then waited forever for parts that would never come, and held every peer of the group."""
         serving.add()
-        served = True
+        served, answered = True, 0
         try:
             async for message in super().rpc_aggregate_part(stream, context):
+                answered += message.code == averaging_pb2.AVERAGED_PART
                 yield message
             serving.remove()
             served = False
-            # let the sender close the stream once it has read our last part (_communicate_with_peer): when
-            # the reducer closed first, p2pd sometimes reset the stream with our last parts still in flight,
-            # and a live, healthy sender saw it end short ("sent k parts, expected n") and failed the round
-            # the others committed. hivemind's stream handler cancels this wait the moment the sender closes.
-            await asyncio.sleep(LINGER_S)
+            if answered == self.tensor_part_reducer.num_parts:
+                # let the sender close the stream once it has read our last part (_communicate_with_peer):
+                # when the reducer closed first, p2pd sometimes reset the stream with our last parts still in
+                # flight, and a live, healthy sender saw it end short ("sent k parts, expected n") and failed
+                # the round the others committed. hivemind's stream handler cancels this wait at the close.
+                await asyncio.sleep(LINGER_S)
         finally:
             if served:
                 serving.remove()
@@ -368,14 +370,18 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
                                  context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
-        """hivemind's handler with one bound: a stream for a group this peer is not running waits at most
-        ``request_timeout`` for it to register (its leader's answer may be a moment late), then answers
-        BAD_GROUP_ID. hivemind waited until this peer registered *any* group: a member the leader counted
-        in whose join had timed out on its side held every other member until their reducer timeout."""
+        """hivemind's handler, except for a stream of a group this peer is not running. hivemind waits until
+        this peer registers *any* group (its leader's answer may be a moment behind a mate's stream). A
+        peer whose join request got no answer in time may have been counted in by that leader all the
+        same, and then held the whole group until its reducer timeout: such a peer (following no leader
+        now) answers BAD_GROUP_ID at once, and the others fail the round at once and re-run it. Any other
+        wait is bounded by ``next_chunk_timeout``."""
         request = await anext(stream)
-        if request.group_id not in self._running_groups:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._pending_groups_registered.wait(), self.request_timeout)
+        if request.group_id not in self._running_groups and not self._pending_groups_registered.is_set():
+            matchmaking = self._matchmaking
+            if not (getattr(matchmaking, "join_timed_out", False) and matchmaking.current_leader is None):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._pending_groups_registered.wait(), self.next_chunk_timeout or 10.0)
         future = self._running_groups.get(request.group_id)
         if future is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)

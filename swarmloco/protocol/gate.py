@@ -21,6 +21,7 @@ a token names is the key the connection proved it holds.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,11 +82,23 @@ class GatedMatchmaking(Matchmaking):
             return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
         return super()._check_reasons_to_reject(request, context)
 
+    async def look_for_group(self, step):
+        self.join_timed_out = False
+        return await super().look_for_group(step)
+
     async def _request_join_group(self, leader):
         if not self.gate.may_join(leader):
             self.gate.note_refusal(leader, "as a group leader")
             return None
-        return await super()._request_join_group(leader)
+        started = time.monotonic()
+        group = await super()._request_join_group(leader)
+        if group is not None:
+            self.join_timed_out = False
+        elif time.monotonic() - started >= self.request_timeout:
+            # no answer in time: the leader may have counted this peer in all the same (it then runs a group
+            # this peer never learns of; see SwarmAverager.rpc_aggregate_part)
+            self.join_timed_out = True
+        return group
 
     async def follower_assemble_group(self, leader, msg):
         group = await super().follower_assemble_group(leader, msg)
@@ -102,9 +115,10 @@ def gate_matchmaking(matchmaking: Matchmaking, gate: Gate) -> Matchmaking:
     """Make hivemind's Matchmaking instance consult ``gate``.
 
     DecentralizedAverager builds its Matchmaking inside its own process with no hook for the class, so
-    the instance is switched to the subclass, which only overrides methods and adds no state."""
+    the instance is switched to the subclass, which only overrides methods and adds two attributes."""
     matchmaking.__class__ = GatedMatchmaking
     matchmaking.gate = gate
+    matchmaking.join_timed_out = False  # a join request of this round got no answer in time (none succeeded since)
     return matchmaking
 
 

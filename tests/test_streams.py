@@ -7,8 +7,8 @@ without it and it caught up by downloading their state:
   then reset the stream with the last averaged parts in flight ("peer X sent 4 parts, expected 5").
   The reader now closes first (it knows how many parts it expects) and the writer waits for that;
 * a member counted into a group whose join had timed out on its side (it never got the group) held
-  the others until their reducer timeout. A stream for a group a peer is not running is now answered
-  BAD_GROUP_ID within the request timeout, and the round fails at once for all (then re-runs).
+  the others until their reducer timeout. Such a member now answers BAD_GROUP_ID at once, and the
+  round fails at once for all (then re-runs).
 """
 
 from __future__ import annotations

@@ -29,8 +29,11 @@ from peers import PeerProcess  # noqa: E402
 
 from swarmloco.config import dump_toml  # noqa: E402
 
-FINGERPRINTS = {"torn_stream": re.compile(r"sent \d+ parts, expected \d+"),
-                "not_in_group": re.compile(r"is not in this group|could not find a group")}
+FINGERPRINTS = {  # one log line per event
+    "torn_stream": re.compile(r"WARN swarmloco\.protocol\.errors: reducer .* sent \d+ parts, expected \d+"),
+    "not_in_group": re.compile(r"WARN swarmloco\.protocol\.errors: reducer .* is not in this group"
+                               r"|WARN swarmloco\.node\.round: round for .* could not find a group"),
+}
 
 
 def main() -> None:

@@ -84,3 +84,34 @@ def test_a_private_run_serves_its_state_to_token_holders_only(trio) -> None:
         assert sharded is None or a.peer_id not in sharded.sources
     finally:
         a.set_gate(False, frozenset(), frozenset())
+
+
+def test_a_join_that_got_no_answer_in_time_is_remembered_until_a_join_succeeds(monkeypatch) -> None:
+    """The peer a leader may have counted in without telling it (see SwarmAverager.rpc_aggregate_part)."""
+    import asyncio
+
+    from hivemind.averaging.matchmaking import Matchmaking
+
+    from swarmloco.protocol.gate import Gate, GatedMatchmaking
+
+    answers = []  # (seconds before the leader answers, the group it answers with)
+
+    async def leader_answers(self, leader):
+        delay, group = answers.pop(0)
+        await asyncio.sleep(delay)
+        return group
+
+    monkeypatch.setattr(Matchmaking, "_request_join_group", leader_answers)
+    mm = object.__new__(GatedMatchmaking)
+    mm.gate, mm.request_timeout, mm.join_timed_out = Gate(), 0.05, False
+
+    async def join(delay, group):
+        answers.append((delay, group))
+        return await mm._request_join_group("leader")
+
+    assert asyncio.run(join(0.0, None)) is None and not mm.join_timed_out  # a quick refusal: not counted in
+    asyncio.run(join(0.1, None))
+    assert mm.join_timed_out  # no answer in time: the leader may run a group with this peer in it
+    asyncio.run(join(0.0, None))
+    assert mm.join_timed_out  # a quick refusal of another leader changes nothing
+    assert asyncio.run(join(0.0, "group")) == "group" and not mm.join_timed_out

@@ -138,11 +138,18 @@ class Example:
                 return m
         raise TimeoutError(f"{self.name}: no line matching {pattern!r} in {timeout}s")
 
-    def rounds(self, n: int) -> dict[int, str]:
+    def rounds(self, n: int, adopted: bool = False) -> dict[int, str]:
+        """Digests of the next ``n`` committed rounds (``adopted``: also of rounds this peer failed and took the
+        others' certified state for)."""
         out = {}
+        self.adopted: set[int] = set()
         while len(out) < n:
-            m = self.expect(r"round (\d+) ok=True adopted=False peers=(\d+) .* digest=(\w+)")
-            out[int(m.group(1))] = m.group(3)
+            m = self.expect(r"round (\d+) ok=True adopted=(True|False) peers=(\d+) .* digest=(\w+)")
+            if m.group(2) == "True":
+                if not adopted:
+                    continue
+                self.adopted.add(int(m.group(1)))
+            out[int(m.group(1))] = m.group(4)
         return out
 
     def kill(self) -> None:
@@ -170,9 +177,13 @@ def test_several_processes_train_a_custom_model_through_the_api_bit_identically(
     addr = first.expect(r"address: (\S+)").group(1)
     others = [example(n, "--initial-peers", addr, "--seed", str(i), "--rounds", "5", "--min-peers", "3")
               for i, n in ((1, "b"), (2, "c"))]
-    got = [p.rounds(5) for p in [first, *others]]
+    peers = [first, *others]
+    # (on a loaded machine matchmaking can leave one member out of a round: it takes the others' certified
+    # state, so its digest is theirs; it is no longer counted as averaged for that step)
+    got = [p.rounds(5, adopted=True) for p in peers]
     for step in range(1, 5):  # (the last round races the others' exits: a peer left alone may end it alone)
         assert len({g[step] for g in got}) == 1, (step, got)  # every round ends bit-identical everywhere
+        assert sum(step not in p.adopted for p in peers) >= 2, (step, got)  # ... averaged by most of them
 
 
 @pytest.mark.slow

@@ -52,10 +52,10 @@ class ServingCounter:
 
 
 serving = ServingCounter()
-LINGER_S = 10.0
-"""How long a handler keeps a finished stream open for the other side to close it first."""
 """Handlers of this (averager) process still streaming to a group mate: averaged parts of the
 all-reduce or our payload of the all-gather. A peer that leaves waits for zero (``SwarmAverager.drain``)."""
+LINGER_S = 10.0
+"""How long a handler keeps a finished stream open for the other side to close it first."""
 
 CHUNK_BYTES = 1 << 19
 """Bytes of payload per stream message (well under libp2p's message limit)."""

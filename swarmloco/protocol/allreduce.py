@@ -162,7 +162,7 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         request = await anext(stream)
         if request.group_id not in self._running_groups and not self._pending_groups_registered.is_set():
             matchmaking = self._matchmaking
-            if not (getattr(matchmaking, "join_timed_out", False) and matchmaking.current_leader is None):
+            if not (matchmaking.join_timed_out and matchmaking.current_leader is None):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._pending_groups_registered.wait(), self.next_chunk_timeout or 10.0)
         future = self._running_groups.get(request.group_id)

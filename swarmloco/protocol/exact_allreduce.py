@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from typing import AsyncIterator, Sequence
 
@@ -42,8 +41,6 @@ from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import LINGER_S, serving
 from swarmloco.protocol.errors import InvalidContribution, RoundFailures, is_invalid
 from swarmloco.protocol.robust import RobustPartReducer
-
-logger = logging.getLogger(__name__)
 
 
 async def _numbered(stream):
@@ -178,27 +175,24 @@ class ExactAllReduceRunner(AllReduceRunner):
         and some exits (a rejected request, a stream reset in the p2p layer) skip the ban: our reducer
         then waited forever for parts that would never come, and held every peer of the group."""
         serving.add()
-        served, answered = True, 0
+        answered = 0
         try:
             async for message in super().rpc_aggregate_part(stream, context):
                 answered += message.code == averaging_pb2.AVERAGED_PART
                 yield message
-            serving.remove()
-            served = False
-            if answered == self.tensor_part_reducer.num_parts:
-                # let the sender close the stream once it has read our last part (_communicate_with_peer):
-                # when the reducer closed first, p2pd sometimes reset the stream with our last parts still in
-                # flight, and a live, healthy sender saw it end short ("sent k parts, expected n") and failed
-                # the round the others committed. hivemind's stream handler cancels this wait at the close.
-                await asyncio.sleep(LINGER_S)
         finally:
-            if served:
-                serving.remove()
+            serving.remove()
             sender = context.remote_id
             if sender in self.sender_peer_ids and sender not in self.banned_senders:
                 index = self.sender_peer_ids.index(sender)
                 if self.tensor_part_reducer.num_parts_received[index] < self.tensor_part_reducer.num_parts:
                     await self._ban_sender(sender)
+        if answered == self.tensor_part_reducer.num_parts:
+            # let the sender close the stream once it has read our last part (_communicate_with_peer): when
+            # the reducer closed first, p2pd sometimes reset the stream with our last parts still in flight,
+            # and a live, healthy sender saw it end short ("sent k parts, expected n") and failed the round
+            # the others committed. hivemind's stream handler cancels this wait at the close.
+            await asyncio.sleep(LINGER_S)
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super()._generate_input_for_peer(peer_index):

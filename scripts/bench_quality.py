@@ -72,9 +72,15 @@ class Arm:
     nesterov: bool = False
     codec: str = "none"
     decay: float = 1.0
+    overlap: str = "none"
+    overlap_steps: int = 0
+    overlap_alpha: float = 1.0
+    fragments: int = 1
 
     def outer(self) -> OuterConfig:
-        return OuterConfig(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
+        return OuterConfig(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, overlap=self.overlap,
+                           overlap_steps=self.overlap_steps, overlap_alpha=self.overlap_alpha,
+                           fragments=self.fragments)
 
     def codec_cfg(self, chunk: int, fraction: float) -> CodecConfig:
         return CodecConfig(name=self.codec, topk_chunk=chunk, topk_fraction=fraction, topk_decay=self.decay)
@@ -97,6 +103,27 @@ def parse_outer(text: str) -> tuple[float, float, bool]:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"outer setting {text!r}: use n<lr>/<momentum>, h<lr>/<momentum> or sgd<lr>")
+
+
+def parse_overlap(text: str) -> dict:
+    """``delayed``, ``eager`` or ``none``, then optional ``/fF`` (fragments), ``/tTAU`` (overlap_steps),
+    ``/aALPHA`` (overlap_alpha): e.g. ``eager/t5``, ``delayed/f4/t3/a0.5`` -> Arm fields."""
+    mode, *rest = text.split("/")
+    out = {"overlap": mode}
+    try:
+        for part in rest:
+            key = {"f": "fragments", "t": "overlap_steps", "a": "overlap_alpha"}[part[0]]
+            out[key] = float(part[1:]) if key == "overlap_alpha" else int(part[1:])
+        if mode in ("none", "delayed", "eager"):
+            return out
+    except (KeyError, IndexError, ValueError):
+        pass
+    raise argparse.ArgumentTypeError(f"overlap arm {text!r}: use none|delayed|eager[/fF][/tTAU][/aALPHA]")
+
+
+def overlap_label(spec: dict) -> str:
+    return "-".join([spec["overlap"]] + [f"{k[0] if k != 'overlap_steps' else 't'}{spec[k]:g}" for k in
+                                         ("fragments", "overlap_steps", "overlap_alpha") if k in spec])
 
 
 def parse_suite(text: str) -> tuple[int, int]:
@@ -124,6 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sparse-decay", type=float, default=CodecConfig.topk_decay, help="error-feedback decay (beta)")
     ap.add_argument("--sparse-fraction", type=float, default=CodecConfig.topk_fraction)
     ap.add_argument("--sparse-chunk", type=int, default=CodecConfig.topk_chunk)
+    ap.add_argument("--overlap", type=parse_overlap, nargs="*", default=[],
+                    help="overlapped / streaming arms at the default outer setting, fp32 (issue 14): e.g. "
+                         "delayed eager eager/t5 delayed/f4 (mode[/fF][/tTAU][/aALPHA])")
     ap.add_argument("--no-iid", dest="iid", action="store_false", help="skip the IID-shard arms (first suite)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="DP seeds; DiLoCo uses the first")
     ap.add_argument("--eval-batches", type=int, default=32)
@@ -173,6 +203,8 @@ def build_arms(args) -> list[Arm]:
                      for lr in args.sparse_lr]
         arms += [diloco(f"{d}-{codec}", *default, codec=codec) for codec in args.codecs]
         arms += [diloco(outer_label(*g), *g) for g in grid]
+        arms += [diloco(f"{d}-{overlap_label(spec)}", *default, **spec) for spec in args.overlap  # (F must divide H)
+                 if H % spec.get("fragments", 1) == 0 and spec.get("overlap_steps", 0) <= H // spec.get("fragments", 1)]
         if args.iid and index == 0:
             arms.append(Arm(f"{pre}dp-s{seed}-iid", "dp", steps, seed=seed, iid=True))
             arms.append(diloco(f"{d}-iid", *default, iid=True))
@@ -283,7 +315,8 @@ def grid_table(results: dict, steps: int, H: int) -> list[str]:
     dp = [results[n]["final_eval_loss"] for n in results
           if n.startswith(f"{steps}:") and results[n]["arm"]["kind"] == "dp" and not results[n]["arm"]["iid"]]
     arms = [results[n]["arm"] for n in results if n.startswith(f"{steps}:H{H}-")]
-    plain = [a for a in arms if a["codec"] == "none" and not a["iid"]]
+    plain = [a for a in arms if a["codec"] == "none" and not a["iid"] and a.get("overlap", "none") == "none"
+             and a.get("fragments", 1) == 1]
     if not dp or not plain:
         return []
     ref = statistics.mean(dp)

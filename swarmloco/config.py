@@ -275,6 +275,9 @@ class InnerConfig:
         _non_negative("inner.grad_clip", self.grad_clip)
 
 
+OVERLAP_MODES = ("none", "delayed", "eager")
+
+
 @dataclass(frozen=True, kw_only=True)
 class OuterConfig:
     """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradient."""
@@ -295,6 +298,23 @@ class OuterConfig:
     clip_factor x the lower median of the group's is scaled down to it, and so is a claimed sample
     count (weight); applied when at least 3 peers of the group trained since the last round. 0 turns
     the check off (plain weighted mean)."""
+    overlap: str = "none"
+    """How a round overlaps the next inner steps: "none" (training waits for the round), "delayed" (training
+    goes on from the local params while the round runs; its result lands overlap_steps later) or "eager"
+    (as delayed, but the local params first take the outer step with this peer's own pseudo-gradient, and
+    are corrected by the group's average when it lands; arXiv 2502.12996). ARCHITECTURE.md: the exact rules."""
+    overlap_steps: int = 0
+    """tau: a round's result is applied exactly this many inner steps after the round started (training
+    waits there if it has not landed yet); 1 .. inner.steps / fragments. 0: the whole inner phase
+    (inner.steps / fragments: the most communication hidden). Only with overlap = "delayed" or "eager"."""
+    overlap_alpha: float = 1.0
+    """When a round lands, the local params become new_global + overlap_alpha x (local - proxy): the share
+    of the inner progress made while the round ran that is kept (1: all of it; 0: restart from the new
+    global params, torchft's fragment_update_alpha = 0)."""
+    fragments: int = 1
+    """Streaming DiLoCo (arXiv 2501.18512): the parameters are split into this many fragments of whole
+    layers; a round every inner.steps / fragments inner steps syncs one of them in turn, so each fragment is
+    synced every inner.steps steps and a round moves 1/fragments of the bytes. 1: every round syncs all."""
 
     def __post_init__(self) -> None:
         _positive("outer.lr", self.lr)
@@ -305,6 +325,37 @@ class OuterConfig:
         _in_range("outer.momentum", self.momentum, 0.0, 1.0)
         _bool("outer.nesterov", self.nesterov)
         _check(not self.nesterov or self.momentum > 0, "outer.nesterov", self.nesterov, "needs momentum > 0")
+        _check(self.overlap in OVERLAP_MODES, "outer.overlap", self.overlap,
+               f"must be one of {', '.join(map(show_value, OVERLAP_MODES))}")
+        _check(_is_int(self.overlap_steps) and self.overlap_steps >= 0, "outer.overlap_steps", self.overlap_steps,
+               "must be an integer >= 0")
+        _check(self.overlap != "none" or self.overlap_steps == 0, "outer.overlap_steps", self.overlap_steps,
+               'needs overlap = "delayed" or "eager" (with overlap = "none" training waits for every round)')
+        _in_range("outer.overlap_alpha", self.overlap_alpha, 0.0, 1.0, closed_hi=True)
+        _check(_is_int(self.fragments) and 1 <= self.fragments <= 256, "outer.fragments", self.fragments,
+               "must be an integer from 1 to 256")
+        _check(self.overlap == "none" or not self.target_samples, "outer.overlap", self.overlap,
+               "cannot be combined with target_samples yet (a round's size would depend on the overlap)")
+
+    def check_inner_steps(self, inner_steps: int, field: str = "inner.steps") -> None:
+        """The checks that need H: fragments divide it, overlap_steps fits in one inner phase."""
+        _check(inner_steps % self.fragments == 0, field, inner_steps,
+               f"must be a multiple of outer.fragments = {self.fragments} (a fragment is synced every "
+               f"{field} steps, one every {field} / fragments)")
+        phase = inner_steps // self.fragments
+        _check(self.overlap_steps <= phase, "outer.overlap_steps", self.overlap_steps,
+               f"must be at most {field} / fragments = {phase} (a round lands before the next one starts)")
+
+    @property
+    def overlapped(self) -> bool:
+        """Rounds run behind the next inner steps (overlap "delayed" or "eager")."""
+        return self.overlap != "none"
+
+    def delay_steps(self, inner_steps: int) -> int:
+        """tau: inner steps between a round's start and the moment its result is applied (0: blocking)."""
+        if not self.overlapped:
+            return 0
+        return self.overlap_steps or inner_steps // self.fragments
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -502,6 +553,7 @@ class RunConfig:
                and len(self.run_id) <= 64, "run_id", self.run_id,
                "must be 1-64 letters, digits, '-' or '_'")
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "must be a non-negative integer")
+        self.outer.check_inner_steps(self.inner.steps)
 
     def replace(self, **sections: Any) -> RunConfig:
         """Copy with some top-level fields or whole sections replaced."""

@@ -208,3 +208,147 @@ def test_workers_sharing_a_shard_draw_different_batches():
     assert not torch.equal(a, b)
     solo = next(worker_streams(corpus, [2], seed=1)[0])[0]
     assert torch.equal(solo, next(corpus.train_batches(2, stream_seed=1))[0])
+
+
+# ----- overlapped rounds and streaming fragments against a hand-written reference -----------------------
+
+def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | None, *, workers, steps, H, seed,
+                       parts):
+    """The overlap and fragment rules of ARCHITECTURE.md written out one inner step at a time, independently of
+    swarmloco's simulator, outer optimizer, proxy and merge code (``parts``: the fragments' parameter indices):
+
+        after inner step t:  a round in flight that started tau steps ago lands:
+                                 theta_f <- Nesterov(theta_f, avg)       (m_f <- mu m_f + avg; d = avg + mu m_f)
+                                 local_f <- alpha local_f + (theta_f - alpha p)   (blocking: local_f <- theta_f)
+                             every H/F steps (and at the last step) round s starts on fragment f = parts[s % F]:
+                                 delta = theta_f - local_f;  [codec with error feedback per parameter]
+                                 p = local_f (delayed)  |  p = theta_f - lr (delta + mu (mu m_f + delta)) (eager),
+                                 local_f <- p;  avg = mean of the workers' deltas
+                             a round started at the last step lands at once
+    """
+    theta = [p.detach().clone() for p in GPT(MODEL, seed=seed).parameters()]
+    locals_ = [GPT(MODEL, seed=seed) for _ in range(workers)]
+    trainers = [InnerTrainer(m, inner, torch.device("cpu")) for m in locals_]
+    streams = worker_streams(corpus, list(range(workers)), seed)
+    coder = get_codec(codec) if codec is not None else None
+    errors = [[torch.zeros_like(t) for t in theta] for _ in range(workers)]
+    momentum: dict[int, torch.Tensor] = {}
+    mu, lr, alpha, F = outer.momentum, outer.lr, outer.overlap_alpha, outer.fragments
+    phase = H // F
+    tau = 0 if outer.overlap == "none" else (outer.overlap_steps or phase)
+    inflight = None  # (land_at, fragment indices, proxies per worker, avg)
+
+    def land(frag, proxies, avg):
+        for j, i in enumerate(frag):
+            momentum[i] = avg[j].clone() if i not in momentum else mu * momentum[i] + avg[j]
+            theta[i] = torch.add(theta[i], torch.add(avg[j], momentum[i], alpha=mu), alpha=-lr)
+        for w, m in enumerate(locals_):
+            params = list(m.parameters())
+            with torch.no_grad():
+                for j, i in enumerate(frag):
+                    if tau == 0:
+                        params[i].copy_(theta[i])
+                    else:
+                        params[i].copy_(params[i] * alpha + torch.sub(theta[i], proxies[w][j], alpha=alpha))
+
+    s = 0
+    for t in range(1, steps + 1):
+        for trainer, stream in zip(trainers, streams):
+            trainer.train(stream, 1)
+        if inflight is not None and t == inflight[0]:
+            land(*inflight[1:])
+            inflight = None
+        if t % phase and t != steps:
+            continue
+        if inflight is not None:  # the run ends before it was due: it lands first
+            land(*inflight[1:])
+        frag = parts[s % F]
+        s += 1
+        proxies, deltas = [], []
+        for w, m in enumerate(locals_):
+            params = list(m.parameters())
+            delta = [theta[i] - params[i].detach() for i in frag]
+            if outer.overlap == "eager":
+                proxy = []
+                for j, i in enumerate(frag):
+                    buf = delta[j].clone() if i not in momentum else mu * momentum[i] + delta[j]
+                    proxy.append(torch.add(theta[i], torch.add(delta[j], buf, alpha=mu), alpha=-lr))
+                with torch.no_grad():
+                    for j, i in enumerate(frag):
+                        params[i].copy_(proxy[j])
+            else:
+                proxy = [params[i].detach().clone() for i in frag]
+            proxies.append(proxy)
+            if coder is not None:
+                sent = []
+                for j, i in enumerate(frag):
+                    e = torch.add(delta[j], errors[w][i], alpha=1.0)
+                    d = coder.decode(coder.encode(e.reshape(-1)), e.numel()).view_as(e)
+                    errors[w][i] = e - d
+                    sent.append(d)
+                delta = sent
+            deltas.append(delta)
+        avg = []
+        for j in range(len(frag)):
+            acc = deltas[0][j].clone()
+            for w in range(1, workers):
+                acc = acc + deltas[w][j]
+            avg.append(acc / workers)
+        inflight = (t + tau, frag, proxies, avg)
+        if tau == 0 or t == steps:
+            land(*inflight[1:])
+            inflight = None
+    return theta, [list(m.parameters()) for m in locals_]
+
+
+OVERLAP_SETTINGS = [
+    (OuterConfig(overlap="delayed"), None, 3),  # tau = the whole phase
+    (OuterConfig(overlap="delayed", overlap_steps=1, overlap_alpha=0.5), None, 3),
+    (OuterConfig(overlap="eager", overlap_steps=2), None, 3),
+    (OuterConfig(overlap="eager", overlap_alpha=0.0, lr=0.7, momentum=0.9), None, 3),
+    (OuterConfig(fragments=2), None, 4),  # streaming DiLoCo, blocking
+    (OuterConfig(overlap="delayed", fragments=2, overlap_steps=1, overlap_alpha=0.5), None, 4),
+    (OuterConfig(overlap="eager", fragments=3), None, 6),
+    (OuterConfig(overlap="delayed", fragments=2), CodecConfig(name="int8", block_size=64), 4),
+]
+
+
+@pytest.mark.parametrize("outer, codec, H", OVERLAP_SETTINGS,
+                         ids=lambda v: f"{v.overlap}-F{v.fragments}-tau{v.overlap_steps}-a{v.overlap_alpha:g}"
+                         if isinstance(v, OuterConfig) else v.name if isinstance(v, CodecConfig) else str(v))
+def test_overlapped_and_streaming_rounds_follow_the_documented_rule(outer, codec, H):
+    """The simulator's delayed / eager / fragment rounds (the peer's proxy, landing and fragment code) against
+    the hand-written reference above: the same global parameters and the same local models of every worker,
+    bit for bit, over runs whose last round is short and lands early."""
+    from swarmloco.outer_optim.overlap import fragment_partition
+
+    torch.set_num_threads(1)
+    corpus, steps, k = _corpus(), 2 * H + H // 2 + 1, 3
+    inner = InnerConfig(warmup_steps=2, total_steps=steps)
+    names, numels = zip(*((n, p.numel()) for n, p in GPT(MODEL, seed=0).named_parameters()))
+    parts = fragment_partition(names, numels, outer.fragments)
+    res = run_diloco(corpus, MODEL, inner, outer, workers=k, steps=steps, H=H, seed=5, keep_model=True,
+                     keep_locals=True, transform=codec_transform(codec, k) if codec is not None else None)
+    theta, locals_ = _reference_overlap(corpus, inner, outer, codec, workers=k, steps=steps, H=H, seed=5,
+                                        parts=parts)
+    assert res["syncs"] == -(-steps // (H // outer.fragments))
+    for (name, got), ref in zip(res["model"].named_parameters(), theta):
+        assert torch.equal(got, ref), f"global {name} differs by {(got - ref).abs().max().item()}"
+    for w, (model, ref_params) in enumerate(zip(res["locals"], locals_)):
+        for (name, got), ref in zip(model.named_parameters(), ref_params):
+            assert torch.equal(got, ref), f"worker {w}'s {name} differs by {(got - ref).abs().max().item()}"
+
+
+def test_fragments_are_whole_layers_balanced_by_size():
+    from swarmloco.outer_optim.overlap import fragment_partition, layer_key
+
+    assert layer_key("transformer.h.3.attn.c_attn.weight") == "transformer.h.3"
+    assert layer_key("model.layers.12.mlp.up_proj.weight") == "model.layers.12"
+    assert layer_key("0.bias") == "0" and layer_key("lm_head.weight") == "lm_head" and layer_key("w") == "w"
+    names = ["wte.weight", "h.0.a.weight", "h.0.a.bias", "h.1.a.weight", "h.1.a.bias", "h.2.a.weight", "ln_f.weight"]
+    sizes = [50, 30, 2, 30, 2, 30, 4]
+    parts = fragment_partition(names, sizes, 3)
+    assert parts == ((0,), (1, 2, 5), (3, 4, 6))  # 50 | 32 + 30 | 32 + 4: every layer whole, every index once
+    assert fragment_partition(names, sizes, 1) == (tuple(range(7)),)
+    with pytest.raises(ValueError, match="only 5 layer"):
+        fragment_partition(names, sizes, 6)

@@ -55,11 +55,13 @@ from swarmloco.node.catch_up import CatchUp
 from swarmloco.node.lineage import Chain
 from swarmloco.node.membership import REFRESH_BEATS, Membership
 from swarmloco.node.peer_state import PeerState
+from swarmloco.node.overlapped import BackgroundRound, land, launch
 from swarmloco.node.round import RoundReport, run_round
 from swarmloco.node.state_sync import DIGEST_CHARS, params_digest
 from swarmloco.node.status import StatusBoard
 from swarmloco.node.sync import READY_STATES, Synchronizer
 from swarmloco.outer_optim import build_outer_optimizer
+from swarmloco.outer_optim.overlap import fragment_partition, round_fragment
 from swarmloco.protocol.manifest import RunManifest
 from swarmloco.protocol.progress import MAX_ATTEST, PeerProgress, ProgressTracker
 
@@ -100,6 +102,12 @@ class DiLoCo(PeerState):
             raise ValueError(f"inner_steps={inner_steps!r} is invalid: must be a positive integer")
         self.swarm, self.model, self.H = swarm, model, inner_steps
         self.outer_cfg, self.codec_cfg = outer or OuterConfig(), codec or CodecConfig()
+        self.outer_cfg.check_inner_steps(inner_steps, "inner_steps")
+        self.steps_per_round = inner_steps // self.outer_cfg.fragments
+        """Inner steps between two rounds (a fragment's round with outer.fragments > 1)."""
+        self.tau = self.outer_cfg.delay_steps(inner_steps)
+        """Inner steps a round runs behind training before it lands (0: rounds block the training loop)."""
+
         self.checkpoint_cfg = checkpoint or CheckpointConfig()
         self.resume, self.evaluate_fn = resume, evaluate
         self.board = board or StatusBoard()
@@ -111,6 +119,9 @@ class DiLoCo(PeerState):
         first = next(model.parameters(), None)
         if first is None:
             raise ValueError("the model has no parameters to train")
+        names, numels = zip(*((name, p.numel()) for name, p in model.named_parameters()))
+        self.parts = fragment_partition(names, numels, self.outer_cfg.fragments)
+        """The parameters of each streaming fragment (one part holding all of them without fragments)."""
         self.device = first.device
         pin = self.device.type == "cuda"  # the CPU side of every host<->device copy is pinned: async DMA
         self.global_params = [_cpu_buffer(p, pin).copy_(p.detach()) for p in model.parameters()]
@@ -153,6 +164,8 @@ class DiLoCo(PeerState):
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_n = 0
         self._round_started = time.perf_counter()
+        self._phase_blocked = 0.0  # seconds of this inner phase the training loop spent on a landing round
+        self._inflight: BackgroundRound | None = None  # the round running behind the inner steps (overlap)
         self._last_sps = 0.0
         self._last_round_bytes: int | None = None
         self._known_peers: set[str] = set()
@@ -168,7 +181,7 @@ class DiLoCo(PeerState):
         self.transport.set_state_provider(self._serve_state)
         self.board.update(
             peer_id=self.transport.peer_id, run_id=self.manifest.run_id, manifest_hash=self.manifest.hash,
-            device=str(self.device), inner_steps_per_round=self.H, outer_step=0, inner_step=0,
+            device=str(self.device), inner_steps_per_round=self.steps_per_round, outer_step=0, inner_step=0,
             num_params=sum(p.numel() for p in self.global_params), codec=self.codec.info.name)
 
     # ----- lifecycle ------------------------------------------------------------------------------
@@ -203,7 +216,11 @@ class DiLoCo(PeerState):
         if self._closed:
             return
         self._closed = True
-        self._halt.set()
+        try:
+            if self._inflight is not None:  # a round in flight lands first: the checkpoint then holds it
+                self._land_quietly()
+        finally:
+            self._halt.set()
         try:
             if self._started:
                 self._set_state("stopped")
@@ -231,22 +248,47 @@ class DiLoCo(PeerState):
         if loss is not None:
             self._loss_sum = self._loss_sum + (loss.detach().float() if isinstance(loss, torch.Tensor) else float(loss))
             self._loss_n += 1
+        report = None
+        if self._inflight is not None:
+            self._inflight.steps += 1
+            if self._inflight.steps >= self.tau:  # its result is applied exactly tau steps after it started
+                report = land(self)
         if self.stop.is_set():
-            return None
-        if self.catchup.pending is not None:
-            return self._adopt_pending()
+            return report
+        if self.catchup.pending is not None and self._inflight is None:
+            return report or self._adopt_pending()
         if self._round_is_due():
+            if self.tau:
+                launch(self)  # runs behind the next inner steps; reported when it lands
+                return report
             return self.sync_now()
-        return None
+        return report
 
     def sync_now(self) -> RoundReport:
-        """Run the outer round now (with whatever inner steps were done since the last one)."""
+        """Run the outer round now (with whatever inner steps were done since the last one) and wait for it,
+        also with rounds overlapped (a round in flight lands first)."""
         if not self._started:
             self.start()
+        if self.tau:
+            if self._inflight is not None:
+                land(self)
+            launch(self)
+            return land(self)
         inner = self._inner_result()
         report = run_round(self, inner)
         self._next_round()
         return report
+
+    def round_parts(self) -> tuple[int, ...]:
+        """The parameters the round of the current outer step syncs: all, or its streaming fragment's."""
+        return self.parts[round_fragment(self.outer_step, len(self.parts))]
+
+    def _land_quietly(self) -> None:
+        """Land the round in flight on the way out (close): its report still goes to the board."""
+        try:
+            land(self)
+        except Exception as e:  # noqa: BLE001 - leaving anyway: the checkpoint holds the last committed round
+            logger.warning("the round in flight did not land: %s", str(e) or type(e).__name__)
 
     @property
     def round_due(self) -> bool:
@@ -256,7 +298,7 @@ class DiLoCo(PeerState):
     def _round_is_due(self, counting_next: bool = False) -> bool:
         target = self.outer_cfg.target_samples
         if not target:
-            return self._inner_steps + (1 if counting_next else 0) >= self.H
+            return self._inner_steps + (1 if counting_next else 0) >= self.steps_per_round
         return self._round_due.is_set() or self._samples_since_sync + self._swarm_samples >= target
 
     def _inner_result(self) -> _Inner:
@@ -268,11 +310,16 @@ class DiLoCo(PeerState):
                           inner_step=self._inner_steps)
         return _Inner(self._inner_steps, self._samples_since_sync, seconds, mean)
 
-    def _next_round(self) -> None:
+    def _start_phase(self) -> None:
+        """A new inner phase starts now (its steps, samples and loss are counted afresh)."""
         self._inner_steps, self._loss_sum, self._loss_n = 0, 0.0, 0
         self._round_due.clear()
         self._swarm_samples = 0  # the others' count for this step comes with their next heartbeats
         self._round_started = time.perf_counter()
+        self._phase_blocked = 0.0
+
+    def _next_round(self) -> None:
+        self._start_phase()
         if not self.stop.is_set():
             self._set_state("training")
             self.tracker.publish(self._progress())

@@ -31,12 +31,36 @@ logger = logging.getLogger(__name__)
 class PeerState:
     """Checkpoints, state serving and catching up, for :class:`~swarmloco.node.diloco.DiLoCo`."""
 
-    def _copy_global_into_model(self) -> None:
+    def _copy_global_into_model(self, index=None) -> None:
+        """The model's parameters (those of ``index``, default all) := the global parameters."""
+        params = list(self.model.parameters())
         with torch.no_grad():
-            for p, g in zip(self.model.parameters(), self.global_params):
-                p.copy_(g, non_blocking=True)  # from pinned memory on CUDA: asynchronous
+            for i in range(len(params)) if index is None else index:
+                params[i].copy_(self.global_params[i], non_blocking=True)  # from pinned memory on CUDA: asynchronous
+        self._sync_device()  # the outer step may rewrite the source buffers next
+
+    def _sync_device(self) -> None:
+        """Wait for the asynchronous copies between pinned CPU buffers and the device."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the outer step may rewrite the source buffers next
+            torch.cuda.synchronize(self.device)
+
+    def _evaluate_global(self) -> float:
+        """``evaluate()`` of the global parameters. With rounds overlapped the model holds this peer's own
+        parameters (global plus the inner steps since): they are set aside on the device, the global ones put
+        in for the evaluation, and restored."""
+        if self.evaluate_fn is None:
+            return float("nan")
+        if not self.tau:
+            return self._evaluate()
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.model.parameters()]
+            self._copy_global_into_model()
+        try:
+            return self._evaluate()
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.model.parameters(), saved):
+                    p.copy_(s)
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Adopt a checkpoint (or a downloaded state) as this peer's global state."""
@@ -53,7 +77,7 @@ class PeerState:
         if state.get("error_feedback") and self.error_feedback is not None:
             self.error_feedback.load_state_dict(state["error_feedback"])
         self.outer_step = int(state["outer_step"])
-        self.inner_step = max(self.inner_step, self.outer_step * self.H)
+        self.inner_step = max(self.inner_step, self.outer_step * self.steps_per_round)
         self.digest = params_digest(self.global_params)
         self.chain.reset(self.outer_step, bytes.fromhex(self.digest))
         try:
@@ -159,7 +183,7 @@ class PeerState:
         self.catchup.forget()
         self._copy_global_into_model()  # unfinished inner work is dropped: restart from the adopted params
         self._samples_since_sync = 0
-        self.inner_step = max(self.inner_step, state.outer_step * self.H)  # the LR schedule's position
+        self.inner_step = max(self.inner_step, state.outer_step * self.steps_per_round)  # the LR schedule's position
         dropped = comparison.dropped_rounds
         line = (f"adopted outer step {state.outer_step} from {pending.who} ({pending.bytes / 1e6:.2f} MB in "
                 f"{pending.seconds:.3f}s): its lineage since outer step {comparison.fork} has "

@@ -39,6 +39,8 @@ from swarmloco.data.text import Corpus
 from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
 from swarmloco.models import build_model, lm_loss, num_params
 from swarmloco.outer_optim import apply_outer_step, build_outer_optimizer
+from swarmloco.outer_optim.overlap import (apply_correction, fragment_partition, landing_correction, proxy_step,
+                                           round_fragment)
 
 __all__ = [
     "allreduce_bytes_per_worker", "codec_transform", "run_data_parallel", "run_diloco", "PseudoGradTransform",
@@ -46,8 +48,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PseudoGradTransform = Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
-"""``transform(worker_index, pseudo_grad_tensors) -> tensors`` of the same shapes."""
+PseudoGradTransform = Callable[..., list[torch.Tensor]]
+"""``transform(worker_index, pseudo_grad_tensors, keys=param_indices) -> tensors`` of the same shapes (``keys``:
+which parameters the tensors are, for per-parameter state such as error feedback: a fragment's round passes
+only its own)."""
 
 CPU = torch.device("cpu")
 
@@ -67,9 +71,9 @@ def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
     codec = get_codec(cfg)
     feedback = [error_feedback_for(cfg, codec) for _ in range(workers)]
 
-    def transform(worker: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def transform(worker: int, tensors: list[torch.Tensor], keys: Sequence[int] | None = None) -> list[torch.Tensor]:
         ef, out = feedback[worker], []
-        for i, t in enumerate(tensors):
+        for i, t in zip(range(len(tensors)) if keys is None else keys, tensors):
             x = ef.compensate(i, t) if ef is not None else t.detach().to(torch.float32)
             sent = codec.roundtrip(x.cpu()).to(device=t.device, dtype=t.dtype)
             if ef is not None:
@@ -194,19 +198,26 @@ def run_data_parallel(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerCo
 def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, outer_cfg: OuterConfig, *,
                workers: int, steps: int, H: int, seed: int = 0, shards: Sequence[int] | None = None,
                eval_every: int | None = None, transform: PseudoGradTransform | None = None,
-               bytes_per_value: float = 4.0, device: torch.device = CPU, keep_model: bool = False) -> dict:
+               bytes_per_value: float = 4.0, device: torch.device = CPU, keep_model: bool = False,
+               keep_locals: bool = False) -> dict:
     """DiLoCo with ``workers`` simulated workers, ``steps`` inner steps each, an outer step every ``H``.
 
     If ``steps`` is not a multiple of ``H`` the last round is shorter. The global model is evaluated
     at step 0, whenever a round ends past a multiple of ``eval_every`` (default ``H``), and at the end.
     ``transform`` (see :data:`PseudoGradTransform`) is applied to each worker's pseudo-gradient
     before averaging; ``bytes_per_value`` is what one transmitted value costs (4 for fp32).
+
+    ``outer_cfg.overlap`` / ``overlap_steps`` / ``overlap_alpha`` / ``fragments`` follow the peer's rules
+    (:mod:`swarmloco.outer_optim.overlap`): a round starts every ``H / fragments`` steps on one fragment and,
+    when overlapped, lands exactly ``tau`` steps later (a round still in flight at the end lands before the
+    final evaluation). A round "ends" for the evaluation schedule when it lands.
     """
     shards = list(range(workers)) if shards is None else list(shards)
     if len(shards) != workers:
         raise ValueError(f"{workers} workers but {len(shards)} shards")
     if H <= 0:
         raise ValueError(f"H must be > 0, got {H}")
+    outer_cfg.check_inner_steps(H, "H")
     start = time.perf_counter()
     global_model = build_model(model_cfg, seed).to(device)
     global_params = list(global_model.parameters())
@@ -215,34 +226,83 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
     trainers = [InnerTrainer(m, inner_cfg, device, loss_fn=lm_loss) for m in local_models]
     streams = worker_streams(corpus, shards, seed)
     curve = _Curve(global_model, corpus.eval_batches(), device, eval_every or H, steps, f"diloco{workers}-H{H}")
-    done, rounds, tokens = 0, 0, 0
+    names, numels = zip(*((n, p.numel()) for n, p in global_model.named_parameters()))
+    parts = fragment_partition(names, numels, outer_cfg.fragments)
+    phase, tau = H // outer_cfg.fragments, outer_cfg.delay_steps(H)
+    done, rounds, tokens, payload = 0, 0, 0, 0
+    inflight: _SimRound | None = None
     while done < steps:
-        n = min(H, steps - done)
-        summed: list[torch.Tensor] | None = None
-        round_losses = []
-        for w, (model, trainer, stream) in enumerate(zip(local_models, trainers, streams)):
-            result = trainer.train(stream, n)
-            round_losses.append(result.mean_loss)
-            tokens += result.samples * model_cfg.block_size
-            with torch.no_grad():
-                pseudo = [g.detach() - p.detach() for g, p in zip(global_params, model.parameters())]
-            if transform is not None:
-                pseudo = transform(w, pseudo)
-            summed = ([t.clone() for t in pseudo] if summed is None
-                      else [a.add_(b) for a, b in zip(summed, pseudo)])
-        averaged = [t.div_(workers) for t in summed] if workers > 1 else summed
-        apply_outer_step(outer, global_params, averaged)
-        with torch.no_grad():
-            for model in local_models:
-                for p, g in zip(model.parameters(), global_params):
-                    p.copy_(g)
-        done += n
+        n = min(phase, steps - done)  # the next round starts after n steps; one in flight lands on the way
+        first = n if inflight is None else min(n, inflight.land_at - done)
+        for k, length in enumerate((first, n - first)):
+            if length > 0:
+                losses = []
+                for trainer, stream in zip(trainers, streams):
+                    result = trainer.train(stream, length)
+                    losses.append(result.mean_loss)
+                    tokens += result.samples * model_cfg.block_size
+                curve.train_losses.extend([sum(losses) / workers] * length)
+            done += length
+            if k == 0 and inflight is not None:
+                inflight.land(outer, global_params, local_models)
+                inflight = None
+                curve.maybe_record(done)
+        index = parts[round_fragment(rounds, outer_cfg.fragments)]
+        payload += sum(numels[i] for i in index)
+        inflight = _SimRound(outer_cfg, outer, global_params, local_models, index, transform, done + tau)
         rounds += 1
-        curve.train_losses.extend([sum(round_losses) / workers] * n)
-        curve.maybe_record(done)
+        if tau == 0 or done == steps:  # blocking, or the run's last round: it lands now
+            inflight.land(outer, global_params, local_models)
+            inflight = None
+            curve.maybe_record(done)
     params = num_params(global_model)
-    bytes_sent = rounds * allreduce_bytes_per_worker(params, workers, bytes_per_value)
+    bytes_sent = allreduce_bytes_per_worker(payload, workers, bytes_per_value)
     extra = {"model": global_model} if keep_model else {}
+    if keep_locals:
+        extra["locals"] = local_models
     return _result(curve, start, tokens, params, bytes_sent, method="diloco", workers=workers, steps=steps,
                    seed=seed, H=H, syncs=rounds, outer_lr=outer_cfg.lr, outer_momentum=outer_cfg.momentum,
-                   **extra)
+                   overlap=outer_cfg.overlap, overlap_steps=tau, fragments=outer_cfg.fragments, **extra)
+
+
+class _SimRound:
+    """One simulated round of every worker: its pseudo-gradients averaged at once, the outer step and each
+    worker's landing applied :meth:`land` (``tau`` steps later when overlapped)."""
+
+    def __init__(self, cfg: OuterConfig, outer, global_params, local_models, index: Sequence[int],
+                 transform: PseudoGradTransform | None, land_at: int):
+        self.cfg, self.index, self.land_at = cfg, list(index), land_at
+        theta = [global_params[i] for i in self.index]
+        summed: list[torch.Tensor] | None = None
+        self.proxies: list[list[torch.Tensor]] = []
+        with torch.no_grad():
+            for w, model in enumerate(local_models):
+                local = list(model.parameters())
+                pseudo = [theta[j].detach() - local[i].detach() for j, i in enumerate(self.index)]
+                if cfg.overlap == "eager":
+                    proxy = proxy_step(outer, theta, pseudo)
+                    for i, p in zip(self.index, proxy):
+                        local[i].copy_(p)
+                else:
+                    proxy = [local[i].detach().clone() for i in self.index]
+                self.proxies.append(proxy)
+                if transform is not None:
+                    pseudo = transform(w, pseudo, keys=self.index)
+                summed = ([t.clone() for t in pseudo] if summed is None
+                          else [a.add_(b) for a, b in zip(summed, pseudo)])
+        self.averaged = [t.div_(len(local_models)) for t in summed] if len(local_models) > 1 else summed
+
+    def land(self, outer, global_params, local_models) -> None:
+        theta = [global_params[i] for i in self.index]
+        apply_outer_step(outer, theta, self.averaged)
+        blocking = self.cfg.delay_steps(1 << 30) == 0
+        with torch.no_grad():
+            for model, proxy in zip(local_models, self.proxies):
+                local = list(model.parameters())
+                if blocking:
+                    for i, t in zip(self.index, theta):
+                        local[i].copy_(t)
+                    continue
+                alpha = self.cfg.overlap_alpha
+                for i, c in zip(self.index, landing_correction(theta, proxy, alpha)):
+                    apply_correction(local[i], c, alpha)

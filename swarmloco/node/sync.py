@@ -213,8 +213,9 @@ class Synchronizer:
         return [pid for pid in waiting_for if pid in averaging]
 
     def start(self, outer_step: int, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
-              samples: int, attempt: int = 0) -> tuple[RoundHandle | None, BarrierResult]:
+              samples: int, attempt: int = 0, parts: Sequence[int] | None = None) -> tuple[RoundHandle | None, BarrierResult]:
         """Barrier, then begin averaging ``tensors`` into ``outputs``; returns at once after the barrier.
+        ``parts``: which of the run's parameters the tensors are (a streaming fragment), None: all.
 
         The handle is None when the barrier found this peer behind the swarm (``barrier.behind``).
         """
@@ -235,7 +236,7 @@ class Synchronizer:
         # sync) with a weight that leaves the average as it is
         handle = self.transport.start_round(tensors, outputs, weight=max(1e-3, float(samples)), gather=gather,
                                             scheduled_time=scheduled, timeout=find_timeout,
-                                            expected_group_size=len(barrier.ready))
+                                            expected_group_size=len(barrier.ready), parts=parts)
         return handle, barrier
 
     def committed(self, outer_step: int, attempt: int) -> None:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
@@ -65,9 +65,15 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         self._abort: asyncio.Event | None = None  # created in the averager process: abort_round sets it
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
 
-    def step(self, *args, **kwargs):
+    def step(self, *args, parts: Sequence[int] | None = None, **kwargs):
+        """hivemind's ``step``; ``parts``: the indices of the averaged tensors this round averages (a streaming
+        fragment), None for all of them. Sent ahead of the step through the same pipe, so the round gets it."""
         with self._pipe_lock:
+            self._outer_pipe.send(("_set_parts", [], dict(parts=None if parts is None else tuple(map(int, parts)))))
             return super().step(*args, **kwargs)
+
+    async def _set_parts(self, parts: tuple[int, ...] | None) -> None:
+        self._next_parts = parts
 
     def abort_round(self, reason: str) -> None:
         """Give up the all-reduce running now (its group mates already know it failed): the round then
@@ -190,6 +196,7 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
         start = time.perf_counter()
+        tensors = self._select_parts(tensors, kwargs)
         if not self._codec.info.summable:  # sparse payloads do not add up part by part: all-gather them
             return await self._run_allgather_inplace_(tensors, group_info, group_id, start, **kwargs)
         runner = ExactAllReduceRunner(
@@ -274,7 +281,17 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
 
     async def _step(self, *, step, future_for_init):
         self._abort = asyncio.Event()  # a new round: an abort meant for the last one cannot reach it
+        self._round_parts = getattr(self, "_next_parts", None)  # (one round runs at a time)
         return await super()._step(step=step, future_for_init=future_for_init)
+
+    def _select_parts(self, tensors, kwargs: dict):
+        """The tensors (and their compression infos) of this round's fragment."""
+        parts = getattr(self, "_round_parts", None)
+        if parts is None:
+            return tensors
+        if "tensor_infos" in kwargs and kwargs["tensor_infos"] is not None:
+            kwargs["tensor_infos"] = [kwargs["tensor_infos"][i] for i in parts]
+        return [tensors[i] for i in parts]
 
     async def _run_allgather_inplace_(self, tensors, group_info, group_id, start: float, **kwargs):
         modes = [AveragingMode(self.serializer.loads(g)[1]) for g in group_info.gathered]

@@ -107,7 +107,9 @@ class Transport(Protocol):
 
     def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
                     gather: dict[str, Any], scheduled_time: float, timeout: float,
-                    expected_group_size: int | None = None) -> RoundHandle: ...
+                    expected_group_size: int | None = None, parts: Sequence[int] | None = None) -> RoundHandle:
+        """Begin averaging ``tensors`` into ``outputs``. ``parts``: which of the run's parameters they are (a
+        streaming fragment's, in order); None: all of them."""
 
     def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None: ...
 
@@ -141,8 +143,10 @@ class _LeftRound(Exception):
 
 
 class _HivemindRound:
-    def __init__(self, transport: SwarmTransport, control, outputs: Sequence[torch.Tensor], started: float):
+    def __init__(self, transport: SwarmTransport, control, outputs: Sequence[torch.Tensor], started: float,
+                 parts: Sequence[int] | None = None):
         self._transport, self._control, self._outputs, self._started = transport, control, outputs, started
+        self._parts = parts
 
     def _wait(self) -> Any:
         """The round's result; gives up ``STOP_ROUND_GRACE`` after the transport was told to stop."""
@@ -182,7 +186,7 @@ class _HivemindRound:
         if not isinstance(info, dict):
             return RoundOutcome(ok=False, error="averager returned no result")
         with self._transport.averager.get_tensors() as averaged:
-            for out, avg in zip(self._outputs, averaged):
+            for out, avg in zip(self._outputs, averaged if self._parts is None else [averaged[i] for i in self._parts]):
                 out.copy_(avg)
         total = time.perf_counter() - self._started
         allreduce_s = float(info.get("allreduce_s", 0.0))
@@ -322,7 +326,7 @@ class SwarmTransport:
 
     def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
                     gather: dict[str, Any], scheduled_time: float, timeout: float,
-                    expected_group_size: int | None = None) -> RoundHandle:
+                    expected_group_size: int | None = None, parts: Sequence[int] | None = None) -> RoundHandle:
         target = min(self.cfg.max_group_size, expected_group_size or self.cfg.max_group_size)
         if target != self._target_group_size:
             try:
@@ -331,14 +335,14 @@ class SwarmTransport:
             except Exception as e:  # noqa: BLE001 - the round then waits for scheduled_time instead
                 logger.warning("could not set the target group size: %s", e)
         with self.averager.get_tensors() as buffers:
-            for buf, t in zip(buffers, tensors):
+            for buf, t in zip(buffers if parts is None else [buffers[i] for i in parts], tensors):
                 buf.copy_(t)
         started = time.perf_counter()
         control = self.averager.step(
             gather=gather, weight=float(weight), scheduled_time=scheduled_time, timeout=timeout,
-            allow_retries=False, wait=False,
+            allow_retries=False, wait=False, parts=parts,
         )
-        return _HivemindRound(self, control, outputs, started)
+        return _HivemindRound(self, control, outputs, started, parts)
 
     def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None:
         """``provider()`` -> (msgpack-able metadata, tensors): what a peer downloading our state receives."""

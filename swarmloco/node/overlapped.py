@@ -1,0 +1,115 @@
+"""Rounds that run behind the next inner steps (``outer.overlap = "delayed"`` or ``"eager"``).
+
+A round starts when its inner phase ends (:func:`launch`, in the training loop): the pseudo-gradient is taken,
+the eager proxy applied, and the exchange (:func:`swarmloco.node.round.exchange`: barrier, averaging, commit
+decision, re-runs, outer step and certificate on the global parameters) runs in a thread of its own while the
+training loop goes on with the next inner steps. Exactly ``tau`` inner steps after the start the round lands
+(:func:`land`, in the training loop again; it waits there if the exchange is not done): the local parameters
+take the correction of :mod:`swarmloco.outer_optim.overlap`, the round is reported, a checkpoint written if
+due. One round is in flight at a time; a lineage to adopt waits until it landed.
+
+Only the global state changes in the round's thread, under the engine's lock, so what is served to joiners and
+written to checkpoints is always a whole committed round (never a half-applied one); the model and the inner
+optimizer change only in the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from swarmloco.node.round import RoundReport, RoundWork, exchange, finish, prepare
+from swarmloco.outer_optim.overlap import apply_correction, landing_correction, proxy_step
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundRound:
+    """The exchange of one round in its own thread."""
+
+    def __init__(self, engine, work: RoundWork):
+        self.engine, self.work = engine, work
+        self.steps = 0
+        """Inner steps taken since the round started."""
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"round-{work.step}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            exchange(self.engine, self.work)
+        except BaseException as e:  # noqa: BLE001 - handed to the training loop when the round lands
+            self.error = e
+        finally:
+            if not self.engine.stop.is_set():
+                self.engine._set_state("training")  # the training loop never stopped
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        """Until the exchange ended (its own deadlines bound it; a stop leaves it within STOP_ROUND_GRACE)."""
+        while not self._done.wait(1.0):
+            pass
+        self._thread.join()
+
+
+@torch.no_grad()
+def launch(engine) -> None:
+    """Start the round of the inner phase that just ended, in the background (the training loop goes on)."""
+    t = time.perf_counter()
+    inner = engine._inner_result()
+    work = prepare(engine, inner, engine.round_parts())
+    if engine.outer_cfg.overlap == "eager":  # this peer's own outer step stands in for the group's
+        theta = [engine.global_params[i] for i in work.index]
+        proxy = proxy_step(engine.outer_opt, theta, [engine._pseudo[i] for i in work.index])
+        params = list(engine.model.parameters())
+        for i, p in zip(work.index, proxy):
+            engine._staging[i].copy_(p)
+            params[i].copy_(engine._staging[i], non_blocking=True)
+        engine._sync_device()
+    # (delayed: the proxy is the local parameters, which pseudo_gradient left in engine._staging)
+    engine._set_state("ready")
+    engine._inflight = BackgroundRound(engine, work)
+    engine._start_phase()
+    work.blocked_s = time.perf_counter() - t
+
+
+@torch.no_grad()
+def land(engine) -> RoundReport:
+    """Apply the round in flight (waiting for it if need be) and report it."""
+    t = time.perf_counter()
+    background, engine._inflight = engine._inflight, None
+    background.wait()
+    if background.error is not None:
+        raise background.error
+    work = background.work
+    if work.behind is not None:  # the swarm is on a heavier lineage: adopt it (all inner work since is dropped)
+        report = engine._catch_up_instead_of_round(work.behind, work.inner, work.t0)
+        engine._start_phase()
+        return report
+    alpha = engine.outer_cfg.overlap_alpha
+    if work.outcome.ok:
+        target = [engine.global_params[i] for i in work.index]  # the round's certified state
+    else:  # as if the round had not run: the local parameters at its start (the next round carries them)
+        target = [torch.sub(engine.global_params[i], engine._pseudo[i]) for i in work.index]
+    proxy = [engine._staging[i] for i in work.index]
+    params = list(engine.model.parameters())
+    for i, c in zip(work.index, landing_correction(target, proxy, alpha, out=proxy)):
+        apply_correction(params[i], c, alpha)
+    engine._sync_device()
+    if work.outcome.ok:
+        engine._samples_since_sync -= work.weight
+    eval_loss = engine._evaluate_global() if work.outcome.ok else float("nan")
+    spent = time.perf_counter() - t
+    engine._phase_blocked += spent
+    work.blocked_s += spent
+    return finish(engine, work, eval_loss)
+
+
+__all__ = ["BackgroundRound", "land", "launch"]

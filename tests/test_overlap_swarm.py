@@ -57,7 +57,7 @@ def test_overlapped_rounds_keep_three_peers_bit_identical(spawn, write_config, o
 
 
 def test_sigkill_during_a_background_round_costs_the_survivors_no_hang_and_no_divergence(spawn, write_config) -> None:
-    from test_faults import FAST, PACED, assert_same_state, rounds_until, start_swarm
+    from test_faults import FAST, assert_same_state, rounds_until, start_swarm
 
     config = write_config(swarm={**FAST, "min_peers": 3}, outer={"overlap": "delayed"})
     # p2's second all-reduce: it takes the others' parts and hangs there; its training goes on until the

@@ -11,7 +11,10 @@ the run move without reading logs::
 round, from the start of its inner steps to the end of its outer step and held-out eval (the next
 round starts right after, once a checkpoint due then is written), with its parts: compute (inner
 steps), wait (the ready barrier), averaging (matchmaking and all-reduce), other (outer step, eval,
-re-runs).
+re-runs). With rounds overlapped (``outer.overlap``) a round's barrier and averaging run behind the next
+inner steps: the round time is the time between two rounds landing, *wait* is what the round cost the
+training loop (starting it, waiting for it to land, applying it), and the barrier and averaging time that
+ran behind training is named after the parts.
 """
 
 from __future__ import annotations
@@ -55,8 +58,11 @@ def round_parts(last_round: dict[str, Any] | None, round_time: float | None) -> 
         v = last.get(key)
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
 
-    parts = {"compute": part("compute_s"), "wait": part("barrier_s"),
-             "averaging": part("matchmaking_s") + part("allreduce_s")}
+    if last.get("overlapped"):  # the barrier and the averaging ran behind the inner steps: wait = what they cost them
+        parts = {"compute": part("compute_s"), "wait": part("blocked_s"), "averaging": 0.0}
+    else:
+        parts = {"compute": part("compute_s"), "wait": part("barrier_s"),
+                 "averaging": part("matchmaking_s") + part("allreduce_s")}
     if isinstance(round_time, (int, float)) and math.isfinite(round_time):
         parts["other"] = max(0.0, float(round_time) - sum(parts.values()))
     return parts
@@ -77,6 +83,9 @@ def format_round_line(summary: dict[str, Any], last_round: dict[str, Any] | None
     round_time = summary.get("round_time")
     parts = round_parts(last_round if (last_round or {}).get("outer_step") == step else None, round_time)
     split = ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+    if (last_round or {}).get("overlapped") and (last_round or {}).get("outer_step") == step:
+        hidden = sum(float(last_round.get(k) or 0.0) for k in ("barrier_s", "matchmaking_s", "allreduce_s"))
+        split += f"; {hidden:.1f} of barrier and averaging behind training"
     line = (f"{head} | train {_loss(summary.get('train_loss'))} | eval {_loss(summary.get('eval_loss'))} | "
             f"peers {summary.get('peers') or 1} | sent {fmt_bytes(float(summary.get('bytes_sent') or 0))} "
             f"recv {fmt_bytes(float(summary.get('bytes_received') or 0))} | "

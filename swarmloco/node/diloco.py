@@ -52,18 +52,19 @@ from swarmloco.compression import get_codec
 from swarmloco.compression.error_feedback import error_feedback_for
 from swarmloco.config import AccessConfig, CheckpointConfig, CodecConfig, OuterConfig
 from swarmloco.node.catch_up import CatchUp
+from swarmloco.node.heartbeats import Heartbeats
 from swarmloco.node.lineage import Chain
-from swarmloco.node.membership import REFRESH_BEATS, Membership
+from swarmloco.node.membership import Membership
 from swarmloco.node.peer_state import PeerState
 from swarmloco.node.overlapped import BackgroundRound, land, launch
 from swarmloco.node.round import RoundReport, run_round
-from swarmloco.node.state_sync import DIGEST_CHARS, params_digest
+from swarmloco.node.state_sync import params_digest
 from swarmloco.node.status import StatusBoard
-from swarmloco.node.sync import READY_STATES, Synchronizer
+from swarmloco.node.sync import Synchronizer
 from swarmloco.outer_optim import build_outer_optimizer
 from swarmloco.outer_optim.overlap import fragment_partition, round_fragment
 from swarmloco.protocol.manifest import RunManifest
-from swarmloco.protocol.progress import MAX_ATTEST, PeerProgress, ProgressTracker
+from swarmloco.protocol.progress import MAX_ATTEST, ProgressTracker
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class _Inner:
     mean_loss: float
 
 
-class DiLoCo(PeerState):
+class DiLoCo(Heartbeats, PeerState):
     """One peer's DiLoCo over ``swarm`` (see the module doc)."""
 
     def __init__(self, swarm, model: torch.nn.Module, inner_optimizer, *, inner_steps: int = 50,
@@ -165,7 +166,10 @@ class DiLoCo(PeerState):
         self._loss_n = 0
         self._round_started = time.perf_counter()
         self._phase_blocked = 0.0  # seconds of this inner phase the training loop spent on a landing round
+        self._last_landed = self._round_started  # when the last round was reported (overlapped round times)
         self._inflight: BackgroundRound | None = None  # the round running behind the inner steps (overlap)
+        self._eager_last: dict[int, int] = {}  # eager: parameter -> peers in the last round that committed it
+        self._own_last: list[torch.Tensor] | None = None  # eager: this peer's pseudo-gradients of that round
         self._last_sps = 0.0
         self._last_round_bytes: int | None = None
         self._known_peers: set[str] = set()
@@ -207,7 +211,7 @@ class DiLoCo(PeerState):
         self.initial_eval_loss = self._evaluate()
         self.board.update(eval_loss=self.initial_eval_loss, initial_eval_loss=self.initial_eval_loss)
         self._set_state("training")
-        self._round_started = time.perf_counter()
+        self._round_started = self._last_landed = time.perf_counter()
         self.tracker.publish(self._progress())
         return self
 
@@ -279,6 +283,17 @@ class DiLoCo(PeerState):
         self._next_round()
         return report
 
+    @property
+    def in_flight(self) -> int | None:
+        """The outer step of the round running behind the inner steps now (``outer.overlap``), None if none; it
+        lands ``overlap_steps`` steps after it started, or at :meth:`wait_for_round`."""
+        return self._inflight.work.step if self._inflight is not None else None
+
+    def wait_for_round(self) -> RoundReport | None:
+        """Land the round in flight now (waiting for it if need be) and return its report; None if there is
+        none. For a loop that stops: the last round it started is applied before it leaves."""
+        return land(self) if self._inflight is not None else None
+
     def round_parts(self) -> tuple[int, ...]:
         """The parameters the round of the current outer step syncs: all, or its streaming fragment's."""
         return self.parts[round_fragment(self.outer_step, len(self.parts))]
@@ -332,65 +347,6 @@ class DiLoCo(PeerState):
 
     def _evaluate(self) -> float:
         return float(self.evaluate_fn()) if self.evaluate_fn is not None else float("nan")
-
-    # ----- heartbeats ---------------------------------------------------------------------------------
-    def _progress(self) -> PeerProgress:
-        with self._lock:  # the step and digest change together
-            step, digest = self.outer_step, self.digest
-        return PeerProgress(
-            peer_id=self.transport.peer_id, outer_step=step, state=self._state, time=time.time(),
-            samples=self._samples_since_sync, samples_per_second=self._last_sps, maddrs=self._maddrs,
-            round_time=self.board.get("last_round_time"), bytes_per_round=self._last_round_bytes,
-            digest=digest[:DIGEST_CHARS], attempt=self._attempt, rerun=self._rerun,
-            attest=tuple(self._attest))
-
-    def _heartbeat_loop(self) -> None:
-        beats = 0
-        while not self._halt.wait(self.cfg_swarm.heartbeat_period) and not self.stop.is_set():
-            if self._state != "stopped":  # also while averaging: a long round must not look like a dead peer
-                self.tracker.publish(self._progress())
-            beats += 1
-            try:
-                if beats % REFRESH_BEATS == 0:
-                    self.membership.refresh()
-                elif self.membership.tokens_due:  # a stranger's heartbeat: maybe a token was just issued
-                    self.membership.refresh_tokens()
-            except Exception as e:  # noqa: BLE001 - a DHT hiccup: the next refresh tries again
-                logger.warning("refreshing the manifest and tokens failed: %s", e)
-            try:
-                peers = self.tracker.fetch()
-            except Exception as e:  # noqa: BLE001
-                logger.debug("progress fetch failed: %s", e)
-                continue
-            self.board.update(peers_online=len(peers), swarm=[p.display_dict() for p in peers])
-            self._note_membership({p.peer_id for p in peers} - {self.transport.peer_id})
-            self._collect_signatures(peers)
-            self.catchup.offer(self.sync.live(peers))
-            self._check_target_samples(peers)
-
-    def _check_target_samples(self, peers: list[PeerProgress]) -> None:
-        """target_samples mode, while training: the round is due once the live peers at this step did enough."""
-        step = self.outer_step
-        if self._state != "training" or not self.outer_cfg.target_samples:
-            return
-        now, me = time.time(), self.transport.peer_id
-        others = [p for p in self.sync.live(peers) if p.peer_id != me and p.outer_step == step]
-        total = sum(p.samples + (p.samples_per_second * max(0.0, now - p.time) if p.state == "training" else 0)
-                    for p in others)
-        if self.outer_step != step:  # the round ended while we looked: these counts are stale
-            return
-        self._swarm_samples = int(total)
-        if any(p.state in READY_STATES for p in others) or \
-                total + self._samples_since_sync >= self.outer_cfg.target_samples:
-            self._round_due.set()  # someone saw the target reached, or we do: join the round now
-
-    def _note_membership(self, others: set[str]) -> None:
-        for peer_id in sorted(others - self._known_peers):
-            self.board.event("peer_joined", f"peer {peer_id[-8:]} joined")
-        for peer_id in sorted(self._known_peers - others):
-            self.board.event("peer_left", f"peer {peer_id[-8:]} left (no heartbeat for "
-                             f"{self.cfg_swarm.heartbeat_ttl:.0f}s)")
-        self._known_peers = others
 
     def _set_state(self, state: str) -> None:
         self._state = state

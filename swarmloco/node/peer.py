@@ -109,6 +109,10 @@ class Peer:
                         diloco.manifest.short, diloco.initial_eval_loss)
             limit = self.options.max_outer_steps
             while not self.stop.is_set() and (limit is None or diloco.outer_step - start_step < limit):
+                flying = diloco.in_flight
+                if limit is not None and flying is not None and flying + 1 - start_step >= limit:
+                    diloco.wait_for_round()  # the last round (overlapped) lands: no inner step after it
+                    continue
                 x, y = next(self.batches)
                 loss = self.inner.step(x, y, diloco.inner_step)
                 if self._step_delay:

@@ -194,10 +194,12 @@ def exchange(engine, work: RoundWork) -> None:
 def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
     """The round's report (status board, ``--json-events``) and a checkpoint when one is due."""
     outcome = work.outcome
-    round_time = time.perf_counter() - work.t0
+    now = time.perf_counter()
+    overlapped = engine.tau > 0  # then a round's time is the time between two landings
+    round_time = now - (engine._last_landed if overlapped else work.t0)
+    engine._last_landed = now
     engine.board.add(bytes_sent_total=outcome.bytes_sent, bytes_received_total=outcome.bytes_received)
     engine._last_round_bytes = outcome.bytes_sent + outcome.bytes_received
-    overlapped = engine.tau > 0
     last_round = {
         "outer_step": engine.outer_step, "ok": outcome.ok, "peers": max(1, outcome.group_size),
         "compute_s": work.compute_s, "barrier_s": work.barrier_s, "matchmaking_s": outcome.matchmaking_s,

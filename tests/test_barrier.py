@@ -159,6 +159,9 @@ class Handle:
     def done(self):
         return self.aborted is not None or self.swarm.now >= self.done_at
 
+    def wait(self, timeout):
+        return self.done()
+
     def abort(self, reason):
         self.aborted = reason
 

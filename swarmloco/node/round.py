@@ -10,6 +10,7 @@ instead (this peer's inner work since its last round is dropped).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -62,9 +63,8 @@ def rss_bytes() -> int:
 
 
 def norm(tensors: list[torch.Tensor]) -> float:
-    """L2 norm of a list of tensors taken as one vector."""
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))) \
-        if tensors else 0.0
+    """L2 norm of a list of tensors taken as one vector (one pass over each; NaN or Inf if any value is)."""
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))) if tensors else 0.0
 
 
 @torch.no_grad()
@@ -109,6 +109,7 @@ class RoundWork:
     retried: list[str] = field(default_factory=list)
     rejected: set[str] = field(default_factory=set)
     sent_norm: float = 0.0
+    """The norm of what this peer contributed."""
     update_norm: float = float("nan")
 
 
@@ -117,7 +118,8 @@ def prepare(engine, inner, index: Sequence[int]) -> RoundWork:
     t0 = engine._round_started
     compute_s = time.perf_counter() - t0 - engine._phase_blocked
     pseudo = pseudo_gradient(engine, index)
-    if not all(bool(torch.isfinite(b).all()) for b in pseudo):
+    pseudo_norm = norm(pseudo)
+    if not math.isfinite(pseudo_norm):
         raise FloatingPointError("pseudo-gradient holds NaN/Inf: the local model diverged")
     to_send = pseudo
     if engine.error_feedback is not None:  # what compression drops now is added to the next round's
@@ -127,7 +129,8 @@ def prepare(engine, inner, index: Sequence[int]) -> RoundWork:
     if dead:  # no round can ever succeed: say so instead of failing every one of them
         raise TransportDied(f"{dead}: this peer can no longer average; restart it (--resume keeps its progress)")
     return RoundWork(step=engine.outer_step, index=tuple(index), inner=inner, t0=t0, compute_s=compute_s,
-                     to_send=to_send, weight=engine._samples_since_sync)
+                     to_send=to_send, weight=engine._samples_since_sync,
+                     sent_norm=pseudo_norm if to_send is pseudo else norm(to_send))
 
 
 def exchange(engine, work: RoundWork) -> None:
@@ -180,8 +183,7 @@ def exchange(engine, work: RoundWork) -> None:
         if outcome.group_size <= 1:  # alone: the update a group of one would average (the simulator's
             for out, decoded in zip(outputs, feedback):  # rule), not the whole accumulator every lone round
                 out.copy_(decoded)
-    work.sent_norm = norm(work.to_send)  # what this peer contributed, and the group's average it applies
-    work.update_norm = norm(outputs) if outcome.ok else float("nan")
+    work.update_norm = norm(outputs) if outcome.ok else float("nan")  # the group's average it applies
     if outcome.ok:
         _commit(engine, work, feedback)
     else:
@@ -217,6 +219,8 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
         "samples_per_second": engine._last_sps, "bytes_sent": outcome.bytes_sent,
         "bytes_received": outcome.bytes_received, "round_time": round_time, "sync_s": work.sync_s,
         "compute_s": work.compute_s, "blocked_s": work.blocked_s, "overlapped": overlapped,
+        "barrier_s": work.barrier_s, "matchmaking_s": outcome.matchmaking_s, "allreduce_s": outcome.allreduce_s,
+        "outer_step_s": work.outer_s,
         "fragment": engine.parts.index(work.index) if len(engine.parts) > 1 else 0,
         "digest": engine.digest, "error": outcome.error, "fp32_bytes": 4 * sum(p.numel() for p in engine.global_params),
         "initial_eval_loss": engine.initial_eval_loss, "attempts": work.attempts, "inner_steps": work.inner.steps,

@@ -36,7 +36,7 @@ def params_digest(params: Iterable[torch.Tensor]) -> str:
     """sha256 of the exact bytes of a parameter list (replicas in sync have equal digests)."""
     h = hashlib.sha256()
     for p in params:
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # (its memory, not a copy)
     return h.hexdigest()
 
 

@@ -85,6 +85,18 @@ def matchmaking_window(matchmaking_time: float, attempt: int) -> float:
     return matchmaking_time * min(1 + attempt, MAX_WINDOW_FACTOR)
 
 
+BARRIER_POLLS_PER_SECOND = 40.0
+"""Reads of the heartbeats per second that all peers of a swarm waiting at a barrier make together."""
+MIN_POLL_S = 0.05
+
+
+def barrier_poll_interval(peers: int, longest: float) -> float:
+    """How long a barrier waits between two reads of the heartbeats: 50 ms in a small swarm (the last peer to
+    arrive is seen within it), longer in a large one so that the swarm's DHT reads per second stay about
+    ``BARRIER_POLLS_PER_SECOND``; at most ``longest``."""
+    return min(longest, max(MIN_POLL_S, max(1, peers) / BARRIER_POLLS_PER_SECOND))
+
+
 def same_state(theirs: str, mine: str) -> bool:
     """Whether two heartbeats' digests (prefixes of the same length, or missing) name the same state."""
     return not theirs or not mine or theirs == mine
@@ -99,6 +111,9 @@ class _LocalRound:
         self.outcome = RoundOutcome(ok=True, gathered={peer_id: gather})
 
     def done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float) -> bool:
         return True
 
     def abort(self, reason: str) -> None:
@@ -169,9 +184,12 @@ class Synchronizer:
         need = self.cfg.min_peers if self.rounds_joined == 0 else 1
         me = self.transport.peer_id
         verdict_until = start + min(self.cfg.ready_timeout, VERDICT_WAIT_S)
+        published = -float("inf")
         while True:
             mine = replace(self.heartbeat(), state="ready", outer_step=outer_step, attempt=attempt, time=self.clock())
-            self.tracker.publish(mine)
+            if mine.time - published >= self.cfg.heartbeat_period / 2:  # (the heartbeat thread says it too)
+                self.tracker.publish(mine)
+                published = mine.time
             seen = self.tracker.fetch()
             peers = self.live(seen)
             self.last_view = self.quorum_view(seen)
@@ -199,7 +217,7 @@ class Synchronizer:
                 logger.info("ready barrier for outer step %d timed out after %.1fs: %d ready, waiting for %s",
                             outer_step, self.clock() - start, len(ready), [p[:12] for p in waiting_for] or f"{need} peers")
                 return BarrierResult(tuple(ready), self.clock() - start, timed_out=True)
-            self.stop.wait(self.poll_interval)
+            self.stop.wait(barrier_poll_interval(len(seen), self.poll_interval))
 
     def _rerun_waits_for(self, at_step: Sequence[PeerProgress], waiting_for: list[str], elapsed: float) -> list[str]:
         """Whom a re-run still waits for: everyone for ``retry_grace``; then only the round's peers still
@@ -236,7 +254,8 @@ class Synchronizer:
         # sync) with a weight that leaves the average as it is
         handle = self.transport.start_round(tensors, outputs, weight=max(1e-3, float(samples)), gather=gather,
                                             scheduled_time=scheduled, timeout=find_timeout,
-                                            expected_group_size=len(barrier.ready), parts=parts)
+                                            expected_group_size=len(barrier.ready), parts=parts,
+                                            members=barrier.ready)
         return handle, barrier
 
     def committed(self, outer_step: int, attempt: int) -> None:
@@ -247,8 +266,8 @@ class Synchronizer:
         """The round's outcome; the attempt is abandoned as soon as a mate of this step waits at the barrier of
         a later attempt (it failed for them: waiting out its timeouts would only stall this peer)."""
         mates = set(members) - {self.transport.peer_id}
-        while not handle.done() and mates:
-            if self.stop.wait(max(self.poll_interval, 0.05)):
+        while mates and not handle.wait(max(self.poll_interval, 0.05)):  # (returns as soon as the round ends)
+            if self.stop.is_set():
                 break
             # a mate at the barrier of a later attempt of this step gave this one up; one already averaging
             # that later attempt may be in this very group (it came to this round from a re-run of its own)

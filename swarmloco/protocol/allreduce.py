@@ -37,6 +37,7 @@ from swarmloco.protocol.errors import PartialAllReduce
 from swarmloco.protocol.exact_allreduce import ExactAllReduceRunner
 from swarmloco.protocol.gate import Gate, gate_matchmaking
 from swarmloco.protocol.lineage_transfer import LineageSharing
+from swarmloco.protocol.matchmaking import SwarmMatchmaking
 from swarmloco.protocol.robust import name_clipped
 from swarmloco.protocol.state_transfer import StateSharing
 
@@ -65,15 +66,18 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         self._abort: asyncio.Event | None = None  # created in the averager process: abort_round sets it
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
 
-    def step(self, *args, parts: Sequence[int] | None = None, **kwargs):
+    def step(self, *args, parts: Sequence[int] | None = None, members: Sequence[str] | None = None, **kwargs):
         """hivemind's ``step``; ``parts``: the indices of the averaged tensors this round averages (a streaming
-        fragment), None for all of them. Sent ahead of the step through the same pipe, so the round gets it."""
+        fragment), None for all of them; ``members``: the peer ids the ready barrier expects in the group
+        (:mod:`swarmloco.protocol.matchmaking`). Sent ahead of the step through the same pipe, so the round
+        gets them."""
         with self._pipe_lock:
-            self._outer_pipe.send(("_set_parts", [], dict(parts=None if parts is None else tuple(map(int, parts)))))
+            self._outer_pipe.send(("_set_round", [], dict(parts=None if parts is None else tuple(map(int, parts)),
+                                                          members=tuple(map(str, members or ())))))
             return super().step(*args, **kwargs)
 
-    async def _set_parts(self, parts: tuple[int, ...] | None) -> None:
-        self._next_parts = parts
+    async def _set_round(self, parts: tuple[int, ...] | None, members: tuple[str, ...]) -> None:
+        self._next_parts, self._next_members = parts, members
 
     def abort_round(self, reason: str) -> None:
         """Give up the all-reduce running now (its group mates already know it failed): the round then
@@ -95,7 +99,9 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
 
     @_matchmaking.setter
     def _matchmaking(self, matchmaking) -> None:  # hivemind builds it in the averager process
-        self.__dict__["_gated_matchmaking"] = gate_matchmaking(matchmaking, self._gate)
+        gated = gate_matchmaking(matchmaking, self._gate)
+        gated.__class__ = SwarmMatchmaking  # (only methods and class defaults added: see protocol/matchmaking.py)
+        self.__dict__["_gated_matchmaking"] = gated
 
     def set_gate(self, private: bool, admitted, excluded, timeout: float = 10.0) -> None:
         """Tell the averager process whom to refuse at matchmaking (and, if private, at state download)."""
@@ -282,6 +288,7 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
     async def _step(self, *, step, future_for_init):
         self._abort = asyncio.Event()  # a new round: an abort meant for the last one cannot reach it
         self._round_parts = getattr(self, "_next_parts", None)  # (one round runs at a time)
+        self._matchmaking.expect(getattr(self, "_next_members", ()))
         return await super()._step(step=step, future_for_init=future_for_init)
 
     def _select_parts(self, tensors, kwargs: dict):

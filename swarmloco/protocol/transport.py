@@ -87,6 +87,9 @@ class DownloadedState:
 class RoundHandle(Protocol):
     def done(self) -> bool: ...
 
+    def wait(self, timeout: float) -> bool:
+        """Wait until the round ended, at most ``timeout`` seconds; whether it did."""
+
     def abort(self, reason: str) -> None:
         """Give the round up now (it fails at once with ``reason``); no-op once it ended."""
 
@@ -107,9 +110,11 @@ class Transport(Protocol):
 
     def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
                     gather: dict[str, Any], scheduled_time: float, timeout: float,
-                    expected_group_size: int | None = None, parts: Sequence[int] | None = None) -> RoundHandle:
+                    expected_group_size: int | None = None, parts: Sequence[int] | None = None,
+                    members: Sequence[str] | None = None) -> RoundHandle:
         """Begin averaging ``tensors`` into ``outputs``. ``parts``: which of the run's parameters they are (a
-        streaming fragment's, in order); None: all of them."""
+        streaming fragment's, in order); None: all of them. ``members``: the peer ids expected in the group
+        (the ready barrier's), who then agree on its leader without a DHT search."""
 
     def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None: ...
 
@@ -167,6 +172,15 @@ class _HivemindRound:
 
     def done(self) -> bool:
         return self._control.done()
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._control.result(timeout=timeout)
+        except TimeoutError:
+            return self._control.done()
+        except BaseException:  # noqa: BLE001 - ended (in failure): result() says how
+            return True
+        return True
 
     def abort(self, reason: str) -> None:
         if not self._control.done():
@@ -326,7 +340,8 @@ class SwarmTransport:
 
     def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
                     gather: dict[str, Any], scheduled_time: float, timeout: float,
-                    expected_group_size: int | None = None, parts: Sequence[int] | None = None) -> RoundHandle:
+                    expected_group_size: int | None = None, parts: Sequence[int] | None = None,
+                    members: Sequence[str] | None = None) -> RoundHandle:
         target = min(self.cfg.max_group_size, expected_group_size or self.cfg.max_group_size)
         if target != self._target_group_size:
             try:
@@ -340,7 +355,7 @@ class SwarmTransport:
         started = time.perf_counter()
         control = self.averager.step(
             gather=gather, weight=float(weight), scheduled_time=scheduled_time, timeout=timeout,
-            allow_retries=False, wait=False, parts=parts,
+            allow_retries=False, wait=False, parts=parts, members=members,
         )
         return _HivemindRound(self, control, outputs, started, parts)
 

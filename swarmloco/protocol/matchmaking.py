@@ -1,0 +1,102 @@
+"""The round's group, formed from the members the ready barrier already knows.
+
+hivemind's matchmaking finds a group through the DHT: every peer declares itself under the round's group key
+with an expiration time, reads the others' declarations, and asks the one with the earliest expiration to
+lead. With the ready barrier before it, every member already knows who is in the round
+(:meth:`swarmloco.node.sync.Synchronizer.wait_for_peers`), so the DHT round trips only cost time: 0.2-0.35 s of
+a blocking round at 2 peers on loopback (BENCHMARKS.md). Here the members agree on a leader from that set at
+once, the smallest peer id (:func:`expected_leader`), and
+
+* a **follower** asks it directly, again every ``RETRY_S`` while it is not looking for a group yet (it may
+  still be at its barrier), for at most half of ``matchmaking_time``; then it falls back to hivemind's search
+  through the DHT with no expectation left (a leader that died, or a barrier view of another set of peers);
+* the **leader** accepts the members of its set whatever expiration they declared (hivemind would send a
+  member with an earlier one away to lead itself), and does not follow another member of its set; the group
+  starts as soon as the target size (the barrier's count) has joined, as before.
+
+Everything else (the gate, the group's all-reduce, timeouts) is unchanged: a member whose view differs ends
+in hivemind's search, at worst in a failed attempt that the round's re-run repairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+
+from swarmloco.protocol.gate import GatedMatchmaking
+
+logger = logging.getLogger(__name__)
+
+RETRY_S = 0.025
+"""A follower asks the expected leader again after this long while the leader is not looking for a group."""
+
+
+def expected_leader(members: Sequence[str]) -> str | None:
+    """The leader every member of a round's ready set agrees on: the smallest peer id (base58); None alone."""
+    return min(members) if len(members) >= 2 else None
+
+
+class SwarmMatchmaking(GatedMatchmaking):
+    """:class:`~swarmloco.protocol.gate.GatedMatchmaking` that forms the group from the expected members."""
+
+    expected: frozenset = frozenset()
+    leader: PeerID | None = None
+
+    def expect(self, members: Sequence[str] | None) -> None:
+        """The barrier's ready set for the next round (base58 peer ids, this peer among them), or None."""
+        mine = self.peer_id.to_base58()
+        name = expected_leader(list(members or ())) if members and mine in members else None
+        self.expected = frozenset(PeerID.from_base58(m) for m in members) if name else frozenset()
+        self.leader = PeerID.from_base58(name) if name else None
+
+    async def _request_join_potential_leaders(self, step):
+        leader = self.leader
+        if leader is not None and leader != self.peer_id and not self.client_mode:
+            group = await self._join_expected_leader(step, leader)
+            if group is not None:
+                return group
+            logger.debug("the expected leader %s did not take us in: searching through the DHT",
+                         leader.to_base58()[-8:])
+            self.expected, self.leader = frozenset(), None
+        return await super()._request_join_potential_leaders(step)
+
+    async def _join_expected_leader(self, step, leader: PeerID):
+        deadline = time.monotonic() + self.min_matchmaking_time / 2
+        if step.deadline is not None:
+            deadline = min(deadline, time.monotonic() + max(0.0, step.get_timeout() or 0.0))
+        while time.monotonic() < deadline and self.leader == leader:
+            group = await self._request_join_group(leader)
+            if group is not None:
+                return group
+            await asyncio.sleep(RETRY_S)
+        return None
+
+    async def _request_join_group(self, leader):
+        if self.leader == self.peer_id and leader in self.expected:
+            return None  # the expected leader does not follow a member of its own group
+        return await super()._request_join_group(leader)
+
+    def _check_reasons_to_reject(self, request, context):
+        reason = super()._check_reasons_to_reject(request, context)
+        if reason is None or reason.code != averaging_pb2.BAD_EXPIRATION_TIME:
+            return reason
+        if self.leader != self.peer_id or context.remote_id not in self.expected:
+            return reason
+        # an expected member may join its expected leader whatever expiration it declared; the checks that
+        # hivemind makes after the expiration one still apply
+        if self.current_leader is not None:
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_A_LEADER,
+                                                   suggested_leader=self.current_leader.to_bytes())
+        if context.remote_id == self.peer_id or context.remote_id in self.current_followers:
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.DUPLICATE_PEER_ID)
+        if self.target_group_size is not None and len(self.current_followers) + 1 >= self.target_group_size:
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_IS_FULL)
+        return None
+
+
+__all__ = ["RETRY_S", "SwarmMatchmaking", "expected_leader"]

@@ -173,7 +173,8 @@ class DiLoCo(Heartbeats, PeerState):
         self._last_sps = 0.0
         self._last_round_bytes: int | None = None
         self._known_peers: set[str] = set()
-        self._maddrs = tuple(self.transport.visible_maddrs()[:4])  # asked once: each call is an RPC to the DHT
+        # asked once (each call is an RPC to the DHT); a peer in client mode announces none: it cannot be dialled
+        self._maddrs = () if cfg.client_mode else tuple(self.transport.visible_maddrs()[:4])
         self._state = "joining"
         self._heartbeat_thread: threading.Thread | None = None
         self._round_due = threading.Event()  # target_samples mode: the swarm has done enough samples

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from swarmloco.config import SwarmConfig
+from swarmloco.protocol import faults
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import RoundHandle, RoundOutcome, Transport
 
@@ -73,6 +74,9 @@ class BarrierResult:
     waited_s: float
     timed_out: bool
     behind: Any = None
+    leader: str | None = None
+    """The group's leader all the ready peers agree on: the smallest id of those others can dial (a peer in
+    client mode, behind NAT, announces no address and cannot lead); None if none can."""
     """Set (a :class:`~swarmloco.node.catch_up.Pending`) when a heavier lineage is proven and its state
     downloaded: adopt it instead of averaging."""
 
@@ -198,8 +202,8 @@ class Synchronizer:
                 return BarrierResult((me,), self.clock() - start, timed_out=False, behind=pending)
             # a peer at this step on another lineage (another digest: a fork, or a claim being checked in the
             # background) cannot average with this one: not waited for, not in the round
-            at_step = [p for p in peers if p.peer_id == me or (p.outer_step == outer_step
-                                                               and same_state(p.digest, mine.digest))]
+            at_step = [mine] + [p for p in peers if p.peer_id != me and p.outer_step == outer_step
+                                and same_state(p.digest, mine.digest)]
             ready = sorted({p.peer_id for p in at_step if p.state in READY_STATES and p.attempt >= attempt} | {me})
             # peers still finishing the previous round will be at this step in a moment: wait for them too,
             # unless they are still in an attempt of it that failed for us (stuck in a doomed round: they
@@ -211,12 +215,13 @@ class Synchronizer:
                 waiting_for = self._rerun_waits_for(at_step, waiting_for, self.clock() - start)
             if verdict_due and self.clock() < verdict_until:  # a mate is ahead: is its lineage ours to take?
                 waiting_for = waiting_for or ["(verdict on a group mate's lineage)"]
+            leader = min((p.peer_id for p in at_step if p.peer_id in ready and p.maddrs), default=None)
             if len(ready) >= need and not waiting_for:
-                return BarrierResult(tuple(ready), self.clock() - start, timed_out=False)
+                return BarrierResult(tuple(ready), self.clock() - start, timed_out=False, leader=leader)
             if self.clock() >= deadline or self.stop.is_set():
                 logger.info("ready barrier for outer step %d timed out after %.1fs: %d ready, waiting for %s",
                             outer_step, self.clock() - start, len(ready), [p[:12] for p in waiting_for] or f"{need} peers")
-                return BarrierResult(tuple(ready), self.clock() - start, timed_out=True)
+                return BarrierResult(tuple(ready), self.clock() - start, timed_out=True, leader=leader)
             self.stop.wait(barrier_poll_interval(len(seen), self.poll_interval))
 
     def _rerun_waits_for(self, at_step: Sequence[PeerProgress], waiting_for: list[str], elapsed: float) -> list[str]:
@@ -245,6 +250,7 @@ class Synchronizer:
                   "parent": self.heartbeat().digest}
         if len(barrier.ready) <= 1:
             return _LocalRound(tensors, outputs, self.transport.peer_id, gather), barrier
+        faults.maybe_hang_at_barrier()  # (tests: a crash right when the mates ask this peer to lead)
         self.tracker.publish(replace(self.heartbeat(), state="averaging", outer_step=outer_step, attempt=attempt,
                                      time=self.clock()))
         window = matchmaking_window(self.cfg.matchmaking_time, attempt)
@@ -255,7 +261,7 @@ class Synchronizer:
         handle = self.transport.start_round(tensors, outputs, weight=max(1e-3, float(samples)), gather=gather,
                                             scheduled_time=scheduled, timeout=find_timeout,
                                             expected_group_size=len(barrier.ready), parts=parts,
-                                            members=barrier.ready)
+                                            members=barrier.ready, leader=barrier.leader)
         return handle, barrier
 
     def committed(self, outer_step: int, attempt: int) -> None:

@@ -66,18 +66,20 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         self._abort: asyncio.Event | None = None  # created in the averager process: abort_round sets it
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
 
-    def step(self, *args, parts: Sequence[int] | None = None, members: Sequence[str] | None = None, **kwargs):
+    def step(self, *args, parts: Sequence[int] | None = None, members: Sequence[str] | None = None,
+             leader: str | None = None, **kwargs):
         """hivemind's ``step``; ``parts``: the indices of the averaged tensors this round averages (a streaming
-        fragment), None for all of them; ``members``: the peer ids the ready barrier expects in the group
-        (:mod:`swarmloco.protocol.matchmaking`). Sent ahead of the step through the same pipe, so the round
-        gets them."""
+        fragment), None for all of them; ``members``: the peer ids the ready barrier expects in the group and
+        ``leader`` the one they follow (:mod:`swarmloco.protocol.matchmaking`). Sent ahead of the step through
+        the same pipe, so the round gets them."""
         with self._pipe_lock:
             self._outer_pipe.send(("_set_round", [], dict(parts=None if parts is None else tuple(map(int, parts)),
-                                                          members=tuple(map(str, members or ())))))
+                                                          members=tuple(map(str, members or ())),
+                                                          leader=None if leader is None else str(leader))))
             return super().step(*args, **kwargs)
 
-    async def _set_round(self, parts: tuple[int, ...] | None, members: tuple[str, ...]) -> None:
-        self._next_parts, self._next_members = parts, members
+    async def _set_round(self, parts: tuple[int, ...] | None, members: tuple[str, ...], leader: str | None) -> None:
+        self._next_parts, self._next_members, self._next_leader = parts, members, leader
 
     def abort_round(self, reason: str) -> None:
         """Give up the all-reduce running now (its group mates already know it failed): the round then
@@ -288,7 +290,7 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
     async def _step(self, *, step, future_for_init):
         self._abort = asyncio.Event()  # a new round: an abort meant for the last one cannot reach it
         self._round_parts = getattr(self, "_next_parts", None)  # (one round runs at a time)
-        self._matchmaking.expect(getattr(self, "_next_members", ()))
+        self._matchmaking.expect(getattr(self, "_next_members", ()), getattr(self, "_next_leader", None))
         return await super()._step(step=step, future_for_init=future_for_init)
 
     def _select_parts(self, tensors, kwargs: dict):

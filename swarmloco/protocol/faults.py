@@ -8,6 +8,10 @@ reads that line knows the peer is in the middle of an all-reduce and kills it at
 with no sleeps. ``SWARMLOCO_FAULT=stall_allreduce:1`` hangs in every all-reduce: a staller, a peer that joins
 groups and never answers.
 
+``SWARMLOCO_FAULT=hang_at_barrier:N`` makes the peer stop dead right after its N-th ready barrier found the
+round's group (before its matchmaking: its mates are about to ask it to lead), with the same announcement:
+a test that reads it kills the whole peer there, a crash at the moment its mates count on it.
+
 ``SWARMLOCO_FAULT=slow_steps:SECONDS`` adds SECONDS to each inner step: a slow peer, for the
 heterogeneous-speed tests.
 
@@ -40,6 +44,22 @@ def next_allreduce_hangs() -> bool:
     _allreduce_count += 1
     kind, _, arg = os.environ.get(ENV, "").partition(":")
     return (kind == "hang_allreduce" and arg.isdigit() and int(arg) == _allreduce_count) or kind == "stall_allreduce"
+
+
+_barrier_count = 0
+
+
+def maybe_hang_at_barrier() -> None:
+    """``hang_at_barrier:N``: at the N-th barrier that found a group, announce it and block forever."""
+    global _barrier_count
+    kind, _, arg = os.environ.get(ENV, "").partition(":")
+    if kind != "hang_at_barrier":
+        return
+    _barrier_count += 1
+    if arg.isdigit() and int(arg) == _barrier_count:
+        announce(f"hanging after barrier {_barrier_count}")
+        while True:
+            time.sleep(3600)
 
 
 def stalling() -> bool:

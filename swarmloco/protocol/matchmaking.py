@@ -5,7 +5,7 @@ with an expiration time, reads the others' declarations, and asks the one with t
 lead. With the ready barrier before it, every member already knows who is in the round
 (:meth:`swarmloco.node.sync.Synchronizer.wait_for_peers`), so the DHT round trips only cost time: 0.2-0.35 s of
 a blocking round at 2 peers on loopback (BENCHMARKS.md). Here the members agree on a leader from that set at
-once, the smallest peer id (:func:`expected_leader`), and
+once, the smallest peer id among those that announce an address (a peer in client mode cannot lead), and
 
 * a **follower** asks it directly, again every ``RETRY_S`` while it is not looking for a group yet (it may
   still be at its barrier), for at most half of ``matchmaking_time``; then it falls back to hivemind's search
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import cancel_and_wait
 
 from swarmloco.protocol.gate import GatedMatchmaking
 
@@ -36,23 +37,22 @@ RETRY_S = 0.025
 """A follower asks the expected leader again after this long while the leader is not looking for a group."""
 
 
-def expected_leader(members: Sequence[str]) -> str | None:
-    """The leader every member of a round's ready set agrees on: the smallest peer id (base58); None alone."""
-    return min(members) if len(members) >= 2 else None
-
-
 class SwarmMatchmaking(GatedMatchmaking):
     """:class:`~swarmloco.protocol.gate.GatedMatchmaking` that forms the group from the expected members."""
 
     expected: frozenset = frozenset()
     leader: PeerID | None = None
 
-    def expect(self, members: Sequence[str] | None) -> None:
-        """The barrier's ready set for the next round (base58 peer ids, this peer among them), or None."""
-        mine = self.peer_id.to_base58()
-        name = expected_leader(list(members or ())) if members and mine in members else None
-        self.expected = frozenset(PeerID.from_base58(m) for m in members) if name else frozenset()
-        self.leader = PeerID.from_base58(name) if name else None
+    def expect(self, members: Sequence[str], leader: str | None) -> None:
+        """The barrier's ready set for the next round (base58 peer ids, this peer among them) and the leader
+        its members agree on (:class:`~swarmloco.node.sync.BarrierResult`); None: hivemind's search alone."""
+        members, mine = tuple(members or ()), self.peer_id.to_base58()
+        if leader is None or len(members) < 2 or leader not in members or mine not in members or \
+                (self.client_mode and leader == mine):  # (a peer nobody can dial leads no group)
+            self.expected, self.leader = frozenset(), None
+            return
+        self.expected = frozenset(PeerID.from_base58(m) for m in members)
+        self.leader = PeerID.from_base58(leader)
 
     async def _request_join_potential_leaders(self, step):
         leader = self.leader
@@ -70,7 +70,14 @@ class SwarmMatchmaking(GatedMatchmaking):
         if step.deadline is not None:
             deadline = min(deadline, time.monotonic() + max(0.0, step.get_timeout() or 0.0))
         while time.monotonic() < deadline and self.leader == leader:
-            group = await self._request_join_group(leader)
+            # dialling a peer that died takes ~11 s in libp2p: the wait for an answer is bounded by this phase's
+            # deadline; once the leader took us in, hivemind's own timeouts bound the wait for the group
+            join = asyncio.ensure_future(self._request_join_group(leader))
+            await asyncio.wait({join}, timeout=max(0.0, deadline - time.monotonic()))
+            if not join.done() and not self.was_accepted_to_group.is_set():
+                await cancel_and_wait(join)
+                return None
+            group = await join
             if group is not None:
                 return group
             await asyncio.sleep(RETRY_S)
@@ -99,4 +106,4 @@ class SwarmMatchmaking(GatedMatchmaking):
         return None
 
 
-__all__ = ["RETRY_S", "SwarmMatchmaking", "expected_leader"]
+__all__ = ["RETRY_S", "SwarmMatchmaking"]

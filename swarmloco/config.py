@@ -305,8 +305,10 @@ class OuterConfig:
     are corrected by the group's average when it lands; arXiv 2502.12996). ARCHITECTURE.md: the exact rules."""
     overlap_steps: int = 0
     """tau: a round's result is applied exactly this many inner steps after the round started (training
-    waits there if it has not landed yet); 1 .. inner.steps / fragments. 0: the whole inner phase
-    (inner.steps / fragments: the most communication hidden). Only with overlap = "delayed" or "eager"."""
+    waits there if it has not landed yet); 1 .. inner.steps / fragments. 0: as soon as it has landed (at the
+    first inner step after its exchange ended; at the latest when the next round is due): never a wait while
+    a round takes less than a phase, and no staleness beyond what the link costs. Only with overlap =
+    "delayed" or "eager"."""
     overlap_alpha: float = 1.0
     """When a round lands, the local params become new_global + overlap_alpha x (local - proxy): the share
     of the inner progress made while the round ran that is kept (1: all of it; 0: restart from the new
@@ -352,7 +354,8 @@ class OuterConfig:
         return self.overlap != "none"
 
     def delay_steps(self, inner_steps: int) -> int:
-        """tau: inner steps between a round's start and the moment its result is applied (0: blocking)."""
+        """tau: inner steps between a round's start and the moment its result is applied at the latest (0:
+        blocking; with ``overlap_steps = 0`` the phase, ``inner_steps / fragments``, the latest a round lands)."""
         if not self.overlapped:
             return 0
         return self.overlap_steps or inner_steps // self.fragments

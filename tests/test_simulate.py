@@ -222,8 +222,7 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
                                  local_f <- alpha local_f + (theta_f - alpha p)   (blocking: local_f <- theta_f)
                              every H/F steps (and at the last step) round s starts on fragment f = parts[s % F]:
                                  delta = theta_f - local_f;  [codec with error feedback per parameter]
-                                 p = local_f (delayed)  |  p = theta_f - lr (est + mu (mu m_f + est)) (eager),
-                                     est = avg_last_f + (delta - delta_last_f) / workers  (delta at first)
+                                 p = local_f (delayed)  |  p = theta_f - lr (delta + mu (mu m_f + delta)) (eager),
                                  local_f <- p;  avg = mean of the workers' deltas
                              a round started at the last step lands at once
     """
@@ -234,8 +233,6 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
     coder = get_codec(codec) if codec is not None else None
     errors = [[torch.zeros_like(t) for t in theta] for _ in range(workers)]
     momentum: dict[int, torch.Tensor] = {}
-    own_last: list[dict[int, torch.Tensor]] = [{} for _ in range(workers)]
-    avg_last: dict[int, torch.Tensor] = {}
     mu, lr, alpha, F = outer.momentum, outer.lr, outer.overlap_alpha, outer.fragments
     phase = H // F
     tau = 0 if outer.overlap == "none" else (outer.overlap_steps or phase)
@@ -243,7 +240,6 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
 
     def land(frag, proxies, avg):
         for j, i in enumerate(frag):
-            avg_last[i] = avg[j]
             momentum[i] = avg[j].clone() if i not in momentum else mu * momentum[i] + avg[j]
             theta[i] = torch.add(theta[i], torch.add(avg[j], momentum[i], alpha=mu), alpha=-lr)
         for w, m in enumerate(locals_):
@@ -275,10 +271,8 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
             if outer.overlap == "eager":
                 proxy = []
                 for j, i in enumerate(frag):
-                    est = delta[j] if i not in avg_last else (delta[j] - own_last[w][i]) / workers + avg_last[i]
-                    own_last[w][i] = delta[j].clone()
-                    buf = est.clone() if i not in momentum else mu * momentum[i] + est
-                    proxy.append(torch.add(theta[i], torch.add(est, buf, alpha=mu), alpha=-lr))
+                    buf = delta[j].clone() if i not in momentum else mu * momentum[i] + delta[j]
+                    proxy.append(torch.add(theta[i], torch.add(delta[j], buf, alpha=mu), alpha=-lr))
                 with torch.no_grad():
                     for j, i in enumerate(frag):
                         params[i].copy_(proxy[j])

@@ -107,7 +107,9 @@ class DiLoCo(Heartbeats, PeerState):
         self.steps_per_round = inner_steps // self.outer_cfg.fragments
         """Inner steps between two rounds (a fragment's round with outer.fragments > 1)."""
         self.tau = self.outer_cfg.delay_steps(inner_steps)
-        """Inner steps a round runs behind training before it lands (0: rounds block the training loop)."""
+        """Inner steps a round runs behind training before it lands at the latest (0: rounds block the training
+        loop); with ``outer.overlap_steps = 0`` it lands as soon as its exchange ended."""
+        self._land_early = self.outer_cfg.overlapped and not self.outer_cfg.overlap_steps
 
         self.checkpoint_cfg = checkpoint or CheckpointConfig()
         self.resume, self.evaluate_fn = resume, evaluate
@@ -168,8 +170,6 @@ class DiLoCo(Heartbeats, PeerState):
         self._phase_blocked = 0.0  # seconds of this inner phase the training loop spent on a landing round
         self._last_landed = self._round_started  # when the last round was reported (overlapped round times)
         self._inflight: BackgroundRound | None = None  # the round running behind the inner steps (overlap)
-        self._eager_last: dict[int, int] = {}  # eager: parameter -> peers in the last round that committed it
-        self._own_last: list[torch.Tensor] | None = None  # eager: this peer's pseudo-gradients of that round
         self._last_sps = 0.0
         self._last_round_bytes: int | None = None
         self._known_peers: set[str] = set()
@@ -256,7 +256,8 @@ class DiLoCo(Heartbeats, PeerState):
         report = None
         if self._inflight is not None:
             self._inflight.steps += 1
-            if self._inflight.steps >= self.tau:  # its result is applied exactly tau steps after it started
+            # applied exactly tau steps after it started, or (overlap_steps = 0) once its exchange has ended
+            if self._inflight.steps >= self.tau or (self._land_early and self._inflight.done()):
                 report = land(self)
         if self.stop.is_set():
             return report

@@ -22,7 +22,7 @@ import time
 import torch
 
 from swarmloco.node.round import RoundReport, RoundWork, exchange, finish, prepare
-from swarmloco.outer_optim.overlap import apply_correction, eager_estimate, landing_correction, proxy_step
+from swarmloco.outer_optim.overlap import apply_correction, landing_correction, proxy_step
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def launch(engine) -> None:
     t = time.perf_counter()
     inner = engine._inner_result()
     work = prepare(engine, inner, engine.round_parts())
-    if engine.outer_cfg.overlap == "eager":  # an estimate of the group's average stands in for it
+    if engine.outer_cfg.overlap == "eager":  # this peer's own outer step stands in for the group's
         theta = [engine.global_params[i] for i in work.index]
-        proxy = proxy_step(engine.outer_opt, theta, _eager_estimates(engine, work.index))
+        proxy = proxy_step(engine.outer_opt, theta, [engine._pseudo[i] for i in work.index])
         params = list(engine.model.parameters())
         for i, p in zip(work.index, proxy):
             engine._staging[i].copy_(p)
@@ -78,20 +78,6 @@ def launch(engine) -> None:
     engine._inflight = BackgroundRound(engine, work)
     engine._start_phase()
     work.blocked_s = time.perf_counter() - t
-
-
-def _eager_estimates(engine, index) -> list[torch.Tensor]:
-    """:func:`~swarmloco.outer_optim.overlap.eager_estimate` of each parameter of ``index`` (this peer's own
-    pseudo-gradient where no last round of it is known); this round's pseudo-gradients are kept for the next."""
-    if engine._own_last is None:
-        engine._own_last = [torch.zeros_like(g) for g in engine.global_params]
-    out = []
-    for i in index:
-        own, group = engine._pseudo[i], engine._eager_last.get(i)
-        out.append(own if not group else eager_estimate(own, engine._own_last[i], engine._averaged[i], group))
-    for i in index:
-        engine._own_last[i].copy_(engine._pseudo[i])
-    return out
 
 
 @torch.no_grad()
@@ -117,11 +103,6 @@ def land(engine) -> RoundReport:
     for i, c in zip(work.index, landing_correction(target, proxy, alpha, out=proxy)):
         apply_correction(params[i], c, alpha)
     engine._sync_device()
-    for i in work.index:  # (what the next eager estimate of these parameters builds on)
-        if work.outcome.ok:
-            engine._eager_last[i] = max(1, work.outcome.group_size)
-        else:
-            engine._eager_last.pop(i, None)
     if work.outcome.ok:
         engine._samples_since_sync -= work.weight
     eval_loss = engine._evaluate_global() if work.outcome.ok else float("nan")

@@ -77,7 +77,6 @@ class PeerState:
         if state.get("error_feedback") and self.error_feedback is not None:
             self.error_feedback.load_state_dict(state["error_feedback"])
         self.outer_step = int(state["outer_step"])
-        self._eager_last.clear()  # (the averages it remembers are of another state)
         self.inner_step = max(self.inner_step, self.outer_step * self.steps_per_round)
         self.digest = params_digest(self.global_params)
         self.chain.reset(self.outer_step, bytes.fromhex(self.digest))
@@ -182,7 +181,6 @@ class PeerState:
             self.chain.adopt(pending.chain)
             self.push_lineage(min(fork_index, len(self.chain.certs)))
         self.catchup.forget()
-        self._eager_last.clear()
         self._copy_global_into_model()  # unfinished inner work is dropped: restart from the adopted params
         self._samples_since_sync = 0
         self.inner_step = max(self.inner_step, state.outer_step * self.steps_per_round)  # the LR schedule's position

@@ -39,8 +39,8 @@ from swarmloco.data.text import Corpus
 from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
 from swarmloco.models import build_model, lm_loss, num_params
 from swarmloco.outer_optim import apply_outer_step, build_outer_optimizer
-from swarmloco.outer_optim.overlap import (apply_correction, eager_estimate, fragment_partition, landing_correction,
-                                           proxy_step, round_fragment)
+from swarmloco.outer_optim.overlap import (apply_correction, fragment_partition, landing_correction, proxy_step,
+                                           round_fragment)
 
 __all__ = [
     "allreduce_bytes_per_worker", "codec_transform", "run_data_parallel", "run_diloco", "PseudoGradTransform",
@@ -231,7 +231,6 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
     phase, tau = H // outer_cfg.fragments, outer_cfg.delay_steps(H)
     done, rounds, tokens, payload = 0, 0, 0, 0
     inflight: _SimRound | None = None
-    memory = _EagerMemory(workers)
     while done < steps:
         n = min(phase, steps - done)  # the next round starts after n steps; one in flight lands on the way
         first = n if inflight is None else min(n, inflight.land_at - done)
@@ -250,7 +249,7 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
                 curve.maybe_record(done)
         index = parts[round_fragment(rounds, outer_cfg.fragments)]
         payload += sum(numels[i] for i in index)
-        inflight = _SimRound(outer_cfg, outer, global_params, local_models, index, transform, done + tau, memory)
+        inflight = _SimRound(outer_cfg, outer, global_params, local_models, index, transform, done + tau)
         rounds += 1
         if tau == 0 or done == steps:  # blocking, or the run's last round: it lands now
             inflight.land(outer, global_params, local_models)
@@ -266,28 +265,13 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
                    overlap=outer_cfg.overlap, overlap_steps=tau, fragments=outer_cfg.fragments, **extra)
 
 
-class _EagerMemory:
-    """What eager rounds remember per parameter: each worker's last pseudo-gradient, the last average."""
-
-    def __init__(self, workers: int):
-        self.own_last: list[dict[int, torch.Tensor]] = [{} for _ in range(workers)]
-        self.avg_last: dict[int, torch.Tensor] = {}
-
-    def estimate(self, worker: int, index: Sequence[int], pseudo: list[torch.Tensor]) -> list[torch.Tensor]:
-        workers = len(self.own_last)
-        out = [eager_estimate(d, self.own_last[worker][i], self.avg_last[i], workers) if i in self.avg_last else d
-               for i, d in zip(index, pseudo)]
-        self.own_last[worker].update((i, d.clone()) for i, d in zip(index, pseudo))
-        return out
-
-
 class _SimRound:
     """One simulated round of every worker: its pseudo-gradients averaged at once, the outer step and each
     worker's landing applied :meth:`land` (``tau`` steps later when overlapped)."""
 
     def __init__(self, cfg: OuterConfig, outer, global_params, local_models, index: Sequence[int],
-                 transform: PseudoGradTransform | None, land_at: int, memory: _EagerMemory):
-        self.cfg, self.index, self.land_at, self.memory = cfg, list(index), land_at, memory
+                 transform: PseudoGradTransform | None, land_at: int):
+        self.cfg, self.index, self.land_at = cfg, list(index), land_at
         theta = [global_params[i] for i in self.index]
         summed: list[torch.Tensor] | None = None
         self.proxies: list[list[torch.Tensor]] = []
@@ -296,7 +280,7 @@ class _SimRound:
                 local = list(model.parameters())
                 pseudo = [theta[j].detach() - local[i].detach() for j, i in enumerate(self.index)]
                 if cfg.overlap == "eager":
-                    proxy = proxy_step(outer, theta, memory.estimate(w, self.index, pseudo))
+                    proxy = proxy_step(outer, theta, pseudo)
                     for i, p in zip(self.index, proxy):
                         local[i].copy_(p)
                 else:
@@ -311,7 +295,6 @@ class _SimRound:
     def land(self, outer, global_params, local_models) -> None:
         theta = [global_params[i] for i in self.index]
         apply_outer_step(outer, theta, self.averaged)
-        self.memory.avg_last.update(zip(self.index, self.averaged))
         blocking = self.cfg.delay_steps(1 << 30) == 0
         with torch.no_grad():
             for model, proxy in zip(local_models, self.proxies):

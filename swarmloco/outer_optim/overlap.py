@@ -8,12 +8,9 @@ average of the deltas, ``tau`` = ``outer.overlap_steps``, ``alpha`` = ``outer.ov
 
 * ``overlap = "none"``: training waits; ``theta' = outer_step(theta, avg)``; ``local := theta'``.
 * ``"delayed"``: the proxy ``p = local`` (training goes on from the peer's own parameters).
-* ``"eager"`` (Kale et al. 2025, arXiv 2502.12996): ``p = outer_step(theta, est)`` computed without changing
-  the outer optimizer's state (:func:`proxy_step`), and ``local := p`` at once. ``est`` stands in for the
-  average not known yet (:func:`eager_estimate`): the last round's average of these parameters with this
-  peer's share in it replaced by its fresh pseudo-gradient, ``avg_last + (delta - delta_last) / n_last``
-  (``n_last`` peers averaged it); ``delta`` alone when there is no last round (the first one, after an
-  adoption, after a round that did not commit).
+* ``"eager"`` (after Kale et al. 2025, arXiv 2502.12996): ``p = outer_step(theta, delta)`` computed without
+  changing the outer optimizer's state (:func:`proxy_step`): this peer's own pseudo-gradient stands in for the
+  average not known yet, and ``local := p`` at once.
 
 Exactly ``tau`` inner steps after the round started (training waits there if it has not landed yet) the
 round lands: ``T = theta' = outer_step(theta, avg)`` if it committed (the certified global state, identical
@@ -38,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["apply_correction", "eager_estimate", "fragment_partition", "landing_correction", "layer_key", "proxy_step",
+__all__ = ["apply_correction", "fragment_partition", "landing_correction", "layer_key", "proxy_step",
            "round_fragment"]
 
 
@@ -59,13 +56,6 @@ def proxy_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
             g = g.add(buf, alpha=momentum) if nesterov else buf
         out.append(p.add(g, alpha=-lr))
     return out
-
-
-@torch.no_grad()
-def eager_estimate(own: torch.Tensor, own_last: torch.Tensor, avg_last: torch.Tensor, group: int) -> torch.Tensor:
-    """The eager stand-in for a group average not known yet: ``avg_last + (own - own_last) / group``, the last
-    round's average (over ``group`` peers) with this peer's old pseudo-gradient swapped for its new one."""
-    return torch.sub(own, own_last).div_(group).add_(avg_last)
 
 
 @torch.no_grad()

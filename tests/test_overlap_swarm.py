@@ -9,15 +9,9 @@ import signal
 
 import pytest
 
+from test_swarm import _start_swarm
+
 pytestmark = pytest.mark.slow
-
-
-def _start_swarm(spawn, config, n: int, *args: str):
-    first = spawn("peer0", config, "--shard", "0", "--min-peers", str(n), *args)
-    maddrs = first.maddrs()
-    others = [spawn(f"peer{i}", config, "--shard", str(i), "--min-peers", str(n), *args, initial_peers=maddrs[:1])
-              for i in range(1, n)]
-    return [first, *others]
 
 
 def _rounds_up_to(peer, step: int, timeout: float = 120) -> dict[int, dict]:

@@ -116,6 +116,17 @@ def test_codec_transform_none_is_exactly_no_transform():
 
 # ----- the simulator against a hand-written DiLoCo (Douillard et al. 2023, Algorithm 1) -----------------
 
+def _mean_of_workers(deltas: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per tensor, the workers' values summed in worker order, then divided by their number."""
+    out = []
+    for j in range(len(deltas[0])):
+        acc = deltas[0][j].clone()
+        for w in range(1, len(deltas)):
+            acc = acc + deltas[w][j]
+        out.append(acc / len(deltas))
+    return out
+
+
 def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | None, *, workers, steps, H, seed):
     """DiLoCo written out from the paper, independently of swarmloco's outer optimizer, simulator and error
     feedback (the inner AdamW is swarmloco's InnerTrainer: the outer loop is what is checked):
@@ -148,12 +159,7 @@ def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | No
                 delta = [coder.decode(coder.encode(e.reshape(-1)), e.numel()).view_as(e) for e in errors[i]]
                 errors[i] = [e - d for e, d in zip(errors[i], delta)]
             deltas.append(delta)
-        mean = []
-        for j in range(len(theta)):
-            acc = deltas[0][j].clone()
-            for i in range(1, workers):
-                acc = acc + deltas[i][j]
-            mean.append(acc / workers)
+        mean = _mean_of_workers(deltas)
         mu, lr = outer.momentum, outer.lr
         if mu > 0:
             momentum = [d.clone() for d in mean] if momentum is None else [mu * m + d for m, d in zip(momentum, mean)]
@@ -288,12 +294,7 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
                     sent.append(d)
                 delta = sent
             deltas.append(delta)
-        avg = []
-        for j in range(len(frag)):
-            acc = deltas[0][j].clone()
-            for w in range(1, workers):
-                acc = acc + deltas[w][j]
-            avg.append(acc / workers)
+        avg = _mean_of_workers(deltas)
         inflight = (t + tau, frag, proxies, avg)
         if tau == 0 or t == steps:
             land(*inflight[1:])

@@ -106,10 +106,12 @@ class DiLoCo(Heartbeats, PeerState):
         self.outer_cfg.check_inner_steps(inner_steps, "inner_steps")
         self.steps_per_round = inner_steps // self.outer_cfg.fragments
         """Inner steps between two rounds (a fragment's round with outer.fragments > 1)."""
+        self.overlapped = self.outer_cfg.overlapped
+        """Rounds run behind the next inner steps (``outer.overlap``: :mod:`swarmloco.node.overlapped`)."""
         self.tau = self.outer_cfg.delay_steps(inner_steps)
-        """Inner steps a round runs behind training before it lands at the latest (0: rounds block the training
-        loop); with ``outer.overlap_steps = 0`` it lands as soon as its exchange ended."""
-        self._land_early = self.outer_cfg.overlapped and not self.outer_cfg.overlap_steps
+        """Inner steps a round runs behind training before it lands at the latest; with ``outer.overlap_steps =
+        0`` it lands as soon as its exchange ended."""
+        self._land_early = self.overlapped and not self.outer_cfg.overlap_steps
 
         self.checkpoint_cfg = checkpoint or CheckpointConfig()
         self.resume, self.evaluate_fn = resume, evaluate
@@ -264,7 +266,7 @@ class DiLoCo(Heartbeats, PeerState):
         if self.catchup.pending is not None and self._inflight is None:
             return report or self._adopt_pending()
         if self._round_is_due():
-            if self.tau:
+            if self.overlapped:
                 launch(self)  # runs behind the next inner steps; reported when it lands
                 return report
             return self.sync_now()
@@ -275,7 +277,7 @@ class DiLoCo(Heartbeats, PeerState):
         also with rounds overlapped (a round in flight lands first)."""
         if not self._started:
             self.start()
-        if self.tau:
+        if self.overlapped:
             if self._inflight is not None:
                 land(self)
             launch(self)

@@ -50,7 +50,7 @@ class PeerState:
         in for the evaluation, and restored."""
         if self.evaluate_fn is None:
             return float("nan")
-        if not self.tau:
+        if not self.overlapped:
             return self._evaluate()
         with torch.no_grad():
             saved = [p.detach().clone() for p in self.model.parameters()]

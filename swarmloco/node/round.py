@@ -197,7 +197,7 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
     """The round's report (status board, ``--json-events``) and a checkpoint when one is due."""
     outcome = work.outcome
     now = time.perf_counter()
-    overlapped = engine.tau > 0  # then a round's time is the time between two landings
+    overlapped = engine.overlapped  # then a round's time is the time between two landings
     round_time = now - (engine._last_landed if overlapped else work.t0)
     engine._last_landed = now
     engine.board.add(bytes_sent_total=outcome.bytes_sent, bytes_received_total=outcome.bytes_received)

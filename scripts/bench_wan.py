@@ -1,0 +1,893 @@
+"""WAN benchmark: a swarm of peers, each in its own network namespace, on an emulated slow link, per *arm*.
+
+An arm is a named set of config overrides (``ARMS``: none, delayed, eager, streaming4); every arm runs the
+same number of inner steps (``--outer-steps N`` rounds of ``--inner-steps H``; an arm with
+``outer.fragments = F`` runs ``N*F`` fragment rounds: ``--max-outer-steps N*F``) on each link setting
+(``LINKS``), and reports, from the peers' ``--json-events`` round records (timestamped when read) and the
+link's byte counters:
+
+* ``util``: compute utilization of the training loop, ``sum(compute_s) / sum(compute_s + blocked_s)`` over a
+  peer's rounds but its first (start-up) and last (a peer that stops waits for its last round to land),
+  mean over peers: ``compute_s`` is the time its inner steps took in a round's phase, ``blocked_s`` the time
+  the loop spent on that round instead (the whole sync when blocking; starting it, waiting for it to land
+  and applying it when overlapped); ``util_b`` is the same figure read as ``1 - blocked / wall``;
+* ``samp/s``: samples of those rounds over the same time, summed over peers;
+* ``MB/rnd``: bytes per round per peer (``bytes_sent + bytes_received``, mean over records); ``MB/H``: per
+  H inner steps (the same without fragments);
+* ``pk MB/s``: peak bytes/s on the wire, from the hub side of each peer's veth (tx+rx counters sampled every
+  0.1 s by a thread inside the hub namespace, from ``/proc/thread-self/net/dev``: the same netdev counters
+  as ``/sys/class/net/<dev>/statistics`` there), the largest 1-s window per peer, max over peers; ``pk
+  mean``: the mean over peers of the same;
+* ``eval``: the held-out loss after N*H inner steps: ``eval_loss`` at outer step N*F, mean over peers (all
+  equal when the replicas are in sync: see ``eval_at_target_same_on_all_peers``, ``digests_at_target_equal``);
+* ``other``: CPU cores used by processes that are not this benchmark's during the arm (another job on the
+  machine makes an arm's timings unclean: a warning says so).
+
+The emulated WAN (the recipe of /work/shared/wan): one namespace per peer with a veth to a bridge in a
+hub namespace, ``tc tbf`` (burst 256kb, latency 50ms) on both ends of each veth (the peer's uplink and its
+downlink), and latency as an NFQUEUE helper (``scripts/wan/nfqdelay.c``, compiled into the work dir)
+holding every packet that enters a peer namespace for DELAY ms (the kernel has no netem). ``100mbit``: 100
+Mbit/s each way, 25 ms on each peer's ingress (50 ms RTT); ``20mbit``: 20 Mbit/s each way, no added delay.
+Each setting is checked before its arms with a raw TCP stream between two peer namespaces
+(``scripts/wan/socktest.py``: RTT and throughput go to the JSON). Addresses 10.77.0.0/24 exist only inside
+these namespaces; every namespace is named ``swlwan<PID>-...``, and all the state (veths, bridge, qdiscs,
+iptables rules, helpers, peers) lives inside them, so killing what runs in them and deleting them removes
+all of it: on exit, on an exception, on SIGINT/SIGTERM/SIGHUP; the namespaces of a killed run (``swlwan<PID>``
+whose PID is no longer a bench_wan) are removed at start. Needs root (exit 2 otherwise); installs
+``iproute2 iptables libnetfilter-queue-dev gcc`` with apt-get when missing.
+
+Defaults (4 peers on 2 CPU cores): a 6x256 byte GPT (4.8M params), H = 100, N = 6, fp32 pseudo-gradients
+(codec none): a blocking round moves ~29 MB each way per peer, ~12 s at 20mbit against ~40 s of inner
+steps (blocking utilization below 0.8 there); an arm takes ~6 minutes. The overlapped arms land a round as
+soon as it has arrived (``overlap_steps = 0``).
+
+    sudo .venv/bin/python scripts/bench_wan.py                                 # all arms, both links
+    sudo .venv/bin/python scripts/bench_wan.py --arms none --links 20mbit --outer-steps 3
+
+Output: a table on stdout and ``--out`` (default runs/bench_wan.json): machine, date, link checks, settings,
+per arm and link the figures above, per-peer figures, CPU load, and every raw round record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import math
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WAN_DIR = Path(__file__).resolve().parent / "wan"
+NS_PREFIX = "swlwan"
+EVENT_PREFIX = "@@swarmloco "
+SUBNET = "10.77.0"
+
+# link settings: rate each way (tbf on both veth ends) and delay added on each peer's ingress (RTT = 2x)
+LINKS = {
+    "100mbit": {"rate": "100mbit", "delay_ms": 25.0, "check_mib": 24},
+    "20mbit": {"rate": "20mbit", "delay_ms": 0.0, "check_mib": 6},
+}
+TBF = ["burst", "256kb", "latency", "50ms"]
+
+ARMS: list[tuple[str, dict]] = [
+    ("none", {}),
+    ("delayed", {"outer": {"overlap": "delayed"}}),
+    ("eager", {"outer": {"overlap": "eager"}}),
+    ("streaming4", {"outer": {"overlap": "delayed", "fragments": 4}}),
+]
+
+APT_PACKAGES = ["iproute2", "iptables", "libnetfilter-queue-dev", "gcc"]
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP: unwind through every finally (cleanup), then exit 130."""
+
+
+def log(msg: str) -> None:
+    print(f"bench_wan: {msg}", flush=True)
+
+
+def run(cmd: list[str], timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}")
+    return done
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+def ensure_tools() -> None:
+    """iproute2, iptables, gcc and libnetfilter_queue's headers: installed with apt-get when missing."""
+    missing = [t for t in ("ip", "tc", "iptables", "gcc") if shutil.which(t) is None]
+    if not Path("/usr/include/libnetfilter_queue/libnetfilter_queue.h").exists():
+        missing.append("libnetfilter_queue.h")
+    if not missing:
+        return
+    log(f"missing {', '.join(missing)}: apt-get install -y {' '.join(APT_PACKAGES)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
+    if subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"apt-get install failed: {done.stderr.strip()[-400:]}")
+
+
+def build_helper(workdir: Path) -> Path:
+    out = workdir / "nfqdelay"
+    run(["gcc", "-O2", "-o", str(out), str(WAN_DIR / "nfqdelay.c"), "-lnetfilter_queue", "-lnfnetlink"], timeout=120)
+    return out
+
+
+def netns_list() -> list[str]:
+    done = run(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+
+
+def ns_pids(ns: str) -> list[int]:
+    done = run(["ip", "netns", "pids", ns], check=False)
+    return [int(p) for p in done.stdout.split() if p.isdigit()]
+
+
+def kill_ns_processes(ns: str, grace: float = 2.0, keep: tuple[int, ...] = ()) -> None:
+    """SIGTERM, then SIGKILL, whatever still runs inside namespace ``ns`` (only processes in our namespaces),
+    except the pids in ``keep`` (the link's delay helpers)."""
+    pids = [p for p in ns_pids(ns) if p not in keep]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
+            time.sleep(0.05)
+        if not pids:
+            return
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def delete_namespaces(names: list[str]) -> list[str]:
+    """Kill what runs in each namespace, delete it; returns the names that could not be deleted."""
+    failed = []
+    for ns in names:
+        kill_ns_processes(ns)
+        if run(["ip", "netns", "del", ns], check=False).returncode != 0 and ns in netns_list():
+            failed.append(ns)
+    return failed
+
+
+def remove_stale() -> None:
+    """Namespaces of earlier runs (``swlwan<PID>-...`` whose PID is no longer a running bench_wan)."""
+    stale = []
+    for ns in netns_list():
+        if not ns.startswith(NS_PREFIX):
+            continue
+        owner = ns[len(NS_PREFIX):].split("-", 1)[0]
+        alive = False
+        if owner.isdigit() and int(owner) != os.getpid():
+            try:
+                alive = b"bench_wan" in Path(f"/proc/{owner}/cmdline").read_bytes()
+            except OSError:
+                alive = False
+        if not alive:  # (a live bench_wan's namespaces are its own business)
+            stale.append(ns)
+    if stale:
+        log(f"removing leftovers of an earlier run: {' '.join(stale)}")
+        failed = delete_namespaces(stale)
+        if failed:
+            raise RuntimeError(f"could not delete stale namespaces {failed}")
+
+
+class Wan:
+    """The topology for one link setting: hub namespace with bridge br0, one namespace per peer."""
+
+    def __init__(self, tag: str, peers: int, link: str, helper: Path, workdir: Path):
+        self.tag, self.n, self.link, self.helper, self.workdir = tag, peers, link, helper, workdir
+        self.spec = LINKS[link]
+        self.hub = f"{tag}-hub"
+        self.peer_ns = [f"{tag}-p{i}" for i in range(peers)]
+        self.helpers: list[subprocess.Popen] = []
+        self.created: list[str] = []
+
+    def addr(self, i: int) -> str:
+        return f"{SUBNET}.{i + 1}"
+
+    def exec_prefix(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.peer_ns[i]]
+
+    def up(self) -> None:
+        rate, delay = self.spec["rate"], self.spec["delay_ms"]
+        for ns in [self.hub, *self.peer_ns]:
+            run(["ip", "netns", "add", ns])
+            self.created.append(ns)
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
+        run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
+        for i, ns in enumerate(self.peer_ns):
+            # both ends created directly inside their namespaces: nothing ever appears in the root namespace
+            run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"hv{i}", "netns", self.hub])
+            run(["ip", "-n", self.hub, "link", "set", f"hv{i}", "master", "br0"])
+            run(["ip", "-n", self.hub, "link", "set", f"hv{i}", "up"])
+            run(["ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", "eth0"])
+            run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, *TBF])
+            run(["ip", "netns", "exec", self.hub, "tc", "qdisc", "add", "dev", f"hv{i}", "root", "tbf", "rate", rate,
+                 *TBF])
+            if delay > 0:
+                logf = open(self.workdir / f"nfqdelay-{self.link}-p{i}.log", "w")
+                proc = subprocess.Popen([*self.exec_prefix(i), str(self.helper), "0", str(delay)], stdout=logf,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                logf.close()
+                self.helpers.append(proc)
+                deadline = time.monotonic() + 5
+                while "nfqdelay q=" not in (self.workdir / f"nfqdelay-{self.link}-p{i}.log").read_text():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"nfqdelay in {ns} did not start: "
+                                           f"{(self.workdir / f'nfqdelay-{self.link}-p{i}.log').read_text()[-300:]}")
+                    time.sleep(0.05)
+                run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-i", "eth0", "-j", "NFQUEUE",
+                     "--queue-num", "0"])
+
+    def helpers_alive(self) -> bool:
+        return all(p.poll() is None for p in self.helpers)
+
+    def down(self) -> list[str]:
+        for p in self.helpers:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.helpers = []
+        failed = delete_namespaces([ns for ns in self.created if ns in netns_list()])
+        self.created = []
+        return failed
+
+
+# ----------------------------------------------------------------------------------------- measurements
+
+def link_check(wan: Wan, python: str) -> dict:
+    """Raw TCP from peer 1's namespace to peer 0's: 20 one-byte ping-pongs (RTT), then MiB of data."""
+    port = 45000 + os.getpid() % 1000
+    script = str(WAN_DIR / "socktest.py")
+    server = subprocess.Popen([*wan.exec_prefix(0), python, script, "server", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        server.stdout.readline()  # "listening"
+        client = run([*wan.exec_prefix(1), python, script, "client", wan.addr(0), str(port),
+                      str(wan.spec["check_mib"])], timeout=120)
+        result = json.loads(client.stdout.strip().splitlines()[-1])
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(5)
+    result.update(rate=wan.spec["rate"], delay_ms_each_ingress=wan.spec["delay_ms"], helpers_alive=wan.helpers_alive())
+    return result
+
+
+CLONE_NEWNET = 0x40000000
+
+
+class Sampler(threading.Thread):
+    """Every 0.1 s, the byte counters of the hub side of each peer's veth (``hvI``: tx = what peer I
+    downloads, rx = what it uploads), read from inside the hub namespace (this thread alone enters it
+    with setns and goes back to the original namespace before it ends)."""
+
+    def __init__(self, hub: str, peers: int, period: float = 0.1):
+        super().__init__(daemon=True)
+        self.hub, self.peers, self.period = hub, peers, period
+        self.samples: list[tuple[float, list[int], list[int]]] = []  # (monotonic, rx per peer, tx per peer)
+        self.halt = threading.Event()
+        self.error: str | None = None
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+        target = os.open(f"/var/run/netns/{self.hub}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                self.error = f"setns: {os.strerror(ctypes.get_errno())}"
+                return
+            try:
+                names = [f"hv{i}" for i in range(self.peers)]
+                while not self.halt.is_set():
+                    t = time.monotonic()
+                    stats = {}
+                    with open("/proc/thread-self/net/dev") as f:
+                        for line in f.readlines()[2:]:
+                            name, rest = line.split(":", 1)
+                            fields = rest.split()
+                            stats[name.strip()] = (int(fields[0]), int(fields[8]))
+                    if all(n in stats for n in names):
+                        self.samples.append((t, [stats[n][0] for n in names], [stats[n][1] for n in names]))
+                        self.ready.set()
+                    else:
+                        self.error = f"no {names} in the hub namespace's counters"
+                    self.halt.wait(max(0.0, self.period - (time.monotonic() - t)))
+            finally:
+                libc.setns(home, CLONE_NEWNET)
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            os.close(target)
+            os.close(home)
+            self.ready.set()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(5)
+
+
+def wire_stats(samples: list[tuple[float, list[int], list[int]]], t0: float, t1: float, peers: int,
+               window: float = 1.0) -> dict:
+    """Peak bytes/s over ``window``-second windows per peer (up+down, up, down), and totals, in [t0, t1]."""
+    s = [x for x in samples if t0 <= x[0] <= t1]
+    if len(s) < 2 or s[-1][0] - s[0][0] < window:
+        return {"samples": len(s)}
+    peaks, ups, downs, totals = [], [], [], []
+    for p in range(peers):
+        best = best_up = best_down = 0.0
+        j = 0
+        for i in range(len(s)):
+            while j < len(s) and s[j][0] - s[i][0] < window:
+                j += 1
+            if j >= len(s):
+                break
+            dt = s[j][0] - s[i][0]
+            up = (s[j][1][p] - s[i][1][p]) / dt      # rx on the hub side: what the peer sent
+            down = (s[j][2][p] - s[i][2][p]) / dt    # tx on the hub side: what the peer received
+            best, best_up, best_down = max(best, up + down), max(best_up, up), max(best_down, down)
+        peaks.append(best)
+        ups.append(best_up)
+        downs.append(best_down)
+        totals.append((s[-1][1][p] - s[0][1][p]) + (s[-1][2][p] - s[0][2][p]))
+    span = s[-1][0] - s[0][0]
+    return {
+        "peak_Bps_max": max(peaks), "peak_Bps_mean": statistics.fmean(peaks), "peak_Bps_per_peer": peaks,
+        "peak_up_Bps_max": max(ups), "peak_down_Bps_max": max(downs),
+        "mean_Bps_per_peer": statistics.fmean(totals) / span, "wire_bytes_per_peer": statistics.fmean(totals),
+        "span_s": span, "samples": len(s),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+class Peer:
+    """``python -m swarmloco run`` inside a namespace, in its own session; round records timestamped as read."""
+
+    def __init__(self, index: int, cmd: list[str], log_path: Path, env: dict):
+        self.index, self.log_path = index, log_path
+        self.maddrs_file: Path | None = None
+        self.logf = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.logf, text=True, env=env,
+                                     start_new_session=True)
+        self.records: list[dict] = []
+        self.events: list[dict] = []
+        self.fresh: queue.Queue = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            t, wall = time.monotonic(), time.time()
+            if not line.startswith(EVENT_PREFIX):
+                continue
+            try:
+                ev = json.loads(line[len(EVENT_PREFIX):])
+            except json.JSONDecodeError:
+                continue
+            ev["t_read"], ev["time_read"] = t, wall
+            if ev.get("type") == "round":
+                self.records.append(ev)
+                self.fresh.put(ev)
+            else:
+                self.events.append(ev)
+
+    def log_tail(self, n: int = 600) -> str:
+        if not self.logf.closed:
+            self.logf.flush()
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def last_log_line(self) -> str:
+        lines = [line for line in self.log_tail(4000).splitlines() if line.strip()]
+        return lines[-1].strip() if lines else f"(nothing in {self.log_path})"
+
+    def kill(self) -> None:
+        """SIGKILL the peer's process group and every process of its session (hivemind's helpers lead their own)."""
+        sid = self.proc.pid
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == sid:
+                        os.kill(int(entry), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.logf.close()
+
+
+def make_config(args, tag: str, arm: str, overrides: dict, i: int, addr: str) -> dict:
+    base = {
+        "run_id": "bench-wan",  # the same manifest in every arm and link: only the overrides differ
+        "seed": args.seed,
+        "model": {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head, "block_size": args.block_size},
+        "data": {"max_bytes": args.max_bytes, "batch_size": args.batch_size, "eval_batches": args.eval_batches,
+                 "num_shards": max(8, args.peers)},
+        "inner": {"steps": args.inner_steps, "lr": args.lr, "warmup_steps": min(50, args.outer_steps * args.inner_steps // 10),
+                  "total_steps": args.outer_steps * args.inner_steps},
+        "outer": {},
+        "codec": {"name": args.codec},
+        "swarm": {"host_maddrs": [f"/ip4/{addr}/tcp/0"], "min_peers": args.peers, "ready_timeout": 120.0,
+                  "matchmaking_time": 5.0, "request_timeout": 3.0, "allreduce_timeout": 180.0,
+                  "next_chunk_timeout": 60.0, "heartbeat_period": 2.0, "heartbeat_ttl": 30.0, "state_timeout": 60.0},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            base.setdefault(section, {}).update(values)
+        else:
+            base[section] = values
+    return base
+
+
+def n_params(args) -> int:
+    e, L, v, b = args.n_embd, args.n_layer, 256, args.block_size
+    return L * (12 * e * e + 13 * e) + v * e + b * e + 2 * e  # blocks (+biases, norms), tied embeddings, pos, final norm
+
+
+def run_arm(args, wan: Wan, sampler: Sampler, arm: str, overrides: dict, workdir: Path) -> dict:
+    from swarmloco.config import ConfigError, config_from_dict, dump_toml
+
+    fragments = int(overrides.get("outer", {}).get("fragments", 1))
+    rounds = args.outer_steps * fragments
+    armdir = workdir / f"{wan.link}-{arm}"
+    armdir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"arm": arm, "link": wan.link, "overrides": overrides, "fragments": fragments,
+                    "max_outer_steps": rounds, "workdir": str(armdir)}
+    paths = []
+    try:
+        for i in range(args.peers):
+            cfg = config_from_dict(make_config(args, wan.tag, arm, overrides, i, wan.addr(i)))
+            path = armdir / f"p{i}.toml"
+            path.write_text(dump_toml(cfg))
+            paths.append(path)
+        result["config"] = make_config(args, wan.tag, arm, overrides, 0, wan.addr(0))
+    except ConfigError as e:
+        result.update(status="refused", error=str(e))
+        return result
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    peers: list[Peer] = []
+    cpu = CpuTracker({h.pid for h in wan.helpers})
+    t_start = time.monotonic()
+    deadline = t_start + args.arm_timeout
+    try:
+        def start(i: int, seeds: list[str]) -> Peer:
+            maddrs = armdir / f"p{i}.maddrs"
+            cmd = [*wan.exec_prefix(i), args.python, "-m", "swarmloco", *(["-v"] if args.verbose_peers else []), "run",
+                   str(paths[i]), "--json-events", "--maddrs-file", str(maddrs), "--max-outer-steps", str(rounds),
+                   "--shard", str(i), "--device", "cpu"]
+            for m in seeds:
+                cmd += ["--initial-peers", m]
+            peer = Peer(i, cmd, armdir / f"p{i}.log", env)
+            cpu.sids.add(peer.proc.pid)
+            peer.maddrs_file = maddrs
+            peers.append(peer)
+            return peer
+
+        boot = start(0, [])
+        while not (boot.maddrs_file.exists() and boot.maddrs_file.read_text().strip()):
+            if boot.proc.poll() is not None:
+                raise PeerFailed(f"bootstrap peer exited with {boot.proc.returncode}: {boot.last_log_line()}")
+            if time.monotonic() > min(deadline, t_start + 180):
+                raise TimeoutError("bootstrap peer published no address in 180 s")
+            time.sleep(0.1)
+        seeds = [m for m in boot.maddrs_file.read_text().split() if f"/ip4/{SUBNET}." in m]
+        if not seeds:
+            raise PeerFailed(f"no {SUBNET}.x address among the bootstrap's {boot.maddrs_file.read_text().split()}")
+        for i in range(1, args.peers):
+            start(i, seeds[:1])
+        # wait (bounded) for every peer to exit by itself after its last round
+        while any(p.proc.poll() is None for p in peers):
+            for p in peers:
+                while True:
+                    try:
+                        ev = p.fresh.get_nowait()
+                    except queue.Empty:
+                        break
+                    if p.index == 0 or not ev.get("ok"):
+                        print(f"  [{wan.link}/{arm}] p{p.index} outer {ev.get('outer_step'):3} "
+                              f"{'ok ' if ev.get('ok') else 'FAILED'} eval {ev.get('eval_loss', float('nan')):.4f} "
+                              f"round {ev.get('round_time', 0):6.1f}s compute {ev.get('compute_s', float('nan')):6.1f}s "
+                              f"bytes {(ev.get('bytes_sent', 0) + ev.get('bytes_received', 0)) / 1e6:6.2f} MB "
+                              f"peers {ev.get('peers')}", flush=True)
+            failed = [p for p in peers if p.proc.poll() not in (None, 0)]
+            if failed:
+                p = failed[0]
+                raise PeerFailed(f"p{p.index} exited with {p.proc.returncode}: {p.last_log_line()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"arm did not finish in {args.arm_timeout:.0f} s (rounds read: "
+                                   f"{[len(p.records) for p in peers]} of {rounds})")
+            if wan.helpers and not wan.helpers_alive():
+                raise PeerFailed("an nfqdelay helper died (the link drops every packet)")
+            cpu.sample()
+            time.sleep(0.2)
+        result["status"] = "ok"
+    except PeerFailed as e:
+        result.update(status="failed", error=str(e))
+    except TimeoutError as e:
+        result.update(status="timeout", error=str(e))
+    finally:
+        t_end = time.monotonic()
+        cpu_result = cpu.result()
+        for p in peers:
+            p.kill()
+        for ns in wan.peer_ns:  # anything of the arm still running in the peer namespaces (not the delay helpers)
+            kill_ns_processes(ns, grace=1.0, keep=tuple(h.pid for h in wan.helpers))
+        for p in peers:
+            p.reader.join(2)
+    result["wall_s"] = t_end - t_start
+    result["cpu"] = cpu_result
+    result["exit_codes"] = [p.proc.returncode for p in peers]
+    result["records"] = {f"p{p.index}": p.records for p in peers}
+    result["other_events"] = {f"p{p.index}": p.events[-20:] for p in peers}
+    if result["status"] != "ok":
+        result["log_tails"] = {f"p{p.index}": p.log_tail(1500) for p in peers}
+    result.update(summarize(peers, args, rounds))
+    result["wire"] = wire_stats(sampler.samples, t_start, t_end, args.peers)
+    if result.get("t_first") is not None:
+        result["wire_measured_window"] = wire_stats(sampler.samples, result["t_first"], result["t_last"], args.peers)
+    return result
+
+
+class PeerFailed(Exception):
+    pass
+
+
+class CpuTracker:
+    """CPU seconds of this benchmark's processes (the peers' sessions: each peer and all its helpers, p2pd
+    included; the delay helpers; this process) against the machine's, to tell whether something else ran
+    during an arm (its timings are then not clean). Processes are sampled every ``period`` s from /proc; a
+    process's last partial period before it exits is missed."""
+
+    def __init__(self, sids: set[int], period: float = 0.5):
+        self.sids, self.period = sids, period
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.t_sample = 0.0
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.t0, self.stat0, self.self0 = time.monotonic(), self._stat(), self._self()
+        self.load0 = os.getloadavg()
+        self.sample(force=True, initial=True)
+
+    @staticmethod
+    def _self() -> float:
+        import resource
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def _stat(self) -> list[float]:
+        with open("/proc/stat") as f:
+            return [int(x) / self.hz for x in f.readline().split()[1:]]
+
+    def sample(self, force: bool = False, initial: bool = False) -> None:
+        if not force and time.monotonic() - self.t_sample < self.period:
+            return
+        self.t_sample = time.monotonic()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(rest[3]) not in self.sids:
+                continue
+            pid, cpu = int(entry), (int(rest[11]) + int(rest[12])) / self.hz
+            if initial:  # running before the arm (the delay helpers): only what they use from now on counts
+                self.base[pid] = cpu
+            self.last[pid] = max(cpu, self.last.get(pid, 0.0))
+
+    def result(self) -> dict:
+        self.sample(force=True)
+        span = time.monotonic() - self.t0
+        st = self._stat()
+        d = [b - a for a, b in zip(self.stat0, st)]  # user nice system idle iowait irq softirq steal ...
+        tasks = d[0] + d[1] + d[2]
+        ours = sum(v - self.base.get(pid, 0.0) for pid, v in self.last.items()) + self._self() - self.self0
+        return {"span_s": span, "cpus": os.cpu_count(), "machine_task_cores": tasks / span,
+                "bench_cores": ours / span, "other_cores": max(0.0, tasks - ours) / span,
+                "softirq_cores": d[6] / span if len(d) > 6 else None, "steal_cores": d[7] / span if len(d) > 7 else None,
+                "loadavg_start": self.load0, "loadavg_end": os.getloadavg()}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+DETAIL_KEYS = ("compute_s", "blocked_s", "sync_s", "barrier_s", "matchmaking_s", "allreduce_s", "outer_step_s",
+               "round_time")
+
+
+def summarize(peers: list[Peer], args, rounds: int) -> dict:
+    per_peer = []
+    for p in peers:
+        recs = sorted(p.records, key=lambda r: r["t_read"])
+        if not recs:
+            continue
+        # the steady state: neither the first round (start-up) nor the last (a peer that stops waits for its last
+        # round to land, training no more)
+        body = recs[1:-1] if len(recs) > 2 else recs[1:]
+        has_compute = all("compute_s" in r for r in body)
+        compute = sum(r["compute_s"] if has_compute else r["round_time"] - r.get("sync_s", 0.0) for r in body)
+        has_blocked = bool(body) and all(_finite(r.get("blocked_s")) for r in body)
+        blocked = sum(r["blocked_s"] for r in body) if has_blocked else None
+        # the training loop's time: computing (compute_s) or waiting for / applying a round (blocked_s)
+        wall = compute + blocked if has_blocked else (body[-1]["t_read"] - recs[0]["t_read"] if body else 0.0)
+        samples = sum(r.get("samples", 0) for r in body)
+        inner = sum(r.get("inner_steps", 0) for r in recs)
+        nbytes = [r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in recs]
+        evals = [(r["outer_step"], r["eval_loss"]) for r in recs if _finite(r.get("eval_loss"))]
+        at_target = [e for step, e in evals if step == rounds]
+        parts = {k: sum(r[k] for r in body) for k in DETAIL_KEYS if body and all(_finite(r.get(k)) for r in body)}
+        per_peer.append({
+            "peer": p.index, "records": len(recs), "ok_rounds": sum(1 for r in recs if r.get("ok")),
+            "failed_rounds": sum(1 for r in recs if not r.get("ok")), "adopted": sum(1 for r in recs if r.get("adopted")),
+            "wall_s": wall, "compute_s": compute, "compute_source": "compute_s" if has_compute else "round_time-sync_s",
+            "util_compute": compute / wall if wall > 0 else None,
+            "util_blocked": (1 - blocked / wall) if has_blocked and wall > 0 else None,
+            "wall_between_records_s": (body[-1]["t_read"] - recs[0]["t_read"]) if body else None,
+            "samples_per_s": samples / wall if wall > 0 else None, "inner_steps": inner,
+            "bytes_per_round": statistics.fmean(nbytes), "bytes_total": sum(nbytes),
+            "mean_round_time": statistics.fmean(r.get("round_time", 0.0) for r in body) if body else None,
+            "mean_sync_s": statistics.fmean(r.get("sync_s", 0.0) for r in body) if body else None,
+            "last_outer_step": recs[-1].get("outer_step"),
+            "final_eval_loss": evals[-1][1] if evals else None, "final_eval_outer_step": evals[-1][0] if evals else None,
+            "last_record_eval_loss": recs[-1].get("eval_loss"), "digest": recs[-1].get("digest"),
+            "eval_at_target_step": at_target[-1] if at_target else None,
+            "digest_at_target_step": next((r.get("digest") for r in reversed(recs) if r.get("outer_step") == rounds
+                                           and r.get("ok")), None),
+            "sums_s": parts, "sums_fraction_of_wall": {k: v / wall for k, v in parts.items()} if wall > 0 else {},
+            "t_first": recs[0]["t_read"], "t_last": recs[-1]["t_read"],
+        })
+    if not per_peer:
+        return {"per_peer": []}
+
+    def mean(key):
+        vals = [x[key] for x in per_peer if _finite(x.get(key))]
+        return statistics.fmean(vals) if vals else None
+
+    finals = {(x["final_eval_outer_step"], x["final_eval_loss"]) for x in per_peer}
+    at_target = [x["eval_at_target_step"] for x in per_peer]
+    eval_target = statistics.fmean(at_target) if all(_finite(e) for e in at_target) else None
+    inner = [x["inner_steps"] for x in per_peer]
+    bytes_per_round = mean("bytes_per_round")
+    return {
+        "per_peer": per_peer, "peers_reporting": len(per_peer),
+        "util_compute": mean("util_compute"), "util_blocked": mean("util_blocked"),
+        "samples_per_s": sum(x["samples_per_s"] for x in per_peer if _finite(x.get("samples_per_s"))),
+        "bytes_per_round_per_peer": bytes_per_round,
+        "bytes_per_H_per_peer": (statistics.fmean(x["bytes_total"] / x["inner_steps"] for x in per_peer if x["inner_steps"])
+                                 * args.inner_steps) if any(inner) else None,
+        # the held-out loss after N*H inner steps: at outer step N*fragments on every peer (all equal when the
+        # replicas are in sync); where a peer has no such record, the mean of the peers' last finite evals
+        "eval_loss": eval_target if eval_target is not None else mean("final_eval_loss"),
+        "eval_loss_source": "outer_step == max_outer_steps" if eval_target is not None else "last finite eval",
+        "eval_last_record_mean": mean("final_eval_loss"), "eval_same_on_all_peers": len(finals) == 1,
+        "eval_at_target_same_on_all_peers": eval_target is not None and len(set(at_target)) == 1,
+        "digests_at_target_equal": len({x["digest_at_target_step"] for x in per_peer}) == 1
+        and per_peer[0]["digest_at_target_step"] is not None,
+        "eval_outer_steps": sorted({x["final_eval_outer_step"] for x in per_peer if x["final_eval_outer_step"] is not None}),
+        "inner_steps_per_peer": inner, "rounds_read": [x["records"] for x in per_peer], "rounds_expected": rounds,
+        "failed_rounds": sum(x["failed_rounds"] for x in per_peer),
+        "mean_round_time": mean("mean_round_time"), "mean_sync_s": mean("mean_sync_s"),
+        "t_first": min(x["t_first"] for x in per_peer), "t_last": max(x["t_last"] for x in per_peer),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = 0
+    try:
+        mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) * 1024
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "swarmloco"],
+                                capture_output=True, text=True).stdout.strip())
+    try:
+        import torch
+        torch_version = torch.__version__
+    except Exception:  # noqa: BLE001
+        torch_version = None
+    return {"hostname": socket.gethostname(), "cpu": cpu, "cpus": os.cpu_count(), "mem_bytes": mem,
+            "kernel": platform.release(), "python": platform.python_version(), "torch": torch_version,
+            "git_commit": commit, "swarmloco_dirty": dirty}
+
+
+def fmt(x, spec: str, scale: float = 1.0) -> str:
+    return format(x / scale, spec) if _finite(x) else "-"
+
+
+def print_table(results: list[dict]) -> None:
+    head = (f"{'arm':<11} {'link':<8} {'status':<8} {'util':>5} {'util_b':>6} {'samp/s':>7} {'MB/rnd':>7} "
+            f"{'MB/H':>6} {'pk MB/s':>7} {'pk mean':>7} {'eval':>7} {'rounds':>6} {'wall s':>6} {'other':>5}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(f"{r['arm']:<11} {r['link']:<8} {r.get('status', '?'):<8} {fmt(r.get('util_compute'), '.3f'):>5} "
+              f"{fmt(r.get('util_blocked'), '.3f'):>6} {fmt(r.get('samples_per_s'), '.1f'):>7} "
+              f"{fmt(r.get('bytes_per_round_per_peer'), '.2f', 1e6):>7} {fmt(r.get('bytes_per_H_per_peer'), '.2f', 1e6):>6} "
+              f"{fmt(r.get('wire', {}).get('peak_Bps_max'), '.2f', 1e6):>7} "
+              f"{fmt(r.get('wire', {}).get('peak_Bps_mean'), '.2f', 1e6):>7} {fmt(r.get('eval_loss'), '.4f'):>7} "
+              f"{min(r.get('rounds_read') or [0]):>6} {fmt(r.get('wall_s'), '.0f'):>6} "
+              f"{fmt((r.get('cpu') or {}).get('other_cores'), '.2f'):>5}")
+        if r.get("status") != "ok" and r.get("error"):
+            print(f"  {r['arm']}/{r['link']}: {r['error']}")
+
+
+def main() -> int:
+    arm_names = [a for a, _ in ARMS]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--arms", nargs="+", choices=arm_names, default=arm_names, help="arms to run, in this order")
+    ap.add_argument("--links", nargs="+", choices=list(LINKS), default=list(LINKS), help="link settings")
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--outer-steps", type=int, default=6, help="N: rounds per arm (x fragments), >= 2")
+    ap.add_argument("--inner-steps", type=int, default=100, help="H = inner.steps")
+    ap.add_argument("--codec", default="none")
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3, help="inner lr")
+    ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--max-bytes", type=int, default=4_000_000, help="data.max_bytes (stdlib sources)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arm-timeout", type=float, default=1200.0, help="seconds before a stuck arm is killed")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs the peers (with swarmloco)")
+    ap.add_argument("--workdir", default=None, help="configs, logs, maddrs (default: a new /tmp/bench_wan-*)")
+    ap.add_argument("--verbose-peers", action="store_true", help="peers log with -v")
+    ap.add_argument("--out", default="runs/bench_wan.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_wan: needs root (network namespaces, tc, iptables): run it with sudo", file=sys.stderr)
+        return 2
+    if args.outer_steps < 2 or args.peers < 2 or args.peers > 200:
+        ap.error("--outer-steps must be >= 2 and --peers in 2..200")
+
+    def on_signal(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    tag = f"{NS_PREFIX}{os.getpid()}"
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_wan-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    report: dict = {
+        "benchmark": "bench_wan", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv, "machine": machine_info(), "workdir": str(workdir), "links": LINKS, "tbf": TBF,
+        "arms_defined": {a: o for a, o in ARMS}, "params": n_params(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "python"},
+        "link_checks": {}, "results": [], "interrupted": None, "errors": [],
+    }
+    log(f"{args.peers} peers, model {args.n_layer}x{args.n_embd} (~{n_params(args) / 1e6:.2f}M params), H={args.inner_steps}, "
+        f"N={args.outer_steps}, codec {args.codec}; arms {' '.join(args.arms)}; links {' '.join(args.links)}; "
+        f"logs in {workdir}")
+    wan: Wan | None = None
+    sampler: Sampler | None = None
+    code = 0
+    try:
+        ensure_tools()
+        remove_stale()
+        helper = build_helper(workdir)
+        for link in args.links:
+            wan = Wan(tag, args.peers, link, helper, workdir)
+            wan.up()
+            sampler = Sampler(wan.hub, args.peers)
+            sampler.start()
+            sampler.ready.wait(5)
+            if sampler.error:
+                report["errors"].append(f"{link}: sampler: {sampler.error}")
+            check = link_check(wan, sys.executable)
+            report["link_checks"][link] = check
+            log(f"link {link}: TCP RTT {check['rtt_ms_median']:.1f} ms (min {check['rtt_ms_min']:.1f}), "
+                f"{check['mbit_s']:.1f} Mbit/s ({check['mib']} MiB in {check['seconds']:.1f} s)")
+            for arm in args.arms:
+                overrides = dict(ARMS)[arm]
+                log(f"arm {arm} on {link}: {json.dumps(overrides)}")
+                res = run_arm(args, wan, sampler, arm, overrides, workdir)
+                report["results"].append(res)
+                if res["status"] == "ok":
+                    log(f"arm {arm} on {link}: util {fmt(res.get('util_compute'), '.3f')} (blocked-based "
+                        f"{fmt(res.get('util_blocked'), '.3f')}), {fmt(res.get('samples_per_s'), '.1f')} samples/s, "
+                        f"{fmt(res.get('bytes_per_round_per_peer'), '.2f', 1e6)} MB/round/peer, peak "
+                        f"{fmt(res['wire'].get('peak_Bps_max'), '.2f', 1e6)} MB/s, eval {fmt(res.get('eval_loss'), '.4f')}, "
+                        f"{res['wall_s']:.0f} s; other load {fmt(res['cpu'].get('other_cores'), '.2f')} cores")
+                else:
+                    log(f"arm {arm} on {link}: {res['status']}: {(res.get('error') or '?').splitlines()[0][:300]}")
+                if (res.get("cpu") or {}).get("other_cores", 0) > 0.2 and res["cpu"]["span_s"] > 10:
+                    log(f"warning: other processes used {res['cpu']['other_cores']:.2f} of {os.cpu_count()} cores "
+                        f"during arm {arm} on {link}: its timings are not clean")
+                with open(workdir / "partial.json", "w") as f:  # progress survives a kill -9
+                    json.dump(report, f, default=str)
+            sampler.stop()
+            sampler = None
+            failed = wan.down()
+            wan = None
+            if failed:
+                report["errors"].append(f"could not delete namespaces {failed}")
+    except Interrupted as e:
+        report["interrupted"] = str(e)
+        log(f"interrupted by {e}: cleaning up")
+        code = 130
+    except Exception as e:  # noqa: BLE001 - reported, then cleanup
+        report["errors"].append(f"{type(e).__name__}: {e}")
+        log(f"error: {type(e).__name__}: {e}")
+        code = 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # cleanup is not to be interrupted
+            signal.signal(sig, signal.SIG_IGN)
+        if sampler is not None:
+            sampler.stop()
+        if wan is not None:
+            failed = wan.down()
+            if failed:
+                report["errors"].append(f"could not delete namespaces {failed}")
+        leftovers = [ns for ns in netns_list() if ns.startswith(tag + "-")]
+        if leftovers:
+            delete_namespaces(leftovers)
+            leftovers = [ns for ns in netns_list() if ns.startswith(tag + "-")]
+        report["cleanup_leftover_namespaces"] = leftovers
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        if report["results"]:
+            print_table(report["results"])
+        log(f"wrote {out}" + (f"; namespaces left behind: {leftovers}" if leftovers else ""))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,3 +103,16 @@ def test_the_pseudo_gradient_from_the_gpu_equals_the_cpu_computation() -> None:
     staged = pseudo_gradient(peer.diloco, range(len(peer.diloco.global_params)))
     expected = [g - p.detach().cpu().float() for g, p in zip(peer.diloco.global_params, peer.model.parameters())]
     assert all(torch.equal(a, b) for a, b in zip(staged, expected))
+
+
+@pytest.mark.parametrize("outer", [{"overlap": "eager", "overlap_steps": 2}, {"overlap": "delayed", "fragments": 2}],
+                         ids=["eager", "delayed-fragments"])
+def test_overlapped_rounds_run_on_cuda(outer) -> None:
+    """Rounds behind training on the GPU: the landing's correction goes to the device from pinned buffers, the
+    evaluation of the global parameters sets the peer's own aside on the device and puts them back."""
+    peer = Peer(tiny_config(outer=outer, inner={"steps": 4}), LoneSwarm(), PeerOptions(device="cuda", max_outer_steps=3))
+    before = [g.clone() for g in peer.diloco.global_params]
+    assert peer.run() == 3 and peer.outer_step == 3
+    assert math.isfinite(peer.board.get("eval_loss"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, peer.diloco.global_params))
+    assert all(p.is_cuda and bool(torch.isfinite(p).all()) for p in peer.model.parameters())

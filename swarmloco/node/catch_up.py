@@ -48,6 +48,8 @@ MAX_CLAIMS = 4
 """Claims verified per pass (most held first): a flood of fake ones cannot hold a pass up for long."""
 MAX_HOLDERS = 3
 """Holders of one claim asked for its proof, one after another."""
+RECHECK_BEATS = 2
+"""A claim judged lighter is weighed again after this many heartbeat periods (signatures still spreading)."""
 PROOF_MAX_BYTES = 64 << 20
 
 
@@ -105,7 +107,7 @@ class CatchUp:
         self.manifest, self.transport, self.cfg = manifest, transport, cfg
         self.snapshot, self.counts, self.fetch, self.blame = snapshot, counts, fetch, blame
         self.templates, self.download_sources, self.stop, self.clock = templates, download_sources, stop, clock
-        self._judged: dict[tuple[int, str], str] = {}  # claim -> "lighter" | "unproven"
+        self._judged: dict[tuple[int, str], tuple[str, float]] = {}  # claim -> ("lighter" | "unproven", until)
         self._pending: Pending | None = None
         self._view: list[PeerProgress] = []
         self._wake = threading.Event()
@@ -156,7 +158,14 @@ class CatchUp:
     def unjudged(self, peers: Sequence[PeerProgress], among: set[str]) -> bool:
         """Whether a peer in ``among`` claims a lineage point not yet judged (a verdict is due)."""
         mine = self.snapshot()
-        return any(set(c.holders) & among for c in claims_in(peers, mine, self._judged.__contains__))
+        return any(set(c.holders) & among for c in claims_in(peers, mine, self._is_judged))
+
+    def _is_judged(self, key: tuple[int, str]) -> bool:
+        """A verdict on this claim stands: "unproven" for good, "lighter" for ``RECHECK_BEATS`` heartbeat periods
+        (its holders' signatures of their rounds spread with their heartbeats: a round just committed is often
+        judged before its members' signatures reached its holders, so a tie must be weighed again)."""
+        verdict = self._judged.get(key)
+        return verdict is not None and (verdict[0] == "unproven" or self.clock() < verdict[1])
 
     def forget(self) -> None:
         """This peer's chain changed (it adopted another): earlier verdicts were relative to the old one."""
@@ -170,7 +179,7 @@ class CatchUp:
                 return self._pending
             mine = self.snapshot()
             best: tuple[Chain, Comparison, Claim] | None = None
-            for claim in claims_in(peers, mine, self._judged.__contains__)[:MAX_CLAIMS]:
+            for claim in claims_in(peers, mine, self._is_judged)[:MAX_CLAIMS]:
                 found = self._verify(claim, mine)
                 if found is None:
                     continue
@@ -192,14 +201,14 @@ class CatchUp:
                 continue
             comparison = compare(mine, chain, self.counts)
             if comparison is None or not comparison.theirs_heavier:
-                self._judged[claim.key] = "lighter"
+                self._judged[claim.key] = ("lighter", self.clock() + RECHECK_BEATS * self.cfg.heartbeat_period)
                 if comparison is not None:
                     logger.info("the lineage of outer step %d held by %s is lighter than this peer's since outer "
                                 "step %d (%s vs %s): keeping ours", claim.step, _brief(claim.holders),
                                 comparison.fork, comparison.theirs.brief(), comparison.mine.brief())
                 return None
             return chain, comparison
-        self._judged[claim.key] = "unproven"
+        self._judged[claim.key] = ("unproven", float("inf"))
         return None
 
     def _proof(self, holder: str, claim: Claim, mine: Chain) -> tuple[Chain | None, str, bool]:

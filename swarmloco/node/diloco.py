@@ -343,9 +343,12 @@ class DiLoCo(Heartbeats, PeerState):
             self._set_state("training")
             self.tracker.publish(self._progress())
 
-    def _adopt_pending(self) -> RoundReport:
+    def _adopt_pending(self) -> RoundReport | None:
+        taken = self.catchup.take(self._chain_snapshot())
+        if taken is None:  # stale: prepared while this peer caught up by another adoption or a round
+            return None
         inner = self._inner_result()
-        report = self._catch_up_instead_of_round(None, inner, self._round_started)
+        report = self._catch_up_instead_of_round(None, inner, self._round_started, taken=taken)
         self._next_round()
         return report
 

@@ -221,11 +221,12 @@ class PeerState:
             return
         self.board.event("checkpoint", f"wrote {path}")
 
-    def _catch_up_instead_of_round(self, pending, inner, t0: float):
-        """Adopt the prepared heavier lineage instead of (or before) a round; its report (a RoundReport)."""
+    def _catch_up_instead_of_round(self, pending, inner, t0: float, taken=None):
+        """Adopt the prepared heavier lineage instead of (or before) a round; its report (a RoundReport).
+        ``taken``: the adoption already taken from the catch-up (else it is taken here)."""
         from swarmloco.node.round import RoundReport
 
-        pending = self.catchup.take(self._chain_snapshot())
+        pending = taken if taken is not None else self.catchup.take(self._chain_snapshot())
         ok = pending is not None
         if ok:
             self.adopt(pending)

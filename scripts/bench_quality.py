@@ -251,7 +251,7 @@ def run_arm(args, arm: Arm) -> dict:
         res = run_diloco(corpus, model_cfg, inner, arm.outer(), workers=k, steps=arm.steps, H=arm.H, seed=arm.seed,
                          shards=shards, transform=None if arm.codec == "none" else codec_transform(codec_cfg, k),
                          bytes_per_value=ring_equivalent_bytes_per_value(codec, k), device=device)
-        payload = round_payload_bytes(codec_cfg, model_cfg)
+        payload = round_payload_bytes(codec_cfg, model_cfg) / arm.fragments  # (a fragment's round: 1/F of it, on average)
         share = payload * (k - 1) if not codec.info.summable else payload * 2 * (k - 1) / k
         res.update(payload_bytes=payload, round_bytes_per_worker=share, bytes_sent_per_worker=share * res["syncs"])
     res["arm"] = asdict(arm)

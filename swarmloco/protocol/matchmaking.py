@@ -10,9 +10,10 @@ once, the smallest peer id among those that announce an address (a peer in clien
 * a **follower** asks it directly, again every ``RETRY_S`` while it is not looking for a group yet (it may
   still be at its barrier), for at most half of ``matchmaking_time``; then it falls back to hivemind's search
   through the DHT with no expectation left (a leader that died, or a barrier view of another set of peers);
-* the **leader** accepts the members of its set whatever expiration they declared (hivemind would send a
-  member with an earlier one away to lead itself), and does not follow another member of its set; the group
-  starts as soon as the target size (the barrier's count) has joined, as before.
+* the **leader** declares itself (for members that fall back), accepts the members of its set whatever
+  expiration they declared (hivemind would send a member with an earlier one away to lead itself) and follows
+  nobody; the group starts as soon as the target size (the barrier's count) has joined, or when its
+  declaration expires with the members that did.
 
 Everything else (the gate, the group's all-reduce, timeouts) is unchanged: a member whose view differs ends
 in hivemind's search, at worst in a failed attempt that the round's re-run repairs.
@@ -56,6 +57,13 @@ class SwarmMatchmaking(GatedMatchmaking):
 
     async def _request_join_potential_leaders(self, step):
         leader = self.leader
+        if leader is not None and leader == self.peer_id:
+            # declared (a member that falls back to the DHT search finds it), it follows nobody and waits: the
+            # group starts when the barrier's count has joined, or when its declaration expires with those that
+            # did. (hivemind's search would also start it early: the first declaration wakes the leader queue
+            # as if the time were up, and a member that asked at once would be run in a group without the rest)
+            async with self.potential_leaders.begin_search(step, self.group_key_manager, declare=True):
+                await asyncio.Event().wait()  # (cancelled when look_for_group ends)
         if leader is not None and leader != self.peer_id and not self.client_mode:
             group = await self._join_expected_leader(step, leader)
             if group is not None:
@@ -82,11 +90,6 @@ class SwarmMatchmaking(GatedMatchmaking):
                 return group
             await asyncio.sleep(RETRY_S)
         return None
-
-    async def _request_join_group(self, leader):
-        if self.leader == self.peer_id and leader in self.expected:
-            return None  # the expected leader does not follow a member of its own group
-        return await super()._request_join_group(leader)
 
     def _check_reasons_to_reject(self, request, context):
         reason = super()._check_reasons_to_reject(request, context)

@@ -27,7 +27,9 @@ The emulated WAN (the recipe of /work/shared/wan): one namespace per peer with a
 hub namespace, ``tc tbf`` (burst 256kb, latency 50ms) on both ends of each veth (the peer's uplink and its
 downlink), and latency as an NFQUEUE helper (``scripts/wan/nfqdelay.c``, compiled into the work dir)
 holding every packet that enters a peer namespace for DELAY ms (the kernel has no netem). ``100mbit``: 100
-Mbit/s each way, 25 ms on each peer's ingress (50 ms RTT); ``20mbit``: 20 Mbit/s each way, no added delay.
+Mbit/s each way, 25 ms on each peer's ingress (50 ms RTT); ``20mbit``: 20 Mbit/s each way, no added delay;
+``lan``: 1 Gbit/s, no added delay (with ``--overlap-steps T``: the loss of overlapped rounds landing after
+exactly T inner steps, against blocking rounds, in a real swarm).
 Each setting is checked before its arms with a raw TCP stream between two peer namespaces
 (``scripts/wan/socktest.py``: RTT and throughput go to the JSON). Addresses 10.77.0.0/24 exist only inside
 these namespaces; every namespace is named ``swlwan<PID>-...``, and all the state (veths, bridge, qdiscs,
@@ -43,6 +45,8 @@ soon as it has arrived (``overlap_steps = 0``).
 
     sudo .venv/bin/python scripts/bench_wan.py                                 # all arms, both links
     sudo .venv/bin/python scripts/bench_wan.py --arms none --links 20mbit --outer-steps 3
+    sudo .venv/bin/python scripts/bench_wan.py --links lan --arms none delayed streaming4 --overlap-steps 10 \
+        --n-layer 2 --n-embd 64 --outer-steps 20 --eval-batches 32        # quality, a real swarm
 
 Output: a table on stdout and ``--out`` (default runs/bench_wan.json): machine, date, link checks, settings,
 per arm and link the figures above, per-peer figures, CPU load, and every raw round record.
@@ -79,6 +83,7 @@ SUBNET = "10.77.0"
 LINKS = {
     "100mbit": {"rate": "100mbit", "delay_ms": 25.0, "check_mib": 24},
     "20mbit": {"rate": "20mbit", "delay_ms": 0.0, "check_mib": 6},
+    "lan": {"rate": "1gbit", "delay_ms": 0.0, "check_mib": 64},  # (quality at a short, explicit overlap)
 }
 TBF = ["burst", "256kb", "latency", "50ms"]
 
@@ -773,6 +778,8 @@ def main() -> int:
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--outer-steps", type=int, default=6, help="N: rounds per arm (x fragments), >= 2")
     ap.add_argument("--inner-steps", type=int, default=100, help="H = inner.steps")
+    ap.add_argument("--overlap-steps", type=int, default=0,
+                    help="outer.overlap_steps of the overlapped arms (0: land as soon as a round arrived)")
     ap.add_argument("--codec", default="none")
     ap.add_argument("--n-layer", type=int, default=6)
     ap.add_argument("--n-embd", type=int, default=256)
@@ -836,6 +843,8 @@ def main() -> int:
                 f"{check['mbit_s']:.1f} Mbit/s ({check['mib']} MiB in {check['seconds']:.1f} s)")
             for arm in args.arms:
                 overrides = dict(ARMS)[arm]
+                if args.overlap_steps and "overlap" in overrides.get("outer", {}):
+                    overrides = {**overrides, "outer": {**overrides["outer"], "overlap_steps": args.overlap_steps}}
                 log(f"arm {arm} on {link}: {json.dumps(overrides)}")
                 res = run_arm(args, wan, sampler, arm, overrides, workdir)
                 report["results"].append(res)

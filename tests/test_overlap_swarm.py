@@ -30,7 +30,7 @@ def _rounds_up_to(peer, step: int, timeout: float = 120) -> dict[int, dict]:
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_overlapped_rounds_keep_three_peers_bit_identical(spawn, write_config, outer) -> None:
     config = write_config(outer=outer)
-    last = 5
+    last = 6  # (with fragments the held-out loss is evaluated every `fragments` rounds)
     peers = _start_swarm(spawn, config, 3, "--max-outer-steps", str(last + 1))
     seen = [_rounds_up_to(p, last) for p in peers]
     together = 0

@@ -210,7 +210,8 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
         "error": outcome.error, "attempts": work.attempts, "inner_steps": work.inner.steps,
         "blocked_s": work.blocked_s, "overlapped": overlapped,
     }
-    engine.board.update(outer_step=engine.outer_step, eval_loss=eval_loss, last_round=last_round,
+    evaluated = {"eval_loss": eval_loss} if math.isfinite(eval_loss) else {}  # (fragments: not every round)
+    engine.board.update(outer_step=engine.outer_step, **evaluated, last_round=last_round,
                         last_round_time=round_time, rss_bytes=rss_bytes(),
                         cuda_allocated_bytes=torch.cuda.memory_allocated() if engine.device.type == "cuda" else None)
     summary = {
@@ -221,7 +222,7 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
         "compute_s": work.compute_s, "blocked_s": work.blocked_s, "overlapped": overlapped,
         "barrier_s": work.barrier_s, "matchmaking_s": outcome.matchmaking_s, "allreduce_s": outcome.allreduce_s,
         "outer_step_s": work.outer_s,
-        "fragment": engine.parts.index(work.index) if len(engine.parts) > 1 else 0,
+        "fragment": engine.parts.index(work.index) if len(engine.parts) > 1 else 0, "fragments": len(engine.parts),
         "digest": engine.digest, "error": outcome.error, "fp32_bytes": 4 * sum(p.numel() for p in engine.global_params),
         "initial_eval_loss": engine.initial_eval_loss, "attempts": work.attempts, "inner_steps": work.inner.steps,
         "samples": work.inner.samples, "adopted": False, "retried": work.retried,
@@ -246,7 +247,7 @@ def run_round(engine, inner) -> RoundReport:
     if work.outcome.ok:
         engine._copy_global_into_model(work.index)
         engine._samples_since_sync -= work.weight
-        eval_loss = engine._evaluate()
+        eval_loss = engine._evaluate_global()
     work.blocked_s = time.perf_counter() - t
     return finish(engine, work, eval_loss)
 

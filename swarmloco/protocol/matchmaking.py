@@ -8,7 +8,9 @@ a blocking round at 2 peers on loopback (BENCHMARKS.md). Here the members agree 
 once, the smallest peer id among those that announce an address (a peer in client mode cannot lead), and
 
 * a **follower** asks it directly, again every ``RETRY_S`` while it is not looking for a group yet (it may
-  still be at its barrier), for at most half of ``matchmaking_time``; then it falls back to hivemind's search
+  still be at its barrier), for at most half of ``matchmaking_time`` (a request already sent is left the
+  whole ``matchmaking_time`` for its answer: given up sooner, the leader could count the follower into a
+  group it never learns of, and the round would fail for all); then it falls back to hivemind's search
   through the DHT with no expectation left (a leader that died, or a barrier view of another set of peers);
 * the **leader** declares itself (for members that fall back), accepts the members of its set whatever
   expiration they declared (hivemind would send a member with an earlier one away to lead itself) and follows
@@ -36,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_S = 0.025
 """A follower asks the expected leader again after this long while the leader is not looking for a group."""
+GRACE_S = 0.25
+"""A join request to the expected leader is left this long past hivemind's ``request_timeout`` (which ends it
+first unless the dial itself hangs: a leader that died)."""
 
 
 class SwarmMatchmaking(GatedMatchmaking):
@@ -74,6 +79,16 @@ class SwarmMatchmaking(GatedMatchmaking):
         return await super()._request_join_potential_leaders(step)
 
     async def _join_expected_leader(self, step, leader: PeerID):
+        # the leader's answer gets the whole matchmaking time, not just request_timeout: it leads no one else and
+        # asks no one (hivemind's timeout breaks deadlocks of peers that ask each other), and on a loaded machine
+        # an answer given up a moment too early leaves this peer counted into a group it never learns of
+        patience, self.request_timeout = self.request_timeout, max(self.request_timeout, self.min_matchmaking_time)
+        try:
+            return await self._ask_expected_leader(step, leader)
+        finally:
+            self.request_timeout = patience
+
+    async def _ask_expected_leader(self, step, leader: PeerID):
         deadline = time.monotonic() + self.min_matchmaking_time / 2
         if step.deadline is not None:
             deadline = min(deadline, time.monotonic() + max(0.0, step.get_timeout() or 0.0))
@@ -81,9 +96,12 @@ class SwarmMatchmaking(GatedMatchmaking):
             # dialling a peer that died takes ~11 s in libp2p: the wait for an answer is bounded by this phase's
             # deadline; once the leader took us in, hivemind's own timeouts bound the wait for the group
             join = asyncio.ensure_future(self._request_join_group(leader))
-            await asyncio.wait({join}, timeout=max(0.0, deadline - time.monotonic()))
+            # a request that reached the leader is answered (or given up by hivemind) within request_timeout:
+            # cancelled sooner, the leader could count this peer in all the same
+            await asyncio.wait({join}, timeout=max(deadline - time.monotonic(), self.request_timeout + GRACE_S))
             if not join.done() and not self.was_accepted_to_group.is_set():
                 await cancel_and_wait(join)
+                self.join_timed_out = True  # (see SwarmAverager.rpc_aggregate_part)
                 return None
             group = await join
             if group is not None:
@@ -109,4 +127,4 @@ class SwarmMatchmaking(GatedMatchmaking):
         return None
 
 
-__all__ = ["RETRY_S", "SwarmMatchmaking"]
+__all__ = ["GRACE_S", "RETRY_S", "SwarmMatchmaking"]

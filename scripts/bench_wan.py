@@ -774,7 +774,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--arms", nargs="+", choices=arm_names, default=arm_names, help="arms to run, in this order")
-    ap.add_argument("--links", nargs="+", choices=list(LINKS), default=list(LINKS), help="link settings")
+    ap.add_argument("--links", nargs="+", choices=list(LINKS), default=["100mbit", "20mbit"], help="link settings")
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--outer-steps", type=int, default=6, help="N: rounds per arm (x fragments), >= 2")
     ap.add_argument("--inner-steps", type=int, default=100, help="H = inner.steps")

@@ -1,18 +1,75 @@
 """The group of a round is formed from the barrier's members: they follow the smallest peer id at once.
-A leader that dies right when its mates ask it costs them one bounded attempt, never a hang."""
+A leader that dies right when its mates ask it costs them one bounded attempt, never a hang; a leader keeps a
+join stream open until its follower has read the last message and closed it."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
+from hivemind.proto import averaging_pb2
 
 from swarmloco.protocol.identity import Identity
 from test_faults import FAST, assert_same_state, rounds_until
 
-pytestmark = pytest.mark.slow
 
 
+def _leader_streams(monkeypatch, leader):
+    """A SwarmMatchmaking whose hivemind part answers join requests with ``leader`` (an async generator)."""
+    from swarmloco.protocol.gate import GatedMatchmaking
+    from swarmloco.protocol.matchmaking import SwarmMatchmaking
+
+    monkeypatch.setattr(GatedMatchmaking, "rpc_join_group", leader)
+    return object.__new__(SwarmMatchmaking)
+
+
+def test_a_leader_keeps_a_join_stream_open_after_its_last_message_until_the_follower_closes_it(monkeypatch) -> None:
+    # (a leader that closed first could lose BEGIN_ALLREDUCE in p2pd's teardown: the follower, counted into the
+    # group, never learned of it, and the group's all-reduce failed for every member)
+    async def leader(self, request, context):
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.BEGIN_ALLREDUCE)
+
+    mm = _leader_streams(monkeypatch, leader)
+
+    async def follower_reads_then_closes():
+        stream = mm.rpc_join_group(None, None)
+        codes = [(await stream.__anext__()).code for _ in range(2)]
+        end = asyncio.ensure_future(stream.__anext__())
+        done, _ = await asyncio.wait({end}, timeout=0.5)
+        end.cancel()  # the follower's close: hivemind's stream handler cancels the handler
+        await asyncio.wait({end})
+        return codes, bool(done), end.cancelled()
+
+    codes, ended_alone, cancelled = asyncio.run(follower_reads_then_closes())
+    assert codes == [averaging_pb2.ACCEPTED, averaging_pb2.BEGIN_ALLREDUCE]
+    assert not ended_alone and cancelled  # open until the follower closed it, then ended at once
+
+
+def test_a_join_stream_whose_follower_went_away_ends_at_once(monkeypatch) -> None:
+    async def leader(self, request, context):  # as hivemind's: a cancelled wait for the group just returns
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return
+
+    mm = _leader_streams(monkeypatch, leader)
+
+    async def follower_goes_away():
+        stream = mm.rpc_join_group(None, None)
+        await stream.__anext__()
+        end = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.05)
+        end.cancel()
+        done, _ = await asyncio.wait({end}, timeout=2.0)
+        return bool(done)
+
+    assert asyncio.run(follower_goes_away())  # no linger for a follower that is gone
+
+
+@pytest.mark.slow
 def test_a_dead_expected_leader_costs_its_mates_a_bounded_rerun(spawn, write_config, tmp_path) -> None:
     keys = []
     for i in range(3):

@@ -17,6 +17,12 @@ once, the smallest peer id among those that announce an address (a peer in clien
   nobody; the group starts as soon as the target size (the barrier's count) has joined, or when its
   declaration expires with the members that did.
 
+The leader keeps each join stream open after its last message (``BEGIN_ALLREDUCE``, or a rejection) until the
+follower, which closes the stream once it has read it, does (at most ``LINGER_S``): when the leader closed
+first, p2pd sometimes reset the stream with that message still in flight (as with the all-reduce's parts,
+``allreduce.py``), and a follower that lost ``BEGIN_ALLREDUCE`` was counted into a group it never learned of:
+the group's all-reduce failed for every member, and the follower lost the round (seen on a loaded machine).
+
 Everything else (the gate, the group's all-reduce, timeouts) is unchanged: a member whose view differs ends
 in hivemind's search, at worst in a failed attempt that the round's re-run repairs.
 """
@@ -32,6 +38,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import cancel_and_wait
 
+from swarmloco.protocol.allgather import LINGER_S
 from swarmloco.protocol.gate import GatedMatchmaking
 
 logger = logging.getLogger(__name__)
@@ -108,6 +115,17 @@ class SwarmMatchmaking(GatedMatchmaking):
                 return group
             await asyncio.sleep(RETRY_S)
         return None
+
+    async def rpc_join_group(self, request, context):
+        answered = False
+        async for message in super().rpc_join_group(request, context):
+            answered = True
+            yield message
+        task = asyncio.current_task()
+        if answered and not (task is not None and task.cancelling()):  # (cancelled: the follower is gone)
+            # the follower closes the stream once it has read our last message; hivemind's stream handler
+            # cancels this wait at that close
+            await asyncio.sleep(LINGER_S)
 
     def _check_reasons_to_reject(self, request, context):
         reason = super()._check_reasons_to_reject(request, context)

@@ -23,9 +23,9 @@ link's byte counters:
 * ``other``: CPU cores used by processes that are not this benchmark's during the arm (another job on the
   machine makes an arm's timings unclean: a warning says so).
 
-The emulated WAN (``scripts/wan/emulated.py``, the recipe of /work/shared/wan): one namespace per peer with a veth to a bridge in a
-hub namespace, ``tc tbf`` (burst 256kb, latency 50ms) on both ends of each veth (the peer's uplink and its
-downlink), and latency as an NFQUEUE helper (``scripts/wan/nfqdelay.c``, compiled into the work dir)
+The emulated WAN (``scripts/wan/emulated.py``, the recipe of /work/shared/wan): one namespace per peer with
+a veth to a bridge in a hub namespace, ``tc tbf`` (burst 256kb, latency 50ms) on both ends of each veth
+(the peer's uplink and its downlink), and latency as an NFQUEUE helper (``scripts/wan/nfqdelay.c``, compiled into the work dir)
 holding every packet that enters a peer namespace for DELAY ms (the kernel has no netem). ``100mbit``: 100
 Mbit/s each way, 25 ms on each peer's ingress (50 ms RTT); ``20mbit``: 20 Mbit/s each way, no added delay;
 ``lan``: 1 Gbit/s, no added delay (with ``--overlap-steps T``: the loss of overlapped rounds landing after
@@ -74,8 +74,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wan.emulated import (LINKS, NS_PREFIX, SUBNET, TBF, CpuTracker, Sampler, Wan, build_helper,  # noqa: E402
-                          delete_namespaces, ensure_tools, kill_ns_processes, link_check, netns_list, remove_stale,
-                          wire_stats)
+                          delete_namespaces, ensure_tools, kill_ns_processes, link_check, log, netns_list,
+                          remove_stale, wire_stats)
 
 EVENT_PREFIX = "@@swarmloco "
 
@@ -89,10 +89,6 @@ ARMS: list[tuple[str, dict]] = [
 
 class Interrupted(BaseException):
     """SIGINT/SIGTERM/SIGHUP: unwind through every finally (cleanup), then exit 130."""
-
-
-def log(msg: str) -> None:
-    print(f"bench_wan: {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- peers

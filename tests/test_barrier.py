@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from swarmloco.config import SwarmConfig
-from swarmloco.node.sync import VERDICT_WAIT_S, Synchronizer, matchmaking_window
+from swarmloco.node.sync import STALE_BEATS, VERDICT_WAIT_S, Synchronizer, matchmaking_window
 from swarmloco.protocol.progress import PeerProgress
 from swarmloco.protocol.transport import RoundOutcome
 
@@ -62,6 +62,15 @@ def test_rerun_waits_for_a_peer_still_inside_the_failed_allreduce() -> None:
     swarm = Swarm(lambda t: [beat("slow", "averaging" if t < 7 else "ready", t, attempt=0 if t < 7 else 1)])
     barrier = sync_for(swarm).wait_for_peers(3, attempt=1)
     assert barrier.ready == ("me", "slow") and 7 <= barrier.waited_s < 8
+
+
+def test_rerun_waits_only_retry_grace_for_a_dead_peer_it_never_suspected() -> None:
+    # this peer abandoned its attempt when a mate re-ran it (so it learned no suspects): the dead reducer's
+    # last heartbeat still says "averaging", but no heartbeat came since
+    swarm = Swarm(lambda t: [beat("dead", "averaging", 0.0), beat("a", "ready", t, attempt=1)])
+    barrier = sync_for(swarm).wait_for_peers(3, attempt=1)
+    stale = STALE_BEATS * CFG.heartbeat_period
+    assert barrier.ready == ("a", "me") and max(CFG.retry_grace, stale) <= barrier.waited_s < stale + 0.5
 
 
 def test_rerun_gives_up_on_a_peer_stuck_averaging_after_the_reducer_timeout() -> None:

@@ -69,6 +69,49 @@ def test_a_join_stream_whose_follower_went_away_ends_at_once(monkeypatch) -> Non
     assert asyncio.run(follower_goes_away())  # no linger for a follower that is gone
 
 
+def _follower(connected: bool, matchmaking_time: float = 0.4, request_timeout: float = 0.3):
+    """A SwarmMatchmaking whose join request to its expected leader is never answered (a dial that hangs),
+    with that leader connected (alive, slow to answer) or not (dead)."""
+    from types import SimpleNamespace
+
+    from swarmloco.protocol.matchmaking import SwarmMatchmaking
+
+    leader = Identity.generate().libp2p_peer_id()
+    mm = object.__new__(SwarmMatchmaking)
+    mm.min_matchmaking_time, mm.request_timeout, mm.leader = matchmaking_time, request_timeout, leader
+
+    async def hang(_leader):
+        await asyncio.Event().wait()
+
+    async def list_peers():
+        return [SimpleNamespace(peer_id=leader)] if connected else []
+
+    mm._request_join_group, mm._p2p = hang, SimpleNamespace(list_peers=list_peers)
+    return mm, leader
+
+
+@pytest.mark.parametrize("connected", [False, True])
+def test_a_follower_waits_past_half_the_window_only_for_an_expected_leader_still_connected(connected) -> None:
+    # (a dead leader's dial hangs ~11 s in libp2p; a live one answers within request_timeout, and a request
+    # given up sooner could leave this peer counted into a group it never learns of)
+    from swarmloco.protocol.matchmaking import GRACE_S
+
+    async def ask():
+        mm, leader = _follower(connected)
+        mm.was_accepted_to_group = asyncio.Event()
+        step = type("Step", (), {"deadline": None})()
+        start = asyncio.get_running_loop().time()
+        group = await mm._join_expected_leader(step, leader)
+        return group, asyncio.get_running_loop().time() - start, mm.join_timed_out, mm.request_timeout
+
+    group, took, timed_out, restored = asyncio.run(ask())
+    assert group is None and timed_out and restored == 0.3
+    if connected:  # the whole window (the request's patience during the join) and the grace
+        assert 0.4 + GRACE_S - 0.05 <= took < 0.4 + GRACE_S + 0.3, took
+    else:  # half of it
+        assert 0.2 - 0.05 <= took < 0.2 + 0.15, took
+
+
 @pytest.mark.slow
 def test_a_dead_expected_leader_costs_its_mates_a_bounded_rerun(spawn, write_config, tmp_path) -> None:
     keys = []

@@ -28,7 +28,9 @@ stream broke are *suspects*: the re-run's barrier does not wait for them, nor do
 they heartbeat again (a frozen peer that wakes up is welcome back). Peers of the round that have not
 reported the failure yet are waited for ``swarm.retry_grace`` seconds, and those still heartbeating
 ``averaging`` (inside the failed all-reduce, late because of the dead peer) up to the reducer timeout
-(2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. While this peer waits for
+(2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. A peer whose heartbeats stopped
+(``STALE_BEATS`` periods without one: the dead peer itself, seen ``averaging`` by a survivor that abandoned
+its attempt before it learned the suspects) is not waited for past the grace. While this peer waits for
 a round's result it watches its group mates' heartbeats: once one of them heartbeats a re-run of the same
 step, this attempt already failed for them, and it is abandoned at once (:meth:`Synchronizer.wait`)
 instead of waiting out its timeouts - unless that mate's group *decided* not to commit (no quorum, mixed
@@ -63,6 +65,8 @@ logger = logging.getLogger(__name__)
 READY_STATES = ("ready", "averaging")
 VERDICT_WAIT_S = 5.0
 """How long a barrier waits for the verdict on a recent group mate's lineage claim before going on."""
+STALE_BEATS = 3
+"""A re-run waits past ``retry_grace`` only for peers heard from within this many heartbeat periods."""
 MAX_WINDOW_FACTOR = 4
 """A re-run's matchmaking window grows up to this many times ``swarm.matchmaking_time``."""
 
@@ -227,12 +231,14 @@ class Synchronizer:
     def _rerun_waits_for(self, at_step: Sequence[PeerProgress], waiting_for: list[str], elapsed: float) -> list[str]:
         """Whom a re-run still waits for: everyone for ``retry_grace``; then only the round's peers still
         inside the failed all-reduce (heartbeating ``averaging``), which fail within the reducer timeout
-        (2 x next_chunk_timeout) and join. Frozen or dead ones stop heartbeating and drop out by TTL."""
+        (2 x next_chunk_timeout) and join. Frozen or dead ones stop heartbeating: not waited for once their
+        last heartbeat is ``STALE_BEATS`` periods old (the heartbeat thread beats while averaging too)."""
         if elapsed < self.cfg.retry_grace:
             return waiting_for
         if elapsed >= self.cfg.retry_grace + 2 * self.cfg.next_chunk_timeout + 1.0:
             return []
-        averaging = {p.peer_id for p in at_step if p.state == "averaging"}
+        fresh = self.clock() - STALE_BEATS * self.cfg.heartbeat_period
+        averaging = {p.peer_id for p in at_step if p.state == "averaging" and p.time >= fresh}
         return [pid for pid in waiting_for if pid in averaging]
 
     def start(self, outer_step: int, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],

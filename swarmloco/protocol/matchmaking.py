@@ -8,9 +8,10 @@ a blocking round at 2 peers on loopback (BENCHMARKS.md). Here the members agree 
 once, the smallest peer id among those that announce an address (a peer in client mode cannot lead), and
 
 * a **follower** asks it directly, again every ``RETRY_S`` while it is not looking for a group yet (it may
-  still be at its barrier), for at most half of ``matchmaking_time`` (a request already sent is left the
-  whole ``matchmaking_time`` for its answer: given up sooner, the leader could count the follower into a
-  group it never learns of, and the round would fail for all); then it falls back to hivemind's search
+  still be at its barrier), for at most half of ``matchmaking_time`` (a request already sent to a leader still
+  connected is left the whole ``matchmaking_time`` for its answer: given up sooner, the leader could count
+  the follower into a group it never learns of, and the round would fail for all; a leader that died is not
+  waited for past that half); then it falls back to hivemind's search
   through the DHT with no expectation left (a leader that died, or a barrier view of another set of peers);
 * the **leader** declares itself (for members that fall back), accepts the members of its set whatever
   expiration they declared (hivemind would send a member with an earlier one away to lead itself) and follows
@@ -102,10 +103,14 @@ class SwarmMatchmaking(GatedMatchmaking):
         while time.monotonic() < deadline and self.leader == leader:
             # dialling a peer that died takes ~11 s in libp2p: the wait for an answer is bounded by this phase's
             # deadline; once the leader took us in, hivemind's own timeouts bound the wait for the group
+            sent = time.monotonic()
             join = asyncio.ensure_future(self._request_join_group(leader))
-            # a request that reached the leader is answered (or given up by hivemind) within request_timeout:
-            # cancelled sooner, the leader could count this peer in all the same
-            await asyncio.wait({join}, timeout=max(deadline - time.monotonic(), self.request_timeout + GRACE_S))
+            await asyncio.wait({join}, timeout=max(0.0, deadline - sent))
+            if not join.done() and not self.was_accepted_to_group.is_set() and await self._connected(leader):
+                # a live leader answers a request that reached it (or hivemind gives it up) within request_timeout:
+                # cancelled sooner, the leader could count this peer in all the same. A leader that died is not
+                # connected (its daemon's sockets closed): waiting on its dial would only stall the round
+                await asyncio.wait({join}, timeout=max(0.0, sent + self.request_timeout + GRACE_S - time.monotonic()))
             if not join.done() and not self.was_accepted_to_group.is_set():
                 await cancel_and_wait(join)
                 self.join_timed_out = True  # (see SwarmAverager.rpc_aggregate_part)
@@ -115,6 +120,13 @@ class SwarmMatchmaking(GatedMatchmaking):
                 return group
             await asyncio.sleep(RETRY_S)
         return None
+
+    async def _connected(self, peer: PeerID) -> bool:
+        try:
+            return any(info.peer_id == peer for info in await self._p2p.list_peers())
+        except Exception as e:  # (the daemon going away with this peer: no reason to wait longer)
+            logger.debug("could not list the connected peers: %r", e)
+            return False
 
     async def rpc_join_group(self, request, context):
         answered = False

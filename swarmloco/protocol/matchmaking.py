@@ -11,8 +11,8 @@ once, the smallest peer id among those that announce an address (a peer in clien
   still be at its barrier), for at most half of ``matchmaking_time`` (a request already sent to a leader still
   connected is left the whole ``matchmaking_time`` for its answer: given up sooner, the leader could count
   the follower into a group it never learns of, and the round would fail for all; a leader that died is not
-  waited for past that half); then it falls back to hivemind's search
-  through the DHT with no expectation left (a leader that died, or a barrier view of another set of peers);
+  waited for past that half); then it falls back to hivemind's search through the DHT with no expectation
+  left (a leader that died, or a barrier view of another set of peers);
 * the **leader** declares itself (for members that fall back), accepts the members of its set whatever
   expiration they declared (hivemind would send a member with an earlier one away to lead itself) and follows
   nobody; the group starts as soon as the target size (the barrier's count) has joined, or when its

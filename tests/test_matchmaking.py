@@ -112,6 +112,33 @@ def test_a_follower_waits_past_half_the_window_only_for_an_expected_leader_still
         assert 0.2 - 0.05 <= took < 0.2 + 0.15, took
 
 
+def test_a_follower_taken_into_a_group_larger_than_its_barrier_count_learns_of_it() -> None:
+    # (its barrier saw 2 ready peers, the leader's saw 3: hivemind's group key manager sampled a bucket per member
+    # from range(2) and raised, and the follower never learned of the group that counted it in)
+    from types import SimpleNamespace
+
+    from hivemind.averaging.group_info import GroupInfo
+    from hivemind.averaging.key_manager import GroupKeyManager
+
+    from swarmloco.protocol.allreduce import SwarmAverager
+
+    ids = sorted(Identity.generate().libp2p_peer_id() for _ in range(3))
+    keys = GroupKeyManager(SimpleNamespace(peer_id=ids[1]), "run", "", 64)
+    averager = SimpleNamespace(_matchmaking=SimpleNamespace(  # (its state in the averager process)
+        target_group_size=64, group_key_manager=keys, potential_leaders=SimpleNamespace(target_group_size=64)))
+
+    async def assemble():
+        from hivemind.utils import MPFuture
+
+        done = MPFuture()
+        await SwarmAverager._set_target_group_size(averager, 2, done)
+        done.result(1)
+        await keys.update_key_on_group_assembled(GroupInfo(b"group", tuple(ids), (b"", b"", b"")))
+        return averager._matchmaking.target_group_size
+
+    assert asyncio.run(assemble()) == 2  # the round still starts once 2 joined
+
+
 @pytest.mark.slow
 def test_a_dead_expected_leader_costs_its_mates_a_bounded_rerun(spawn, write_config, tmp_path) -> None:
     keys = []

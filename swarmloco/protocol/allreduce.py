@@ -158,8 +158,12 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         try:
             matchmaking = self._matchmaking
             matchmaking.target_group_size = size
-            matchmaking.group_key_manager.target_group_size = size
             matchmaking.potential_leaders.target_group_size = size
+            # not the group key manager's: it would sample a bucket per member from range(size) and raise once
+            # a group larger than this peer's barrier count took it in (another view of the ready set): the
+            # follower then never learned of a group that counted it in. We keep no group bits; None sizes the
+            # buckets by the group itself
+            matchmaking.group_key_manager.target_group_size = None
             future.set_result(None)
         except Exception as e:  # noqa: BLE001
             if not future.done():

@@ -1,6 +1,7 @@
 """The group of a round is formed from the barrier's members: they follow the smallest peer id at once.
 A leader that dies right when its mates ask it costs them one bounded attempt, never a hang; a leader keeps a
-join stream open until its follower has read the last message and closed it."""
+join stream open until its follower has read the last message and closed it; a follower whose barrier saw fewer
+peers than its leader's group still learns of that group."""
 
 from __future__ import annotations
 
@@ -107,9 +108,9 @@ def test_a_follower_waits_past_half_the_window_only_for_an_expected_leader_still
     group, took, timed_out, restored = asyncio.run(ask())
     assert group is None and timed_out and restored == 0.3
     if connected:  # the whole window (the request's patience during the join) and the grace
-        assert 0.4 + GRACE_S - 0.05 <= took < 0.4 + GRACE_S + 0.3, took
-    else:  # half of it
-        assert 0.2 - 0.05 <= took < 0.2 + 0.15, took
+        assert 0.4 + GRACE_S - 0.05 <= took < 0.4 + GRACE_S + 1.0, took
+    else:  # half of it (waited on as for a live one, it would take 0.65 s)
+        assert 0.2 - 0.05 <= took < 0.5, took
 
 
 def test_a_follower_taken_into_a_group_larger_than_its_barrier_count_learns_of_it() -> None:

@@ -221,3 +221,21 @@ def test_next_round_waits_for_a_peer_finishing_the_last_one_but_not_for_one_stuc
     sync.committed(2, attempt=1)  # step 2 failed at attempt 0 and we committed it at the re-run
     barrier = sync.wait_for_peers(3)
     assert barrier.ready == ("me",) and barrier.waited_s < 0.5
+
+
+def test_a_mate_that_answered_an_error_is_named_but_is_no_suspect_so_the_rerun_waits_for_it() -> None:
+    # (its reducer failed because of the dead peer and said so: alive, it re-runs the round with us)
+    from swarmloco.protocol.errors import PeerAnswered, RoundFailures
+
+    failures = RoundFailures("reducer")
+    failures.record("12D3KooWdeadpeer", ConnectionResetError("Connection lost"))
+    failures.record("12D3KooWlivemate", PeerAnswered("12D3KooWlivemate sent INTERNAL_ERROR"))
+    error = failures.error("only 69.4% of values were averaged")
+    assert error.suspects == ("12D3KooWdeadpeer",) and error.slow == () and error.rejected == ()
+    assert "deadpeer failed" in str(error) and "livemate answered an error" in str(error), str(error)
+
+    swarm = Swarm(lambda t: [beat("12D3KooWlivemate", "training" if t < 0.6 else "ready", t, attempt=1)])
+    sync = sync_for(swarm)
+    sync.note_failure(RoundOutcome(ok=False, error=str(error), suspects=error.suspects))
+    barrier = sync.wait_for_peers(3, attempt=1)
+    assert barrier.ready == ("12D3KooWlivemate", "me") and barrier.waited_s < CFG.retry_grace

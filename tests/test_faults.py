@@ -71,7 +71,11 @@ def test_sigkill_of_a_reducer_mid_allreduce_survivors_finish_the_step_bit_identi
     if all(r["ok"] and not r["adopted"] for r in survived):  # the usual case: both re-ran the step at once
         assert_same_state(*survived)  # the step finished everywhere, with the same bits
         assert survived[0]["outer_step"] == step + 1
-        assert all(r["attempts"] >= 2 and r["peers"] == 2 for r in survived), survived  # re-run without p2
+        # re-run without p2 (a survivor whose re-run found no quorum - it blamed the other too, before that one's
+        # next heartbeat cleared it - dropped the attempt and ran the step again as a round of its own)
+        reran = [r["attempts"] >= 2 or any(not x["ok"] and x["outer_step"] == step for x in p.rounds)
+                 for p, r in zip((p0, p1), survived)]
+        assert all(reran) and all(r["peers"] == 2 for r in survived), f"{survived}"
     else:  # under load a survivor can fail the re-run too (it never commits alone): it catches up next
         top = max(r["outer_step"] for r in survived)
         level = [r if r["outer_step"] == top else rounds_until(p, lambda r: r["outer_step"] == top, limit=20)

@@ -25,10 +25,10 @@ peer alone while others live commits nothing (no quorum): it keeps its inner pro
 **Failures.** When a round fails (a peer died mid-all-reduce), the survivors re-run it at once
 (``attempt`` 1, 2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. Reducers whose
 stream broke are *suspects*: the re-run's barrier does not wait for them, nor does any later one until
-they heartbeat again (a frozen peer that wakes up is welcome back). Peers of the round that have not
-reported the failure yet are waited for ``swarm.retry_grace`` seconds, and those still heartbeating
-``averaging`` (inside the failed all-reduce, late because of the dead peer) up to the reducer timeout
-(2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. A peer whose heartbeats stopped
+they heartbeat again (a frozen peer that wakes up is welcome back; a reducer that answered with an error
+code is alive, no suspect). Peers of the round that have not reported the failure yet are waited for
+``swarm.retry_grace`` seconds, and those still heartbeating ``averaging`` (inside the failed all-reduce,
+late because of the dead peer) up to the reducer timeout (2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. A peer whose heartbeats stopped
 (``STALE_BEATS`` periods without one: the dead peer itself, seen ``averaging`` by a survivor that abandoned
 its attempt before it learned the suspects) is not waited for past the grace. While this peer waits for
 a round's result it watches its group mates' heartbeats: once one of them heartbeats a re-run of the same

@@ -34,7 +34,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, anext
 from swarmloco.compression.base import Codec, CodecError
 from swarmloco.compression.hivemind_bridge import TAG_PREFIX
 from swarmloco.protocol import faults
-from swarmloco.protocol.errors import InvalidContribution, RoundFailures
+from swarmloco.protocol.errors import InvalidContribution, PeerAnswered, RoundFailures
 from swarmloco.protocol.robust import robust_combine
 
 
@@ -111,7 +111,7 @@ class SparseAllGatherRunner:
         if first is None:
             first = await asyncio.wait_for(anext(stream), self.timeout)
         if first.code != averaging_pb2.PART_FOR_AVERAGING:
-            raise AllreduceException(f"sent {averaging_pb2.MessageCode.Name(first.code)}")
+            raise PeerAnswered(f"sent {averaging_pb2.MessageCode.Name(first.code)}")
         if first.tensor_part.dtype != self.tag:
             raise CodecError(f"payload encoded as {first.tensor_part.dtype!r}, this run uses {self.tag!r}")
         size = list(first.tensor_part.size)

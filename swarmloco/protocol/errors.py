@@ -29,6 +29,11 @@ class PartialAllReduce(AllreduceException):
         return str(self.args[0])
 
 
+class PeerAnswered(AllreduceException):
+    """A group mate answered with an error code instead of its data: it is alive (most often its own part of
+    the round failed because of another member), so a re-run waits for it like any live peer."""
+
+
 class InvalidContribution(AllreduceException):
     """A peer sent something no honest peer sends (bad weight, wrong size, more parts than expected)."""
 
@@ -38,7 +43,7 @@ class RoundFailures:
 
     A broken stream means the peer is gone: a *suspect*, which a re-run leaves out. A timeout may be a
     live peer slowed by another's failure (its reducer waits for the dead peer's parts): named, not
-    suspected. A peer that sent an invalid part or payload (NaN/Inf, undecodable, wrong size or weight)
+    suspected. A peer that answered with an error code is alive: named only. A peer that sent an invalid part or payload (NaN/Inf, undecodable, wrong size or weight)
     is *rejected*: a suspect, and the node excludes it from the next rounds (``swarm.exclude_rounds``).
     """
 
@@ -47,10 +52,15 @@ class RoundFailures:
         self.gone: list[str] = []
         self.slow: list[str] = []
         self.rejected: list[str] = []
+        self.answered: list[str] = []
 
     def record(self, peer_b58: str, error: BaseException) -> None:
         if is_invalid(error):
             self.reject(peer_b58, error, self.role)
+            return
+        if isinstance(error, PeerAnswered):
+            self.answered.append(peer_b58)
+            logger.warning("%s %s failed: %s", self.role, peer_b58[-8:], str(error)[:200])
             return
         slow = isinstance(error, (asyncio.TimeoutError, asyncio.CancelledError))
         (self.slow if slow else self.gone).append(peer_b58)
@@ -71,6 +81,8 @@ class RoundFailures:
         slow = sorted(set(self.slow) - set(suspects))
         named = [f"{self.role}(s) {', '.join(p[-8:] for p in suspects)} failed"] if suspects else []
         named += [f"{self.role}(s) {', '.join(p[-8:] for p in slow)} timed out"] if slow else []
+        answered = sorted(set(self.answered) - set(suspects) - set(slow))
+        named += [f"{self.role}(s) {', '.join(p[-8:] for p in answered)} answered an error"] if answered else []
         return PartialAllReduce(f"{what}: {'; '.join(named) or f'a {self.role} failed'}", suspects, rejected, slow)
 
 
@@ -79,4 +91,4 @@ def is_invalid(error: BaseException) -> bool:
     return isinstance(error, (CodecError, InvalidContribution))
 
 
-__all__ = ["InvalidContribution", "PartialAllReduce", "RoundFailures", "is_invalid"]
+__all__ = ["InvalidContribution", "PartialAllReduce", "PeerAnswered", "RoundFailures", "is_invalid"]

@@ -39,7 +39,7 @@ from swarmloco.compression.base import Codec
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
 from swarmloco.protocol.allgather import LINGER_S, serving
-from swarmloco.protocol.errors import InvalidContribution, RoundFailures, is_invalid
+from swarmloco.protocol.errors import InvalidContribution, PeerAnswered, RoundFailures, is_invalid
 from swarmloco.protocol.robust import RobustPartReducer
 
 
@@ -123,7 +123,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 if msg.code == averaging_pb2.BAD_GROUP_ID:
                     raise _NotInGroup(f"{peer_id} is not in this group (its join timed out?)")
                 if msg.code != averaging_pb2.AVERAGED_PART:
-                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                    raise PeerAnswered(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
                 if index >= len(shapes):
                     raise InvalidContribution(f"{peer_id} sent more parts than expected")
                 return self._decode(msg.tensor_part, shapes[index].numel()).reshape(shapes[index])

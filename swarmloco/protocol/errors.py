@@ -43,8 +43,9 @@ class RoundFailures:
 
     A broken stream means the peer is gone: a *suspect*, which a re-run leaves out. A timeout may be a
     live peer slowed by another's failure (its reducer waits for the dead peer's parts): named, not
-    suspected. A peer that answered with an error code is alive: named only. A peer that sent an invalid part or payload (NaN/Inf, undecodable, wrong size or weight)
-    is *rejected*: a suspect, and the node excludes it from the next rounds (``swarm.exclude_rounds``).
+    suspected. A peer that answered with an error code is alive: named only. A peer that sent an invalid
+    part or payload (NaN/Inf, undecodable, wrong size or weight) is *rejected*: a suspect, and the node
+    excludes it from the next rounds (``swarm.exclude_rounds``).
     """
 
     def __init__(self, role: str):
@@ -60,10 +61,9 @@ class RoundFailures:
             return
         if isinstance(error, PeerAnswered):
             self.answered.append(peer_b58)
-            logger.warning("%s %s failed: %s", self.role, peer_b58[-8:], str(error)[:200])
-            return
-        slow = isinstance(error, (asyncio.TimeoutError, asyncio.CancelledError))
-        (self.slow if slow else self.gone).append(peer_b58)
+        else:
+            slow = isinstance(error, (asyncio.TimeoutError, asyncio.CancelledError))
+            (self.slow if slow else self.gone).append(peer_b58)
         logger.warning("%s %s failed: %s", self.role, peer_b58[-8:], repr(error)[:200])
 
     def reject(self, peer_b58: str, error: BaseException, role: str = "sender") -> None:

@@ -25,9 +25,10 @@ link's byte counters:
 
 The emulated WAN (``scripts/wan/emulated.py``, the recipe of /work/shared/wan): one namespace per peer with
 a veth to a bridge in a hub namespace, ``tc tbf`` (burst 256kb, latency 50ms) on both ends of each veth
-(the peer's uplink and its downlink), and latency as an NFQUEUE helper (``scripts/wan/nfqdelay.c``, compiled into the work dir)
-holding every packet that enters a peer namespace for DELAY ms (the kernel has no netem). ``100mbit``: 100
-Mbit/s each way, 25 ms on each peer's ingress (50 ms RTT); ``20mbit``: 20 Mbit/s each way, no added delay;
+(the peer's uplink and its downlink), and latency as an NFQUEUE helper (``scripts/wan/nfqdelay.c``,
+compiled into the work dir) holding every packet that enters a peer namespace for DELAY ms (the kernel has
+no netem). ``100mbit``: 100 Mbit/s each way, 25 ms on each peer's ingress (50 ms RTT); ``20mbit``: 20 Mbit/s
+each way, no added delay;
 ``lan``: 1 Gbit/s, no added delay (with ``--overlap-steps T``: the loss of overlapped rounds landing after
 exactly T inner steps, against blocking rounds, in a real swarm).
 Each setting is checked before its arms with a raw TCP stream between two peer namespaces

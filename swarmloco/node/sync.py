@@ -22,21 +22,21 @@ Life of a round for outer step ``r`` (see ARCHITECTURE.md):
 A peer alone in the swarm (nobody else live) skips the network and commits its own pseudo-gradient; a
 peer alone while others live commits nothing (no quorum): it keeps its inner progress and joins them.
 
-**Failures.** When a round fails (a peer died mid-all-reduce), the survivors re-run it at once
-(``attempt`` 1, 2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. Reducers whose
-stream broke are *suspects*: the re-run's barrier does not wait for them, nor does any later one until
-they heartbeat again (a frozen peer that wakes up is welcome back; a reducer that answered with an error
-code is alive, no suspect). Peers of the round that have not reported the failure yet are waited for
-``swarm.retry_grace`` seconds, and those still heartbeating ``averaging`` (inside the failed all-reduce,
-late because of the dead peer) up to the reducer timeout (2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. A peer whose heartbeats stopped
-(``STALE_BEATS`` periods without one: the dead peer itself, seen ``averaging`` by a survivor that abandoned
-its attempt before it learned the suspects) is not waited for past the grace. While this peer waits for
-a round's result it watches its group mates' heartbeats: once one of them heartbeats a re-run of the same
-step, this attempt already failed for them, and it is abandoned at once (:meth:`Synchronizer.wait`)
-instead of waiting out its timeouts - unless that mate's group *decided* not to commit (no quorum, mixed
-states: heartbeat ``rerun="decided"``): it was then in another group, and this one may still commit. A
-re-run commits only with a quorum like any round, so a survivor that blames live peers and re-runs alone
-commits nothing.
+**Failures.** When a round fails (a peer died mid-all-reduce), the survivors re-run it at once (``attempt`` 1,
+2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. Reducers whose stream broke are
+*suspects*: the re-run's barrier does not wait for them, nor does any later one until they heartbeat again (a
+frozen peer that wakes up is welcome back; a reducer that answered with an error code is alive, no suspect).
+Peers of the round that have not reported the failure yet are waited for ``swarm.retry_grace`` seconds, and
+those still heartbeating ``averaging`` (inside the failed all-reduce, late because of the dead peer) up to the
+reducer timeout (2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. A peer whose
+heartbeats stopped (``STALE_BEATS`` periods without one: the dead peer itself, seen ``averaging`` by a
+survivor that abandoned its attempt before it learned the suspects) is not waited for past the grace. While
+this peer waits for a round's result it watches its group mates' heartbeats: once one of them heartbeats a
+re-run of the same step, this attempt already failed for them, and it is abandoned at once
+(:meth:`Synchronizer.wait`) instead of waiting out its timeouts - unless that mate's group *decided* not to
+commit (no quorum, mixed states: heartbeat ``rerun="decided"``): it was then in another group, and this one
+may still commit. A re-run commits only with a quorum like any round, so a survivor that blames live peers and
+re-runs alone commits nothing.
 
 **Behind the swarm.** A heartbeat's step and digest are claims, verified in the background
 (:mod:`swarmloco.node.catch_up`). The barrier returns ``behind`` when a heavier lineage has been proven

@@ -61,6 +61,16 @@ CHUNK_BYTES = 1 << 19
 """Bytes of payload per stream message (well under libp2p's message limit)."""
 
 
+async def connected(p2p, peer_id, *, if_unknown: bool, timeout: float = 2.0) -> bool:
+    """Whether our p2p daemon holds a connection to ``peer_id`` (a peer that died has none: its daemon's
+    sockets closed); ``if_unknown`` when the daemon cannot say within ``timeout``."""
+    try:
+        peers = await asyncio.wait_for(p2p.list_peers(), timeout)
+    except Exception:  # noqa: BLE001
+        return if_unknown
+    return any(info.peer_id == peer_id for info in peers)
+
+
 class SparseAllGatherRunner:
     """One all-gather among a group; ``await run()`` returns the weighted average as a flat fp32 tensor."""
 
@@ -269,4 +279,4 @@ class SparseAllGatherRunner:
         return torch.cat(out) if out else torch.zeros(0)
 
 
-__all__ = ["CHUNK_BYTES", "ServingCounter", "SparseAllGatherRunner", "serving"]
+__all__ = ["CHUNK_BYTES", "ServingCounter", "SparseAllGatherRunner", "connected", "serving"]

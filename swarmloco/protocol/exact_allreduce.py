@@ -38,7 +38,7 @@ from hivemind.utils.asyncio import (
 from swarmloco.compression.base import Codec
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.protocol import faults
-from swarmloco.protocol.allgather import LINGER_S, serving
+from swarmloco.protocol.allgather import LINGER_S, connected, serving
 from swarmloco.protocol.errors import InvalidContribution, PeerAnswered, RoundFailures, is_invalid
 from swarmloco.protocol.robust import RobustPartReducer
 
@@ -150,7 +150,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 # the stream of a peer that died ends as if it were complete. One that never opened its own
                 # stream to us and is no longer connected is gone: our reducer would otherwise wait
                 # sender_timeout for its parts before the group learns what every member will (its part is lost)
-                gone = not await self._still_connected(peer_id)
+                gone = not await connected(self._p2p, peer_id, if_unknown=True)  # (unknown: its parts are waited for)
             if gone and peer_id in self.sender_peer_ids and peer_id not in self.banned_senders:
                 # its connection is gone: stop waiting for its parts as a sender too, or our reducer would
                 # hold every other peer for sender_timeout when it died before sending to us. Only then: a
@@ -161,13 +161,6 @@ class ExactAllReduceRunner(AllReduceRunner):
             if gone:
                 self.doomed.set()
             raise
-
-    async def _still_connected(self, peer_id) -> bool:
-        try:
-            peers = await asyncio.wait_for(self._p2p.list_peers(), 2.0)
-        except Exception:  # noqa: BLE001 - unknown: take it as alive (its parts are then waited for)
-            return True
-        return any(info.peer_id == peer_id for info in peers)
 
     async def rpc_aggregate_part(self, stream, context):
         """hivemind's handler, plus one invariant: when a sender's stream ends, the sender either

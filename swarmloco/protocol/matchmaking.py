@@ -39,7 +39,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import cancel_and_wait
 
-from swarmloco.protocol.allgather import LINGER_S
+from swarmloco.protocol.allgather import LINGER_S, connected
 from swarmloco.protocol.gate import GatedMatchmaking
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,13 @@ class SwarmMatchmaking(GatedMatchmaking):
             sent = time.monotonic()
             join = asyncio.ensure_future(self._request_join_group(leader))
             await asyncio.wait({join}, timeout=max(0.0, deadline - sent))
-            if not join.done() and not self.was_accepted_to_group.is_set() and await self._connected(leader):
+            unanswered = not join.done() and not self.was_accepted_to_group.is_set()
+            if unanswered and await connected(self._p2p, leader, if_unknown=False):
                 # a live leader answers a request that reached it (or hivemind gives it up) within request_timeout:
                 # cancelled sooner, the leader could count this peer in all the same. A leader that died is not
-                # connected (its daemon's sockets closed): waiting on its dial would only stall the round
-                await asyncio.wait({join}, timeout=max(0.0, sent + self.request_timeout + GRACE_S - time.monotonic()))
+                # connected: waiting on its dial would only stall the round
+                patience = sent + self.request_timeout + GRACE_S - time.monotonic()
+                await asyncio.wait({join}, timeout=max(0.0, patience))
             if not join.done() and not self.was_accepted_to_group.is_set():
                 await cancel_and_wait(join)
                 self.join_timed_out = True  # (see SwarmAverager.rpc_aggregate_part)
@@ -120,13 +122,6 @@ class SwarmMatchmaking(GatedMatchmaking):
                 return group
             await asyncio.sleep(RETRY_S)
         return None
-
-    async def _connected(self, peer: PeerID) -> bool:
-        try:
-            return any(info.peer_id == peer for info in await self._p2p.list_peers())
-        except Exception as e:  # (the daemon going away with this peer: no reason to wait longer)
-            logger.debug("could not list the connected peers: %r", e)
-            return False
 
     async def rpc_join_group(self, request, context):
         answered = False

@@ -305,9 +305,10 @@ class OuterConfig:
     are corrected by the group's average when it lands; arXiv 2502.12996). ARCHITECTURE.md: the exact rules."""
     overlap_steps: int = 0
     """tau: a round's result is applied exactly this many inner steps after the round started (training
-    waits there if it has not landed yet); 1 .. inner.steps / fragments. 0: as soon as it has landed (at the
-    first inner step after its exchange ended; at the latest when the next round is due): never a wait while
-    a round takes less than a phase, and no staleness beyond what the link costs. Only with overlap =
+    waits there if it has not landed yet); 1 .. inner.steps. 0: as soon as it has landed (at the first inner
+    step after its exchange ended; at the latest when its parameters are synced again, inner.steps after it
+    started): no wait while rounds keep up with training, and no staleness beyond what the link costs. With
+    fragments several rounds can be in flight (their exchanges run one after another). Only with overlap =
     "delayed" or "eager"."""
     overlap_alpha: float = 1.0
     """When a round lands, the local params become new_global + overlap_alpha x (local - proxy): the share
@@ -340,13 +341,12 @@ class OuterConfig:
                "cannot be combined with target_samples yet (a round's size would depend on the overlap)")
 
     def check_inner_steps(self, inner_steps: int, field: str = "inner.steps") -> None:
-        """The checks that need H: fragments divide it, overlap_steps fits in one inner phase."""
+        """The checks that need H: fragments divide it, overlap_steps at most H."""
         _check(inner_steps % self.fragments == 0, field, inner_steps,
                f"must be a multiple of outer.fragments = {self.fragments} (a fragment is synced every "
                f"{field} steps, one every {field} / fragments)")
-        phase = inner_steps // self.fragments
-        _check(self.overlap_steps <= phase, "outer.overlap_steps", self.overlap_steps,
-               f"must be at most {field} / fragments = {phase} (a round lands before the next one starts)")
+        _check(self.overlap_steps <= inner_steps, "outer.overlap_steps", self.overlap_steps,
+               f"must be at most {field} = {inner_steps} (a round lands before its parameters are synced again)")
 
     @property
     def overlapped(self) -> bool:
@@ -355,10 +355,10 @@ class OuterConfig:
 
     def delay_steps(self, inner_steps: int) -> int:
         """tau: inner steps between a round's start and the moment its result is applied at the latest (0:
-        blocking; with ``overlap_steps = 0`` the phase, ``inner_steps / fragments``, the latest a round lands)."""
+        blocking; with ``overlap_steps = 0`` ``inner_steps``, when its parameters are synced again)."""
         if not self.overlapped:
             return 0
-        return self.overlap_steps or inner_steps // self.fragments
+        return self.overlap_steps or inner_steps
 
 
 @dataclass(frozen=True, kw_only=True)

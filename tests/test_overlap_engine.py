@@ -5,6 +5,8 @@ pseudo-gradient) ends with the simulator's global parameters, bit for bit (with 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -19,6 +21,8 @@ from test_cuda import LoneSwarm
     {"overlap": "delayed", "fragments": 2, "overlap_steps": 1, "overlap_alpha": 0.5},
     {"overlap": "eager", "fragments": 2, "overlap_steps": 2},
     {"fragments": 2},
+    {"overlap": "delayed", "fragments": 4, "overlap_steps": 3},  # up to 3 rounds in flight
+    {"overlap": "eager", "fragments": 2, "overlap_steps": 4, "overlap_alpha": 0.5},  # tau = H: 2 in flight
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_a_lone_peers_overlapped_rounds_equal_the_simulators(outer) -> None:
     torch.set_num_threads(1)
@@ -34,3 +38,39 @@ def test_a_lone_peers_overlapped_rounds_equal_the_simulators(outer) -> None:
         assert torch.equal(got, want.detach()), f"{name} differs by {(got - want).abs().max().item()}"
     history = peer.board.snapshot()["history"]
     assert [h["outer_step"] for h in history] == list(range(1, rounds + 1))
+
+
+def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_are_not_run(monkeypatch) -> None:
+    """Streaming with tau > H / F: several rounds in flight, their exchanges one after another. When one ends
+    without a commit, the rounds started after it (for the steps after it) are not run, the next round to
+    start is for its step again (its fragment), and training goes on: every step commits once, in order."""
+    from swarmloco.node import overlapped
+    from swarmloco.protocol.transport import RoundOutcome
+
+    torch.set_num_threads(1)
+    real_exchange, failed, queued = overlapped.exchange, [], threading.Event()
+
+    def exchange(engine, work):
+        if work.step == 2 and not failed:  # the first try of outer step 2 fails, once step 3 started behind it
+            failed.append(work.index)
+            assert queued.wait(30), "the round of step 3 was not started while the one of step 2 ran"
+            work.outcome = RoundOutcome(ok=False, error="injected")
+            return
+        real_exchange(engine, work)
+
+    monkeypatch.setattr(overlapped, "exchange", exchange)
+    cfg = tiny_config(inner={"steps": 4}, outer={"overlap": "delayed", "fragments": 4, "overlap_steps": 3})
+    peer = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", max_outer_steps=6, shard=0))
+    launched = peer.diloco._launched
+    peer.diloco._launched = lambda step: (launched(step), step == 3 and queued.set())
+    history, board_round_done = [], peer.board.round_done
+    peer.board.round_done = lambda summary: (history.append(summary), board_round_done(summary))
+    assert peer.run() == 6
+    committed = [h["outer_step"] for h in history if h["ok"]]
+    assert committed == list(range(1, 7)), history
+    not_ok = [h for h in history if not h["ok"]]
+    assert not_ok[0]["error"] == "injected" and not_ok[0]["outer_step"] == 2
+    assert not_ok[1:] and all(h["error"].startswith("not run") for h in not_ok[1:]), not_ok
+    # the re-run of step 2 synced the failed round's fragment, and the steps after it theirs
+    assert [h["fragment"] for h in history if h["ok"]] == [s % 4 for s in range(6)]
+    assert peer.diloco.parts[2] == failed[0]

@@ -223,14 +223,14 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
     """The overlap and fragment rules of ARCHITECTURE.md written out one inner step at a time, independently of
     swarmloco's simulator, outer optimizer, proxy and merge code (``parts``: the fragments' parameter indices):
 
-        after inner step t:  a round in flight that started tau steps ago lands:
+        after inner step t:  the rounds in flight that started tau steps ago land (several with tau > H/F):
                                  theta_f <- Nesterov(theta_f, avg)       (m_f <- mu m_f + avg; d = avg + mu m_f)
                                  local_f <- alpha local_f + (theta_f - alpha p)   (blocking: local_f <- theta_f)
                              every H/F steps (and at the last step) round s starts on fragment f = parts[s % F]:
                                  delta = theta_f - local_f;  [codec with error feedback per parameter]
                                  p = local_f (delayed)  |  p = theta_f - lr (delta + mu (mu m_f + delta)) (eager),
                                  local_f <- p;  avg = mean of the workers' deltas
-                             a round started at the last step lands at once
+                             at the last step the rounds in flight land first, the round started then at once
     """
     theta = [p.detach().clone() for p in GPT(MODEL, seed=seed).parameters()]
     locals_ = [GPT(MODEL, seed=seed) for _ in range(workers)]
@@ -242,7 +242,7 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
     mu, lr, alpha, F = outer.momentum, outer.lr, outer.overlap_alpha, outer.fragments
     phase = H // F
     tau = 0 if outer.overlap == "none" else (outer.overlap_steps or phase)
-    inflight = None  # (land_at, fragment indices, proxies per worker, avg)
+    inflight = []  # (land_at, fragment indices, proxies per worker, avg), oldest first
 
     def land(frag, proxies, avg):
         for j, i in enumerate(frag):
@@ -261,13 +261,12 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
     for t in range(1, steps + 1):
         for trainer, stream in zip(trainers, streams):
             trainer.train(stream, 1)
-        if inflight is not None and t == inflight[0]:
-            land(*inflight[1:])
-            inflight = None
+        while inflight and t == inflight[0][0]:
+            land(*inflight.pop(0)[1:])
         if t % phase and t != steps:
             continue
-        if inflight is not None:  # the run ends before it was due: it lands first
-            land(*inflight[1:])
+        while inflight and t == steps:  # the run ends before they were due: they land first
+            land(*inflight.pop(0)[1:])
         frag = parts[s % F]
         s += 1
         proxies, deltas = [], []
@@ -295,10 +294,9 @@ def _reference_overlap(corpus, inner, outer: OuterConfig, codec: CodecConfig | N
                 delta = sent
             deltas.append(delta)
         avg = _mean_of_workers(deltas)
-        inflight = (t + tau, frag, proxies, avg)
+        inflight.append((t + tau, frag, proxies, avg))
         if tau == 0 or t == steps:
-            land(*inflight[1:])
-            inflight = None
+            land(*inflight.pop()[1:])
     return theta, [list(m.parameters()) for m in locals_]
 
 
@@ -311,6 +309,8 @@ OVERLAP_SETTINGS = [
     (OuterConfig(overlap="delayed", fragments=2, overlap_steps=1, overlap_alpha=0.5), None, 4),
     (OuterConfig(overlap="eager", fragments=3), None, 6),
     (OuterConfig(overlap="delayed", fragments=2), CodecConfig(name="int8", block_size=64), 4),
+    (OuterConfig(overlap="delayed", fragments=3, overlap_steps=5), None, 6),  # up to 3 rounds in flight
+    (OuterConfig(overlap="eager", fragments=2, overlap_steps=6, overlap_alpha=0.5), None, 6),  # tau = H
 ]
 
 

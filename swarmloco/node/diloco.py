@@ -171,7 +171,9 @@ class DiLoCo(Heartbeats, PeerState):
         self._round_started = time.perf_counter()
         self._phase_blocked = 0.0  # seconds of this inner phase the training loop spent on a landing round
         self._last_landed = self._round_started  # when the last round was reported (overlapped round times)
-        self._inflight: BackgroundRound | None = None  # the round running behind the inner steps (overlap)
+        self._flying: deque[BackgroundRound] = deque()  # rounds running behind the inner steps, oldest first
+        self._next_step = 0  # the outer step of the next round while rounds are in flight (under _step_lock)
+        self._step_lock = threading.Lock()
         self._last_sps = 0.0
         self._last_round_bytes: int | None = None
         self._known_peers: set[str] = set()
@@ -224,7 +226,7 @@ class DiLoCo(Heartbeats, PeerState):
             return
         self._closed = True
         try:
-            if self._inflight is not None:  # a round in flight lands first: the checkpoint then holds it
+            while self._flying:  # the rounds in flight land first: the checkpoint then holds them
                 self._land_quietly()
         finally:
             self._halt.set()
@@ -256,19 +258,21 @@ class DiLoCo(Heartbeats, PeerState):
             self._loss_sum = self._loss_sum + (loss.detach().float() if isinstance(loss, torch.Tensor) else float(loss))
             self._loss_n += 1
         report = None
-        if self._inflight is not None:
-            self._inflight.steps += 1
-            # applied exactly tau steps after it started, or (overlap_steps = 0) once its exchange has ended
-            if self._inflight.steps >= self.tau or (self._land_early and self._inflight.done()):
-                report = land(self)
+        for background in self._flying:
+            background.steps += 1
+        # the oldest lands exactly tau steps after it started, or (overlap_steps = 0) once its exchange has ended
+        while self._flying and (self._flying[0].steps >= self.tau or (self._land_early and self._flying[0].done())):
+            report = land(self)
         if self.stop.is_set():
             return report
-        if self.catchup.pending is not None and self._inflight is None:
-            return report or self._adopt_pending()
+        if self.catchup.pending is not None:  # adopted once no round is in flight (at the latest when one is due)
+            if self._flying and self._round_is_due():
+                report = self.wait_for_round()
+            if not self._flying:
+                return report or self._adopt_pending()
         if self._round_is_due():
             if self.overlapped:
-                launch(self)  # runs behind the next inner steps; reported when it lands
-                return report
+                return launch(self) or report  # runs behind the next inner steps; reported when it lands
             return self.sync_now()
         return report
 
@@ -278,10 +282,9 @@ class DiLoCo(Heartbeats, PeerState):
         if not self._started:
             self.start()
         if self.overlapped:
-            if self._inflight is not None:
-                land(self)
-            launch(self)
-            return land(self)
+            self.wait_for_round()
+            report = launch(self)
+            return self.wait_for_round() or report
         inner = self._inner_result()
         report = run_round(self, inner)
         self._next_round()
@@ -289,18 +292,36 @@ class DiLoCo(Heartbeats, PeerState):
 
     @property
     def in_flight(self) -> int | None:
-        """The outer step of the round running behind the inner steps now (``outer.overlap``), None if none; it
-        lands ``overlap_steps`` steps after it started, or at :meth:`wait_for_round`."""
-        return self._inflight.work.step if self._inflight is not None else None
+        """The outer step of the newest round running behind the inner steps now (``outer.overlap``), None if
+        none; a round lands ``overlap_steps`` steps after it started, or at :meth:`wait_for_round`."""
+        return self._flying[-1].work.step if self._flying else None
 
     def wait_for_round(self) -> RoundReport | None:
-        """Land the round in flight now (waiting for it if need be) and return its report; None if there is
-        none. For a loop that stops: the last round it started is applied before it leaves."""
-        return land(self) if self._inflight is not None else None
+        """Land the rounds in flight now (waiting for them if need be) and return the last one's report; None
+        if there is none. For a loop that stops: the last round it started is applied before it leaves."""
+        report = None
+        while self._flying:
+            report = land(self)
+        return report
 
     def round_parts(self) -> tuple[int, ...]:
         """The parameters the round of the current outer step syncs: all, or its streaming fragment's."""
         return self.parts[round_fragment(self.outer_step, len(self.parts))]
+
+    def _next_round_step(self) -> int:
+        """The outer step of the next round to start: the peer's, or the one after the rounds in flight."""
+        with self._step_lock:
+            return self._next_step if self._flying else self.outer_step
+
+    def _launched(self, step: int) -> None:
+        with self._step_lock:
+            self._next_step = step + 1
+
+    def _round_not_committed(self, step: int) -> None:
+        """A round in flight ended without a commit: the next one to start is for its step again (the rounds
+        started after it meanwhile are not run)."""
+        with self._step_lock:
+            self._next_step = step
 
     def _land_quietly(self) -> None:
         """Land the round in flight on the way out (close): its report still goes to the board."""

@@ -44,13 +44,14 @@ class PeerState:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _evaluate_global(self) -> float:
+    def _evaluate_global(self, step: int | None = None) -> float:
         """``evaluate()`` of the global parameters after a committed round: every round, or with streaming
         fragments once every ``fragments`` rounds (when each fragment took one more step: a round moves only
         one fragment, and an evaluation per round would cost F times as much), NaN for the rounds between.
         With rounds overlapped the model holds this peer's own parameters (global plus the inner steps since):
-        they are set aside on the device, the global ones put in for the evaluation, and restored."""
-        if self.evaluate_fn is None or self.outer_step % self.outer_cfg.fragments:
+        they are set aside on the device, the global ones put in for the evaluation, and restored. ``step``: the
+        outer step the landing round committed (default: the peer's; rounds in flight after it may be ahead)."""
+        if self.evaluate_fn is None or (self.outer_step if step is None else step) % self.outer_cfg.fragments:
             return float("nan")
         if not self.overlapped:
             return self._evaluate()

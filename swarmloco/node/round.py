@@ -111,10 +111,14 @@ class RoundWork:
     sent_norm: float = 0.0
     """The norm of what this peer contributed."""
     update_norm: float = float("nan")
+    digest: str | None = None
+    """The global parameters' digest this round committed (rounds in flight after it may have moved them)."""
 
 
-def prepare(engine, inner, index: Sequence[int]) -> RoundWork:
-    """The round's pseudo-gradient (with a lossy codec plus the error-feedback residual) for ``index``."""
+def prepare(engine, inner, index: Sequence[int], step: int | None = None, weight: int | None = None) -> RoundWork:
+    """The round's pseudo-gradient (with a lossy codec plus the error-feedback residual) for ``index``; the
+    round is for outer ``step`` (default: the peer's) and carries ``weight`` samples (default: all since the
+    last committed round)."""
     t0 = engine._round_started
     compute_s = time.perf_counter() - t0 - engine._phase_blocked
     pseudo = pseudo_gradient(engine, index)
@@ -128,8 +132,9 @@ def prepare(engine, inner, index: Sequence[int]) -> RoundWork:
     dead = engine.transport.dead()
     if dead:  # no round can ever succeed: say so instead of failing every one of them
         raise TransportDied(f"{dead}: this peer can no longer average; restart it (--resume keeps its progress)")
-    return RoundWork(step=engine.outer_step, index=tuple(index), inner=inner, t0=t0, compute_s=compute_s,
-                     to_send=to_send, weight=engine._samples_since_sync,
+    return RoundWork(step=engine.outer_step if step is None else step, index=tuple(index), inner=inner, t0=t0,
+                     compute_s=compute_s, to_send=to_send,
+                     weight=engine._samples_since_sync if weight is None else weight,
                      sent_norm=pseudo_norm if to_send is pseudo else norm(to_send))
 
 
@@ -196,6 +201,8 @@ def exchange(engine, work: RoundWork) -> None:
 def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
     """The round's report (status board, ``--json-events``) and a checkpoint when one is due."""
     outcome = work.outcome
+    # with rounds in flight after this one the peer may be further already: the report says this round's state
+    step, digest = (work.step + 1, work.digest) if outcome.ok and work.digest else (engine.outer_step, engine.digest)
     now = time.perf_counter()
     overlapped = engine.overlapped  # then a round's time is the time between two landings
     round_time = now - (engine._last_landed if overlapped else work.t0)
@@ -203,7 +210,7 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
     engine.board.add(bytes_sent_total=outcome.bytes_sent, bytes_received_total=outcome.bytes_received)
     engine._last_round_bytes = outcome.bytes_sent + outcome.bytes_received
     last_round = {
-        "outer_step": engine.outer_step, "ok": outcome.ok, "peers": max(1, outcome.group_size),
+        "outer_step": step, "ok": outcome.ok, "peers": max(1, outcome.group_size),
         "compute_s": work.compute_s, "barrier_s": work.barrier_s, "matchmaking_s": outcome.matchmaking_s,
         "allreduce_s": outcome.allreduce_s, "outer_step_s": work.outer_s, "bytes_sent": outcome.bytes_sent,
         "bytes_received": outcome.bytes_received, "compression_ratio": 1.0 / engine.codec.expected_ratio(),
@@ -215,7 +222,7 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
                         last_round_time=round_time, rss_bytes=rss_bytes(),
                         cuda_allocated_bytes=torch.cuda.memory_allocated() if engine.device.type == "cuda" else None)
     summary = {
-        "peer_id": engine.transport.peer_id, "outer_step": engine.outer_step, "ok": outcome.ok,
+        "peer_id": engine.transport.peer_id, "outer_step": step, "ok": outcome.ok,
         "train_loss": work.inner.mean_loss, "eval_loss": eval_loss, "peers": max(1, outcome.group_size),
         "samples_per_second": engine._last_sps, "bytes_sent": outcome.bytes_sent,
         "bytes_received": outcome.bytes_received, "round_time": round_time, "sync_s": work.sync_s,
@@ -223,7 +230,7 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
         "barrier_s": work.barrier_s, "matchmaking_s": outcome.matchmaking_s, "allreduce_s": outcome.allreduce_s,
         "outer_step_s": work.outer_s,
         "fragment": engine.parts.index(work.index) if len(engine.parts) > 1 else 0, "fragments": len(engine.parts),
-        "digest": engine.digest, "error": outcome.error, "fp32_bytes": 4 * sum(p.numel() for p in engine.global_params),
+        "digest": digest, "error": outcome.error, "fp32_bytes": 4 * sum(p.numel() for p in engine.global_params),
         "initial_eval_loss": engine.initial_eval_loss, "attempts": work.attempts, "inner_steps": work.inner.steps,
         "samples": work.inner.samples, "adopted": False, "retried": work.retried,
         "sent_norm": work.sent_norm, "update_norm": work.update_norm, "clipped": list(outcome.clipped),
@@ -264,7 +271,7 @@ def _commit(engine, work: RoundWork, feedback: list[torch.Tensor] | None) -> Non
         apply_outer_step(engine.outer_opt, [engine.global_params[i] for i in work.index],
                          [engine._averaged[i] for i in work.index])
         engine.outer_step += 1
-        engine.digest = params_digest(engine.global_params)
+        engine.digest = work.digest = params_digest(engine.global_params)
         engine._certify(outcome, engine.outer_step - 1, parent, engine.digest)
     engine._mates = set(outcome.gathered)
     engine.sync.committed(engine.outer_step - 1, work.attempts - 1)

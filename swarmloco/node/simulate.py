@@ -209,8 +209,10 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
 
     ``outer_cfg.overlap`` / ``overlap_steps`` / ``overlap_alpha`` / ``fragments`` follow the peer's rules
     (:mod:`swarmloco.outer_optim.overlap`): a round starts every ``H / fragments`` steps on one fragment and,
-    when overlapped, lands exactly ``tau`` steps later (a round still in flight at the end lands before the
-    final evaluation). A round "ends" for the evaluation schedule when it lands.
+    when overlapped, lands exactly ``tau`` steps later (``overlap_steps``, up to ``H``: then several rounds
+    are in flight; ``overlap_steps = 0`` at the end of its phase, ``H / fragments`` steps; the rounds still in
+    flight at the end land before the final evaluation). A round "ends" for the evaluation schedule when it
+    lands.
     """
     shards = list(range(workers)) if shards is None else list(shards)
     if len(shards) != workers:
@@ -228,13 +230,16 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
     curve = _Curve(global_model, corpus.eval_batches(), device, eval_every or H, steps, f"diloco{workers}-H{H}")
     names, numels = zip(*((n, p.numel()) for n, p in global_model.named_parameters()))
     parts = fragment_partition(names, numels, outer_cfg.fragments)
-    phase, tau = H // outer_cfg.fragments, outer_cfg.delay_steps(H)
+    phase = H // outer_cfg.fragments
+    # overlap_steps = 0 (a peer lands a round as soon as it arrived): modelled as the end of its phase, what a
+    # peer whose rounds keep up with training gets at the latest (a slower link lands later, up to H)
+    tau = outer_cfg.overlap_steps or phase if outer_cfg.overlapped else 0
     done, rounds, tokens, payload = 0, 0, 0, 0
-    inflight: _SimRound | None = None
+    inflight: list[_SimRound] = []  # oldest first; several with fragments and tau > H / F
     while done < steps:
-        n = min(phase, steps - done)  # the next round starts after n steps; one in flight lands on the way
-        first = n if inflight is None else min(n, inflight.land_at - done)
-        for k, length in enumerate((first, n - first)):
+        n = min(phase, steps - done)  # the next round starts after n steps; rounds in flight land on the way
+        while n > 0:
+            length = n if not inflight else max(0, min(n, inflight[0].land_at - done))
             if length > 0:
                 losses = []
                 for trainer, stream in zip(trainers, streams):
@@ -242,18 +247,17 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
                     losses.append(result.mean_loss)
                     tokens += result.samples * model_cfg.block_size
                 curve.train_losses.extend([sum(losses) / workers] * length)
-            done += length
-            if k == 0 and inflight is not None:
-                inflight.land(outer, global_params, local_models)
-                inflight = None
+                done, n = done + length, n - length
+            while inflight and (inflight[0].land_at <= done or done == steps):  # (the run ends: all land)
+                inflight.pop(0).land(outer, global_params, local_models)
                 curve.maybe_record(done)
         index = parts[round_fragment(rounds, outer_cfg.fragments)]
         payload += sum(numels[i] for i in index)
-        inflight = _SimRound(outer_cfg, outer, global_params, local_models, index, transform, done + tau)
+        inflight.append(_SimRound(outer_cfg, outer, global_params, local_models, index, transform, done + tau))
         rounds += 1
-        if tau == 0 or done == steps:  # blocking, or the run's last round: it lands now
-            inflight.land(outer, global_params, local_models)
-            inflight = None
+        if tau == 0 or done == steps:  # blocking, or the run's last round: every round in flight lands now
+            while inflight:
+                inflight.pop(0).land(outer, global_params, local_models)
             curve.maybe_record(done)
     params = num_params(global_model)
     bytes_sent = allreduce_bytes_per_worker(payload, workers, bytes_per_value)

@@ -13,7 +13,8 @@ average of the deltas, ``tau`` = ``outer.overlap_steps``, ``alpha`` = ``outer.ov
   average not known yet, and ``local := p`` at once.
 
 Exactly ``tau`` inner steps after the round started (training waits there if it has not landed yet; with
-``overlap_steps = 0`` the peer lands it as soon as it has arrived, at the latest ``H / F`` steps after) the
+``overlap_steps = 0`` the peer lands it as soon as it has arrived, at the latest ``H`` steps after, when its
+parameters are synced again: with fragments several rounds can be in flight, one per fragment) the
 round lands: ``T = theta' = outer_step(theta, avg)`` if it committed (the certified global state, identical
 on every peer), else ``T = theta - delta`` (the local parameters at the round's start: as if the round had not
 run, so the next pseudo-gradient carries this one's progress, as in a blocking round that failed), and

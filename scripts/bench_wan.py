@@ -70,6 +70,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +284,7 @@ def run_arm(args, wan: Wan, sampler: Sampler, arm: str, overrides: dict, workdir
     result["other_events"] = {f"p{p.index}": p.events[-20:] for p in peers}
     if result["status"] != "ok":
         result["log_tails"] = {f"p{p.index}": p.log_tail(1500) for p in peers}
-    result.update(summarize(peers, args, rounds))
+    result.update(summarize(peers, args, rounds, result["fragments"]))
     result["wire"] = wire_stats(sampler.samples, t_start, t_end, args.peers)
     if result.get("t_first") is not None:
         result["wire_measured_window"] = wire_stats(sampler.samples, result["t_first"], result["t_last"], args.peers)
@@ -302,15 +303,15 @@ DETAIL_KEYS = ("compute_s", "blocked_s", "sync_s", "barrier_s", "matchmaking_s",
                "round_time")
 
 
-def summarize(peers: list[Peer], args, rounds: int) -> dict:
+def summarize(peers: list[Peer], args, rounds: int, fragments: int = 1) -> dict:
     per_peer = []
     for p in peers:
         recs = sorted(p.records, key=lambda r: r["t_read"])
         if not recs:
             continue
-        # the steady state: neither the first round (start-up) nor the last (a peer that stops waits for its last
-        # round to land, training no more)
-        body = recs[1:-1] if len(recs) > 2 else recs[1:]
+        # the steady state: neither the first round (start-up) nor the rounds in flight when training stopped (a
+        # peer that stops waits for them to land, training no more: the last one, or with F fragments up to F)
+        body = recs[1:-fragments] if len(recs) > fragments + 1 else recs[1:]
         has_compute = all("compute_s" in r for r in body)
         compute = sum(r["compute_s"] if has_compute else r["round_time"] - r.get("sync_s", 0.0) for r in body)
         has_blocked = bool(body) and all(_finite(r.get("blocked_s")) for r in body)
@@ -425,6 +426,21 @@ def print_table(results: list[dict]) -> None:
             print(f"  {r['arm']}/{r['link']}: {r['error']}")
 
 
+def resummarize(path: Path, out: Path) -> int:
+    """The summaries of ``path``'s arms computed again from the round records it holds (after a change to
+    :func:`summarize`); the wire figures, which need the link samples, are kept as they were."""
+    report = json.loads(path.read_text())
+    settings = argparse.Namespace(**report["settings"])
+    for res in report["results"]:
+        peers = [types.SimpleNamespace(index=int(name[1:]), records=recs) for name, recs in res["records"].items()]
+        res.update(summarize(peers, settings, res["max_outer_steps"], res["fragments"]))
+    report["resummarized"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print_table(report["results"])
+    return 0
+
+
 def main() -> int:
     arm_names = [a for a, _ in ARMS]
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -451,7 +467,11 @@ def main() -> int:
     ap.add_argument("--workdir", default=None, help="configs, logs, maddrs (default: a new /tmp/bench_wan-*)")
     ap.add_argument("--verbose-peers", action="store_true", help="peers log with -v")
     ap.add_argument("--out", default="runs/bench_wan.json")
+    ap.add_argument("--resummarize", metavar="JSON",
+                    help="recompute the summaries of a finished run's JSON from its round records into --out")
     args = ap.parse_args()
+    if args.resummarize:
+        return resummarize(Path(args.resummarize), Path(args.out))
     if os.geteuid() != 0:
         print("bench_wan: needs root (network namespaces, tc, iptables): run it with sudo", file=sys.stderr)
         return 2

@@ -66,6 +66,8 @@ def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_a
     history, board_round_done = [], peer.board.round_done
     peer.board.round_done = lambda summary: (history.append(summary), board_round_done(summary))
     assert peer.run() == 6
+    # each round carries its own phase's samples (1 step of 8), not those of the rounds in flight before it
+    assert [h["samples"] for h in history[:2]] == [8, 8], history[:2]
     committed = [h["outer_step"] for h in history if h["ok"]]
     assert committed == list(range(1, 7)), history
     not_ok = [h for h in history if not h["ok"]]

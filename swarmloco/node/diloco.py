@@ -342,13 +342,16 @@ class DiLoCo(Heartbeats, PeerState):
         return self._round_due.is_set() or self._samples_since_sync + self._swarm_samples >= target
 
     def _inner_result(self) -> _Inner:
+        """The inner phase that just ended; its samples: those since the last committed round that no round in
+        flight carries already."""
         seconds = time.perf_counter() - self._round_started
         mean = float(self._loss_sum) / self._loss_n if self._loss_n else float("nan")
+        samples = self._samples_since_sync - sum(r.work.weight for r in self._flying)
         if self._inner_steps and seconds > 0:
-            self._last_sps = self._samples_since_sync / seconds
+            self._last_sps = samples / seconds
         self.board.update(inner_steps_total=self.inner_step, train_loss=mean, samples_per_second=self._last_sps,
                           inner_step=self._inner_steps)
-        return _Inner(self._inner_steps, self._samples_since_sync, seconds, mean)
+        return _Inner(self._inner_steps, samples, seconds, mean)
 
     def _start_phase(self) -> None:
         """A new inner phase starts now (its steps, samples and loss are counted afresh)."""

@@ -95,9 +95,8 @@ def launch(engine) -> RoundReport | None:
         report = land(engine)  # its buffers are this round's: it lands first
         if report.adopted:
             return report
-    inner = engine._inner_result()
-    claimed = sum(r.work.weight for r in engine._flying)  # samples the rounds in flight already carry
-    work = prepare(engine, inner, index, step=step, weight=engine._samples_since_sync - claimed)
+    inner = engine._inner_result()  # (its samples: none that the rounds in flight carry already)
+    work = prepare(engine, inner, index, step=step, weight=inner.samples)
     if engine.outer_cfg.overlap == "eager":  # this peer's own outer step stands in for the group's
         theta = [engine.global_params[i] for i in work.index]
         proxy = proxy_step(engine.outer_opt, theta, [engine._pseudo[i] for i in work.index])

@@ -68,6 +68,7 @@ def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_a
     assert peer.run() == 6
     # each round carries its own phase's samples (1 step of 8), not those of the rounds in flight before it
     assert [h["samples"] for h in history[:2]] == [8, 8], history[:2]
+    assert [h["landed_after_steps"] for h in history[:2]] == [3, 3]  # exactly tau
     committed = [h["outer_step"] for h in history if h["ok"]]
     assert committed == list(range(1, 7)), history
     not_ok = [h for h in history if not h["ok"]]

@@ -78,6 +78,32 @@ def test_sigkill_during_a_background_round_costs_the_survivors_no_hang_and_no_di
     assert after[0]["round_time"] < 3 * first[0]["round_time"] + 5, after
 
 
+def test_a_peer_killed_while_several_streaming_rounds_are_in_flight_costs_the_survivors_no_hang_and_no_divergence(
+        spawn, write_config) -> None:
+    from test_faults import FAST, rounds_until, start_swarm
+
+    # fragments = 2 and tau = H: a round lands a whole H after it started, so two are in flight at a time and their
+    # exchanges queue behind each other; p2 stops dead right after its third ready barrier found a group (its mates
+    # count on it there), and we kill its whole machine
+    config = write_config(swarm={**FAST, "min_peers": 3},
+                          outer={"overlap": "delayed", "fragments": 2, "overlap_steps": 8})
+    p0, p1, victim = start_swarm(spawn, config, 3, env_for={2: {"SWARMLOCO_FAULT": "hang_at_barrier:3"}})
+    victim.wait_event("fault")
+    victim.signal_session(signal.SIGKILL)
+    start = max([r["outer_step"] for p in (p0, p1) for r in p.rounds] + [0])
+    goal = start + 6
+    seen = []
+    for p in (p0, p1):  # bounded: every read waits at most 120 s, and at most 60 reads
+        rounds_until(p, lambda r: r["ok"] and r["outer_step"] >= goal, limit=60)
+        seen.append({r["outer_step"]: r for r in p.rounds if r["ok"] and not r["adopted"]})
+    common = sorted(set(seen[0]) & set(seen[1]))
+    assert [s for s in common if s > start + 2], f"the survivors committed no round together: {common}"
+    for step in common:
+        assert seen[0][step]["digest"] == seen[1][step]["digest"], f"the survivors diverged at outer step {step}"
+    for mine in seen:  # the rounds in flight at the kill aside, none alone while the other lived, none with p2
+        assert all(r["peers"] == 2 for step, r in mine.items() if step > start + 2), mine
+
+
 def test_a_late_joiner_while_rounds_run_behind_training_gets_a_whole_state(spawn, write_config) -> None:
     from test_faults import FAST, PACED, assert_same_state, rounds_until
 

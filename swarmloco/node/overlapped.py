@@ -124,6 +124,7 @@ def land(engine) -> RoundReport:
     if background.error is not None:
         raise background.error
     work = background.work
+    work.landed_after = background.steps
     if work.behind is not None:  # the swarm is on a heavier lineage: adopt it (all inner work since is dropped)
         while engine._flying:  # the rounds after this one are not run (their step is stale): drop them
             engine._flying.popleft().wait()

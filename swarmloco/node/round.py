@@ -113,6 +113,8 @@ class RoundWork:
     update_norm: float = float("nan")
     digest: str | None = None
     """The global parameters' digest this round committed (rounds in flight after it may have moved them)."""
+    landed_after: int | None = None
+    """Inner steps between its start and its landing (overlapped rounds: its staleness, tau)."""
 
 
 def prepare(engine, inner, index: Sequence[int], step: int | None = None, weight: int | None = None) -> RoundWork:
@@ -228,7 +230,7 @@ def finish(engine, work: RoundWork, eval_loss: float) -> RoundReport:
         "bytes_received": outcome.bytes_received, "round_time": round_time, "sync_s": work.sync_s,
         "compute_s": work.compute_s, "blocked_s": work.blocked_s, "overlapped": overlapped,
         "barrier_s": work.barrier_s, "matchmaking_s": outcome.matchmaking_s, "allreduce_s": outcome.allreduce_s,
-        "outer_step_s": work.outer_s,
+        "outer_step_s": work.outer_s, "landed_after_steps": work.landed_after,
         "fragment": engine.parts.index(work.index) if len(engine.parts) > 1 else 0, "fragments": len(engine.parts),
         "digest": digest, "error": outcome.error, "fp32_bytes": 4 * sum(p.numel() for p in engine.global_params),
         "initial_eval_loss": engine.initial_eval_loss, "attempts": work.attempts, "inner_steps": work.inner.steps,

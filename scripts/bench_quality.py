@@ -204,7 +204,7 @@ def build_arms(args) -> list[Arm]:
         arms += [diloco(f"{d}-{codec}", *default, codec=codec) for codec in args.codecs]
         arms += [diloco(outer_label(*g), *g) for g in grid]
         arms += [diloco(f"{d}-{overlap_label(spec)}", *default, **spec) for spec in args.overlap  # (F must divide H)
-                 if H % spec.get("fragments", 1) == 0 and spec.get("overlap_steps", 0) <= H // spec.get("fragments", 1)]
+                 if H % spec.get("fragments", 1) == 0 and spec.get("overlap_steps", 0) <= H]
         if args.iid and index == 0:
             arms.append(Arm(f"{pre}dp-s{seed}-iid", "dp", steps, seed=seed, iid=True))
             arms.append(diloco(f"{d}-iid", *default, iid=True))

@@ -430,8 +430,8 @@ def resummarize(path: Path, out: Path) -> int:
     """The summaries of ``path``'s arms computed again from the round records it holds (after a change to
     :func:`summarize`); the wire figures, which need the link samples, are kept as they were."""
     report = json.loads(path.read_text())
-    settings = argparse.Namespace(**report["settings"])
     for res in report["results"]:
+        settings = argparse.Namespace(**{**report.get("settings", {}), "inner_steps": res["config"]["inner"]["steps"]})
         peers = [types.SimpleNamespace(index=int(name[1:]), records=recs) for name, recs in res["records"].items()]
         res.update(summarize(peers, settings, res["max_outer_steps"], res["fragments"]))
     report["resummarized"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -77,3 +77,40 @@ def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_a
     # the re-run of step 2 synced the failed round's fragment, and the steps after it theirs
     assert [h["fragment"] for h in history if h["ok"]] == [s % 4 for s in range(6)]
     assert peer.diloco.parts[2] == failed[0]
+
+
+def test_a_heavier_lineage_found_with_rounds_queued_behind_drops_them_and_adopts_once(monkeypatch) -> None:
+    """A round whose barrier finds a heavier lineage ends in that adoption when it lands: the rounds queued behind
+    it are not run, dropped without a correction, and the adoption happens once; training goes on from there."""
+    from swarmloco.node import overlapped
+    from swarmloco.node.round import RoundReport
+
+    torch.set_num_threads(1)
+    real_exchange, queued, adoptions = overlapped.exchange, threading.Event(), []
+
+    def exchange(engine, work):
+        if work.step == 2 and not adoptions:  # its barrier finds a heavier lineage, once step 3 started behind it
+            assert queued.wait(30), "the round of step 3 was not started while the one of step 2 ran"
+            work.behind = "a prepared lineage"
+            return
+        real_exchange(engine, work)
+
+    monkeypatch.setattr(overlapped, "exchange", exchange)
+    cfg = tiny_config(inner={"steps": 4}, outer={"overlap": "delayed", "fragments": 4, "overlap_steps": 3})
+    peer = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", max_outer_steps=5, shard=0))
+    diloco = peer.diloco
+    launched = diloco._launched
+    diloco._launched = lambda step: (launched(step), step == 3 and queued.set())
+
+    def adopt(pending, inner, t0, taken=None):  # (a stand-in: the state stays this peer's own)
+        adoptions.append((pending, len(diloco._flying)))
+        return RoundReport(outer_step=diloco.outer_step, ok=True, adopted=True, peers=1, train_loss=float("nan"),
+                           eval_loss=float("nan"), round_time=0.0)
+
+    diloco._catch_up_instead_of_round = adopt
+    history, board_round_done = [], peer.board.round_done
+    peer.board.round_done = lambda summary: (history.append(summary), board_round_done(summary))
+    assert peer.run() == 5
+    assert adoptions == [("a prepared lineage", 0)]  # once, after the queued rounds were dropped
+    assert [h["outer_step"] for h in history if h["ok"]] == list(range(1, 6))  # step 2 (and on) run again
+    assert not [h for h in history if not h["ok"]], "dropped rounds are not reported"

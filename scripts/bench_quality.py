@@ -146,8 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--grid-other", nargs="*", default=OTHER_GRID, help="the same, for the other suites")
     ap.add_argument("--codecs", nargs="*", default=["int8", "int4"], help="dense codecs at the default outer setting")
     ap.add_argument("--no-sparse", dest="sparse", action="store_false", help="skip the SparseLoCo arms")
-    ap.add_argument("--sparse-lr", type=float, nargs="+", default=[4.0],
-                    help="SparseLoCo outer lr(s) (plain SGD; 4 was best of 1, 2, 4, 8 at K=4, H=30: BENCHMARKS.md)")
+    ap.add_argument("--sparse-lr", type=float, nargs="+", default=[2.0],
+                    help="SparseLoCo outer lr(s) (plain SGD; 2 was best of 1, 2, 3 at K=4, H=30: BENCHMARKS.md)")
     ap.add_argument("--sparse-decay", type=float, default=CodecConfig.topk_decay, help="error-feedback decay (beta)")
     ap.add_argument("--sparse-fraction", type=float, default=CodecConfig.topk_fraction)
     ap.add_argument("--sparse-chunk", type=int, default=CodecConfig.topk_chunk)

@@ -100,13 +100,18 @@ def test_garbage_of_the_right_length_fails_to_decode() -> None:
         CODEC.decode(junk, r.numel)
 
 
-def test_the_average_is_weighted_and_in_the_groups_order() -> None:
+def test_the_average_is_weighted_over_each_coordinates_senders_and_in_the_groups_order() -> None:
     r = runner()
     xs = [torch.randn(1000) for _ in range(3)]
     contributions = {i: (float(i + 1), CODEC.encode(x)) for i, x in enumerate(xs)}
     got = r._average(contributions)
-    want = sum(CODEC.roundtrip(x) * (i + 1) for i, x in enumerate(xs)) / 6
+    sent = [CODEC.roundtrip(x) for x in xs]
+    weights = sum((s != 0).float() * (i + 1) for i, s in enumerate(sent))  # per coordinate: its senders' weights
+    want = torch.where(weights > 0, sum(s * (i + 1) for i, s in enumerate(sent)) / weights.clamp_min(1), 0.0)
     assert torch.allclose(got, want, atol=1e-6)
+    only = (sent[0] != 0) & (sent[1] == 0) & (sent[2] == 0)
+    assert bool(only.any()) and torch.equal(got[only], sent[0][only])  # sent by one member: its value, whole
+    assert bool((weights == 0).any()) and not bool(got[weights == 0].any())  # sent by none: 0
     assert torch.equal(got, r._average(dict(reversed(contributions.items()))))  # arrival order does not matter
 
 

@@ -156,6 +156,18 @@ def test_topk_bits_per_value_and_sparseloco_default():
         assert len(c.encode(torch.randn(n, generator=gen(n)))) == c.payload_size(n)
 
 
+def test_topk_sends_a_tensor_shorter_than_a_chunk_whole_without_indices():
+    """Biases and norms' gains (shorter than a chunk) travel whole at 2 bits per value, as SparseLoCo's
+    reference sends 1-D tensors; the short last chunk of a longer tensor still keeps its share."""
+    c = TopKCodec()  # 64 of 4096
+    x = torch.randn(300, generator=gen())
+    y = c.roundtrip(x)
+    assert c.kept(300) == 300 and torch.equal(y.sign(), x.sign())
+    assert c.payload_size(300) == 16 + 4 + 300 * 2 // 8  # header, two bf16 levels, 2-bit codes: no index bits
+    longer = torch.randn(4096 + 300, generator=gen(1))
+    assert c.kept(longer.numel()) == 64 + 5 == int(c.roundtrip(longer).count_nonzero())
+
+
 def test_topk_all_values_kept_and_all_equal_chunks():
     c = TopKCodec(chunk=64, fraction=1.0)
     x = torch.randn(200, generator=gen())

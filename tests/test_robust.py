@@ -174,3 +174,14 @@ def test_a_staller_that_joins_groups_and_never_answers_is_excluded(spawn, write_
                 break
     assert together == 2
     assert staller_id[-8:] in honest[0].wait_event("peer_excluded")["message"]
+
+
+def test_sparse_combine_averages_each_coordinate_over_the_parts_that_sent_it() -> None:
+    """SparseLoCo's aggregation: a coordinate one peer sent gets that peer's value, one two peers sent their
+    weighted mean, one nobody sent stays 0 (a plain mean would divide everything by the group size)."""
+    parts = [torch.tensor([2.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 3.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, -4.0])]
+    mean, clipped, capped = robust_combine(parts, [1.0, 3.0, 1.0], clip_factor=0.0, sparse=True)
+    assert mean.tolist() == [2.0, 0.0, (1.0 + 9.0) / 4.0, -4.0]
+    assert (clipped, capped) == ([], [])
+    dense, _, _ = robust_combine(parts, [1.0, 3.0, 1.0], clip_factor=0.0)
+    assert torch.equal(dense, torch.tensor([2.0, 0.0, 10.0, -4.0]) / 5)

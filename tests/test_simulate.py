@@ -127,13 +127,25 @@ def _mean_of_workers(deltas: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return out
 
 
+def _mean_over_senders(deltas):
+    """Sparse payloads (SparseLoCo's reference: ``scatter_reduce(mean)``): per coordinate, the workers'
+    values summed in worker order, divided by how many of them sent it (non-zero); 0 if none did."""
+    out = []
+    for j in range(len(deltas[0])):
+        acc, senders = deltas[0][j].clone(), (deltas[0][j] != 0).float()
+        for w in range(1, len(deltas)):
+            acc, senders = acc + deltas[w][j], senders + (deltas[w][j] != 0).float()
+        out.append(torch.where(senders > 0, acc / senders.clamp_min(1), 0.0))
+    return out
+
+
 def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | None, *, workers, steps, H, seed):
     """DiLoCo written out from the paper, independently of swarmloco's outer optimizer, simulator and error
     feedback (the inner AdamW is swarmloco's InnerTrainer: the outer loop is what is checked):
 
         for each round:  each worker i: theta_i <- AdamW^H(theta);  delta_i = theta - theta_i
                          [codec: e_i <- beta * e_i + delta_i;  delta_i <- C(e_i);  e_i <- e_i - delta_i]
-                         delta = mean_i delta_i
+                         delta = mean_i delta_i  (top-k: per coordinate, over the workers that sent it)
                          m <- mu * m + delta (m = delta at the first round)
                          theta <- theta - lr * (delta + mu * m)  (Nesterov) | theta - lr * m  (heavy ball)
                                   | theta - lr * delta  (mu = 0: SparseLoCo's plain SGD)
@@ -159,7 +171,7 @@ def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | No
                 delta = [coder.decode(coder.encode(e.reshape(-1)), e.numel()).view_as(e) for e in errors[i]]
                 errors[i] = [e - d for e, d in zip(errors[i], delta)]
             deltas.append(delta)
-        mean = _mean_of_workers(deltas)
+        mean = _mean_over_senders(deltas) if coder is not None and codec.name == "topk" else _mean_of_workers(deltas)
         mu, lr = outer.momentum, outer.lr
         if mu > 0:
             momentum = [d.clone() for d in mean] if momentum is None else [mu * m + d for m, d in zip(momentum, mean)]

@@ -16,8 +16,11 @@ Per chunk we send:
 
 That is ``(2k + k*l + k + (C-1 >> l) + 1 + 32) / C`` bits per value (l = floor(log2(C / k))):
 0.164 at 64 of 4096, 195x fewer bytes than fp32. A tensor's last chunk may be shorter (it keeps
-``ceil(fraction * its length)``). Sparse payloads from different peers do not add up part by part,
-so ``info.summable`` is False: they travel by all-gather and are summed after decoding.
+``ceil(fraction * its length)``). A tensor shorter than one chunk (biases, norms' gains: ~1% of a
+transformer's values) is sent whole, 2 bits per value and no indices, as SparseLoCo's reference does
+(it chunks 1-D tensors so finely that top-k keeps every value). Sparse payloads from different peers
+do not add up part by part, so ``info.summable`` is False: they travel by all-gather, and each
+coordinate is averaged over the peers that sent it (:func:`swarmloco.protocol.robust.sender_mean`).
 
 Payload: 16-byte header (block_size = chunk) | bf16 levels [chunks x 2: low, high] | bit fields,
 packed LSB first: for the full chunks, then the short last one: 2-bit codes, Elias-Fano low bits,
@@ -60,22 +63,31 @@ class TopKCodec(Codec):
         """How many values a chunk of ``length`` values keeps (at least one of a non-empty chunk)."""
         return min(length, math.ceil(round(self.fraction * length, 9)))
 
-    def _row_bits(self, length: int) -> int:
-        """Bits of one chunk of ``length`` values: levels, codes and indices."""
-        keep = self.keep(length)
-        low, high = ef_sizes(length, keep)
-        return 32 + CODE_BITS * keep + low + high
+    def kept(self, numel: int) -> int:
+        """How many values a ``numel``-value tensor's payload carries."""
+        return sum(rows * keep for _, rows, _, keep in self._groups(numel))
+
+    @staticmethod
+    def _index_bits(length: int, keep: int) -> tuple[int, int]:
+        """Elias-Fano (low, high) bits of a chunk's indices; none when the chunk is sent whole."""
+        return (0, 0) if keep == length else ef_sizes(length, keep)
+
+    def _row_bits(self, length: int, keep: int | None = None) -> int:
+        """Bits of one chunk of ``length`` values keeping ``keep`` (default: a full chunk's share)."""
+        keep = self.keep(length) if keep is None else keep
+        return 32 + CODE_BITS * keep + sum(self._index_bits(length, keep))
 
     def _groups(self, numel: int) -> list[tuple[int, int, int, int]]:
-        """(first value, rows, row length, kept per row) of the full chunks and of the short last one."""
+        """(first value, rows, row length, kept per row) of the full chunks and of the short last one; a
+        tensor shorter than one chunk is one row kept whole."""
         full, tail = divmod(numel, self.chunk)
         groups = [(0, full, self.chunk, self.keep(self.chunk))] if full else []
         if tail:
-            groups.append((full * self.chunk, 1, tail, self.keep(tail)))
+            groups.append((full * self.chunk, 1, tail, self.keep(tail) if full else tail))
         return groups
 
     def _bit_count(self, numel: int) -> int:
-        return sum(rows * (self._row_bits(length) - 32) for _, rows, length, _ in self._groups(numel))
+        return sum(rows * (self._row_bits(length, keep) - 32) for _, rows, length, keep in self._groups(numel))
 
     def payload_size(self, numel: int) -> int:
         """Exact bytes of the payload of a ``numel``-value tensor."""
@@ -111,8 +123,9 @@ class TopKCodec(Codec):
         for start, rows, length, keep in self._groups(n):
             idx, codes, lo, hi = self._select(flat, start, rows, length, keep)
             levels.append(torch.stack([lo, hi], dim=1).reshape(-1))
-            low, high = ef_encode(idx, length)
-            fields += [int_bits(codes, CODE_BITS), low, high]
+            fields.append(int_bits(codes, CODE_BITS))
+            if keep < length:
+                fields += list(ef_encode(idx, length))
         level_bytes = torch.cat(levels).view(torch.uint8) if levels else torch.zeros(0, dtype=torch.uint8)
         bits = pack_bits(torch.cat(fields)) if fields else torch.zeros(0, dtype=torch.uint8)
         return b"".join([pack_header(CODEC_IDS[self.NAME], n, self.chunk), level_bytes.numpy().tobytes(),
@@ -132,12 +145,15 @@ class TopKCodec(Codec):
         out = torch.zeros(numel, dtype=torch.float32)
         at, row0 = 0, 0
         for start, rows, length, keep in self._groups(numel):
-            low_n, high_n = ef_sizes(length, keep)
+            low_n, high_n = self._index_bits(length, keep)
             n_codes = CODE_BITS * rows * keep
             codes = bits_int(bits[at: at + n_codes], CODE_BITS, rows * keep).view(rows, keep)
             at += n_codes
-            idx = ef_decode(bits[at: at + rows * low_n], bits[at + rows * low_n: at + rows * (low_n + high_n)],
-                            rows, keep, length, self.NAME)
+            if keep == length:  # sent whole
+                idx = torch.arange(length).expand(rows, length)
+            else:
+                idx = ef_decode(bits[at: at + rows * low_n], bits[at + rows * low_n: at + rows * (low_n + high_n)],
+                                rows, keep, length, self.NAME)
             at += rows * (low_n + high_n)
             lv = levels[row0: row0 + rows]
             mag = torch.where(codes >= 2, lv[:, 1:2], lv[:, 0:1])

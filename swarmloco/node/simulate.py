@@ -63,7 +63,9 @@ def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
     -> error-feedback update, with one accumulator per worker built by
     :func:`~swarmloco.compression.error_feedback.error_feedback_for` (none for a lossless codec or
     ``error_feedback = false``; decaying by ``topk_decay`` for the sparse codec). Pair it with
-    ``bytes_per_value=ring_equivalent_bytes_per_value(codec, workers)`` in :func:`run_diloco`.
+    ``bytes_per_value=ring_equivalent_bytes_per_value(codec, workers)`` in :func:`run_diloco`. Its
+    ``sparse`` attribute (a sparse codec) makes :func:`run_diloco` average each coordinate over the workers
+    that sent it, as the all-gather does.
     """
     from swarmloco.compression.error_feedback import error_feedback_for
     from swarmloco.compression.registry import get_codec
@@ -81,6 +83,7 @@ def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
             out.append(sent)
         return out
 
+    transform.sparse = not codec.info.summable  # top-k: the round averages each coordinate over its senders
     return transform
 
 
@@ -278,6 +281,7 @@ class _SimRound:
         self.cfg, self.index, self.land_at = cfg, list(index), land_at
         theta = [global_params[i] for i in self.index]
         summed: list[torch.Tensor] | None = None
+        sent: list[list[torch.Tensor]] = []
         self.proxies: list[list[torch.Tensor]] = []
         with torch.no_grad():
             for w, model in enumerate(local_models):
@@ -292,9 +296,17 @@ class _SimRound:
                 self.proxies.append(proxy)
                 if transform is not None:
                     pseudo = transform(w, pseudo, keys=self.index)
+                sent.append(pseudo)
                 summed = ([t.clone() for t in pseudo] if summed is None
                           else [a.add_(b) for a, b in zip(summed, pseudo)])
-        self.averaged = [t.div_(len(local_models)) for t in summed] if len(local_models) > 1 else summed
+        if len(local_models) == 1:
+            self.averaged = summed
+        elif getattr(transform, "sparse", False):  # as the all-gather combines sparse payloads
+            from swarmloco.protocol.robust import sender_mean
+            ones = [1.0] * len(local_models)
+            self.averaged = [sender_mean(t, [p[j] for p in sent], ones) for j, t in enumerate(summed)]
+        else:
+            self.averaged = [t.div_(len(local_models)) for t in summed]
 
     def land(self, outer, global_params, local_models) -> None:
         theta = [global_params[i] for i in self.index]

@@ -10,8 +10,10 @@ as SparseLoCo and DeMo do.
   same stream with its own. A member that cannot be dialed (client mode, behind NAT) dials instead.
   Each peer sends and receives ``(n-1) x payload`` bytes.
 * **Identical results.** Every member decodes the same n payloads (its own included, through the
-  same decoder) and sums them in fp32 in the group's order, weighted by samples: the average is the
-  same bits on every member, like the exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
+  same decoder) and sums them in fp32 in the group's order, weighted by samples; each coordinate is
+  divided by the weights of the members that sent it (SparseLoCo's mean over senders,
+  :func:`~swarmloco.protocol.robust.sender_mean`). The average is the same bits on every member, like the
+  exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
 * **Checked.** A payload is accepted only with this run's codec tag, exactly the byte length this
   codec produces for the vector (top-k's layout is fixed by the size), a sane weight, and values
   that decode (:class:`~swarmloco.compression.base.CodecError` otherwise). Every wait has a deadline.
@@ -262,7 +264,8 @@ class SparseAllGatherRunner:
         if len(decoded) < len(members):
             raise self.failures.error(f"all-gather got {len(decoded)} valid of {len(members)} contributions")
         mean, clipped, capped = robust_combine([decoded[i] for i in members],
-                                               [contributions[i][0] for i in members], self.clip_factor)
+                                               [contributions[i][0] for i in members], self.clip_factor,
+                                               sparse=True)
         for k in clipped:
             self.clipped[members[k]] = 1
         for k in capped:

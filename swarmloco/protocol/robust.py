@@ -36,9 +36,13 @@ def lower_median(values: Sequence[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def robust_combine(parts: Sequence[torch.Tensor], weights: Sequence[float],
-                   clip_factor: float) -> tuple[torch.Tensor, list[int], list[int]]:
+def robust_combine(parts: Sequence[torch.Tensor], weights: Sequence[float], clip_factor: float,
+                   sparse: bool = False) -> tuple[torch.Tensor, list[int], list[int]]:
     """Weighted mean of ``parts`` after clipping norms and weights.
+
+    ``sparse`` (top-k payloads, which hold each sender's own coordinates): each coordinate is the weighted
+    mean over the parts that sent it (a non-zero value), as SparseLoCo's reference aggregates
+    (``scatter_reduce(mean)``); a coordinate nobody sent stays 0. Dense: over all parts.
 
     Returns (mean, indices whose norm was clipped, indices whose weight was capped): a clipped norm is a
     strike against the sender (see ``swarm.exclude_rounds``); a capped weight is not (a fast GPU among
@@ -68,7 +72,18 @@ def robust_combine(parts: Sequence[torch.Tensor], weights: Sequence[float],
     acc = torch.zeros_like(parts[0], dtype=torch.float32)
     for part, weight, scale in zip(parts, weights, scales):
         acc.add_(part.float(), alpha=weight * scale)
+    if sparse:
+        return sender_mean(acc, parts, weights), sorted(clipped), sorted(capped)
     return acc.div_(total), sorted(clipped), sorted(capped)
+
+
+def sender_mean(acc: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``acc`` (the weighted sum of ``parts``) divided, coordinate by coordinate, by the summed weights of
+    the parts that are non-zero there; 0 where none is. The simulator calls it too (the same bits)."""
+    senders = torch.zeros_like(acc)
+    for part, weight in zip(parts, weights):
+        senders.add_((part != 0).to(torch.float32), alpha=weight)
+    return torch.where(senders > 0, acc / senders.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
 MIN_CONTRIBUTORS = 3

@@ -29,6 +29,7 @@ import torch
 from swarmloco.compression.base import Codec
 from swarmloco.config import SwarmConfig
 from swarmloco.protocol.processes import isolated_helpers, reap_helpers, track
+from swarmloco.protocol.rejoin import Rejoiner
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ class SwarmTransport:
         elif record_validators:
             dht.add_validators(list(record_validators))
         self.dht, self._own_dht, self._closed = dht, own_dht, False
+        self._rejoiner = Rejoiner(dht, cfg.initial_peers)  # back into the DHT after a freeze (see its module)
         try:
             with isolated_helpers(), _sigint_kept():
                 self.averager = SwarmAverager(
@@ -323,7 +325,9 @@ class SwarmTransport:
             return False
 
     def get(self, key: str) -> dict[str, bytes]:
-        """Latest values under a dictionary key, as {subkey: value bytes}; empty when none or on error."""
+        """Latest values under a dictionary key, as {subkey: value bytes}; empty when none or on error.
+        (Every few seconds it also checks, without waiting, that this node is still in the DHT.)"""
+        self._rejoiner.poll()
         try:
             found = self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_CALL_TIMEOUT)
         except Exception as e:  # noqa: BLE001
@@ -452,6 +456,7 @@ class DhtClient:
     def __init__(self, cfg: SwarmConfig, *, identity_path: str | None = None, record_validators: Sequence[Any] = ()):
         self.dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
         self.peer_id = self.dht.peer_id.to_base58()
+        self._rejoiner = Rejoiner(self.dht, cfg.initial_peers)
 
     def add_validators(self, validators: Sequence[Any]) -> None:
         self.dht.add_validators(list(validators))
@@ -459,6 +464,7 @@ class DhtClient:
     def detach_dht(self) -> Any:
         """Hand the started DHT node over (to a SwarmTransport); this client no longer owns it."""
         dht, self.dht = self.dht, None
+        self._rejoiner.dht = None
         return dht
 
     visible_maddrs = SwarmTransport.visible_maddrs

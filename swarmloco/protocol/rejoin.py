@@ -1,0 +1,91 @@
+"""Rejoining the DHT after this node fell out of everyone's routing table, itself included.
+
+hivemind's DHT (Kademlia) drops a node from its routing table when a request to it goes unanswered, and
+learns nodes only from traffic. A peer frozen for longer than its mates' request timeouts (a laptop lid
+closed: SIGSTOP to its whole process group, p2pd included; a network that went away) therefore wakes up
+with an empty routing table (its requests in flight failed at once) and absent from its mates' tables
+(theirs to it failed while it slept). Nobody then sends anybody a request, so it would train alone for
+good, and its mates never see it again. hivemind bootstraps from ``initial_peers`` only at start.
+
+:class:`Rejoiner` checks, at most every ``REJOIN_PERIOD`` seconds and without blocking its caller (the
+heartbeat's DHT reads call it), whether the node's routing table is empty; if so it dials the initial
+peers again and pings them (which puts them in its table and it in theirs), then looks itself up to learn
+their neighbours: what hivemind's bootstrap does at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REJOIN_PERIOD = 5.0
+"""Seconds between two checks of the routing table (each is one message to the DHT process)."""
+REJOIN_TIMEOUT = 5.0
+"""Bound on each dial, ping and lookup of a rejoin (a dead initial peer's dial would take ~11 s)."""
+
+
+async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout: float = REJOIN_TIMEOUT) -> int:
+    """Run inside the DHT process (``DHT.run_coroutine``): with an empty routing table, dial and ping the
+    initial peers ``maddrs``. Returns how many answered (0: none did, or the table was not empty)."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    if node.protocol.routing_table.uid_to_peer_id:
+        return 0
+
+    async def ping(maddr: Multiaddr) -> bool:
+        peer = PeerID.from_base58(maddr["p2p"])
+        with contextlib.suppress(Exception):  # an address p2pd still knows is dialled anyway by the ping
+            await asyncio.wait_for(node.p2p._client.connect(peer, [maddr]), timeout)
+        with contextlib.suppress(Exception):
+            return await asyncio.wait_for(node.protocol.call_ping(peer, validate=False), timeout) is not None
+        return False
+
+    targets = []
+    for text in maddrs:
+        with contextlib.suppress(Exception):  # (the config validated them; a bad one is skipped)
+            targets.append(Multiaddr(text))
+    answered = sum(await asyncio.gather(*(ping(m) for m in targets)))
+    if answered:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), timeout)
+    return answered
+
+
+class Rejoiner:
+    """Polled by a DHT user; see the module doc. Does nothing without initial peers."""
+
+    def __init__(self, dht: Any, initial_peers: Sequence[str], period: float = REJOIN_PERIOD):
+        self.dht, self.maddrs, self.period = dht, tuple(str(m) for m in initial_peers), period
+        self.rejoined = 0
+        """How many times the node found itself isolated and rejoined (for logs and tests)."""
+        self._next = time.monotonic() + period
+        self._pending: Any = None
+
+    def poll(self) -> None:
+        if not self.maddrs or self.dht is None or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.period
+        if self._pending is not None:
+            if not self._pending.done():
+                return
+            answered = 0
+            with contextlib.suppress(Exception):
+                answered = self._pending.result(timeout=0)
+            if answered:
+                self.rejoined += 1
+                logger.warning("this node had dropped out of the DHT (frozen or offline longer than its mates "
+                               "waited): rejoined it through %d initial peer(s)", answered)
+        try:
+            self._pending = self.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=self.maddrs),
+                                                   return_future=True)
+        except Exception as e:  # noqa: BLE001 - the DHT process is gone or stopping: nothing to rejoin
+            logger.debug("rejoin check failed: %s", e)
+            self._pending = None

@@ -1,0 +1,94 @@
+"""A node that dropped out of the DHT (its routing table emptied, and out of its mates' tables: what a
+freeze longer than their request timeouts leaves) rejoins through its initial peers."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import pytest
+
+from swarmloco.config import SwarmConfig
+from swarmloco.protocol.rejoin import Rejoiner, rejoin_if_isolated
+from swarmloco.protocol.transport import DhtClient
+
+pytestmark = pytest.mark.slow
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+async def _forget(dht, node, peer_ids=None) -> int:
+    """Drop nodes from the routing table as unanswered requests do (all, or those of ``peer_ids``)."""
+    table = node.protocol.routing_table
+    for node_id, peer_id in list(table.uid_to_peer_id.items()):
+        if peer_ids is None or peer_id.to_base58() in peer_ids:
+            del table[node_id]
+    return len(table.uid_to_peer_id)
+
+
+async def _knows(dht, node, peer_id: str) -> bool:
+    return any(p.to_base58() == peer_id for p in node.protocol.routing_table.uid_to_peer_id.values())
+
+
+def _until(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.fixture
+def pair():
+    a = DhtClient(SwarmConfig(host_maddrs=LOOPBACK))
+    maddrs = a.visible_maddrs()
+    b = DhtClient(SwarmConfig(host_maddrs=LOOPBACK, initial_peers=tuple(maddrs[:1])))
+    try:
+        yield a, b, maddrs[:1]
+    finally:
+        b.shutdown()
+        a.shutdown()
+
+
+def _isolate(a: DhtClient, b: DhtClient) -> None:
+    assert b.dht.run_coroutine(_forget) == 0
+    a.dht.run_coroutine(partial(_forget, peer_ids={b.peer_id}))
+
+
+def test_an_isolated_node_rejoins_through_its_initial_peers_and_sees_the_swarm_again(pair) -> None:
+    a, b, maddrs = pair
+    assert a.store("before", "a", b"1", time.time() + 60)
+    assert _until(lambda: b.get("before")) == {"a": b"1"}  # connected
+
+    _isolate(a, b)
+    assert a.store("after", "a", b"2", time.time() + 60)
+    assert b.get("after") == {}  # isolated: nobody to ask, and nobody tells it anything
+    assert not a.dht.run_coroutine(partial(_knows, peer_id=b.peer_id))
+
+    assert b.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=maddrs)) == 1
+    assert _until(lambda: b.get("after")) == {"a": b"2"}
+    assert a.dht.run_coroutine(partial(_knows, peer_id=b.peer_id)), "its mate should know it again"
+    assert b.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=maddrs)) == 0  # not isolated: nothing done
+
+
+def test_the_poller_notices_isolation_by_itself(pair) -> None:
+    a, b, maddrs = pair
+    assert _until(lambda: b.dht.run_coroutine(partial(_knows, peer_id=a.peer_id)))
+    _isolate(a, b)
+    rejoiner = Rejoiner(b.dht, maddrs, period=0.2)
+
+    def rejoined() -> bool:
+        rejoiner.poll()
+        return rejoiner.rejoined > 0
+
+    assert _until(rejoined), "the poller should have found the node isolated and rejoined"
+    assert a.dht.run_coroutine(partial(_knows, peer_id=b.peer_id))
+
+
+def test_without_initial_peers_there_is_nothing_to_rejoin(pair) -> None:
+    a, _, _ = pair
+    rejoiner = Rejoiner(a.dht, (), period=0.0)
+    rejoiner.poll()
+    assert rejoiner._pending is None and rejoiner.rejoined == 0

@@ -1,0 +1,208 @@
+"""Where the sparse exchange loses quality: SparseLoCo against variants of it, in the simulator.
+
+A research driver for issue 15's unmet target (a sparse exchange within +0.5% of dense DiLoCo at >= 100x
+fewer bytes per round than fp32 pseudo-gradients). Same setup as ``bench_quality.py``'s first suite (K=4,
+the 0.12M model, contiguous shards, 2000 inner steps at H=30: 67 rounds, seed 0), so the figures compare
+with its dense DiLoCo arm (held-out 1.6427). Each variant is a :data:`PseudoGradTransform` for
+:func:`swarmloco.node.simulate.run_diloco`, from three choices:
+
+* **what is sent**: ``topk`` (the ``topk`` codec: SparseLoCo's 64 of 4096, 2 bits, Elias-Fano indices;
+  averaged per coordinate over its senders), or a schedule every worker shares, so no index is sent and
+  the payloads line up: ``stride`` (of each chunk, every ``S``-th coordinate, shifted by one each round:
+  each coordinate is sent every ``S`` rounds), ``random`` (a fresh shared random ``1/S`` of each chunk per
+  round), ``all``;
+* **the values**: ``bits`` 1 (sign, with one bf16 magnitude per chunk: the mean |value| sent) or 32;
+* **where the unsent rest goes**: ``feedback`` (the error-feedback accumulator, decayed by ``decay``:
+  SparseLoCo's, the engine's) or ``model``: the worker keeps it in its own parameters (after the outer
+  step its parameters are the new global ones minus the rest), so it trains on from where it was instead
+  of re-learning the unsent part from the global parameters every round (then added again to the
+  accumulator: the duplication that makes ``random`` with ``feedback`` diverge).
+
+``model`` is not an engine feature: this script patches the simulator's landing (``_SimRound.land``) to
+do it. Tensors shorter than a chunk are sent whole with the variant's values. Bytes are exact for
+``topk`` (the codec's payloads) and counted bit for bit for the others (values plus 2 bytes of level per
+chunk; no header). Results and curves: ``--out`` (JSON); a table on stdout.
+
+    python scripts/sparse_variants.py                      # every variant, 2 at a time (~13 min on 2 cores)
+    python scripts/sparse_variants.py --variants stride4-1bit-model all-1bit-model
+    python scripts/sparse_variants.py --variants stride4-1bit-model --outer n1/0.8 sgd3   # other outer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import replace
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality as bq  # noqa: E402  (the first suite's setup)
+
+from swarmloco.compression.error_feedback import ErrorFeedback  # noqa: E402
+from swarmloco.compression.registry import get_codec  # noqa: E402
+from swarmloco.config import CodecConfig, OuterConfig  # noqa: E402
+from swarmloco.data.text import Corpus  # noqa: E402
+from swarmloco.node import simulate as sim  # noqa: E402
+
+CHUNK = 4096
+DENSE_DILOCO = 1.6427  # bench_quality's 2000:H30-n1/0.7 (BENCHMARKS.md)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    select: str  # topk | stride | random | all
+    every: int = 4  # stride / random: a coordinate is sent every ``every`` rounds (1 / density)
+    bits: int = 1  # 1 or 32 (topk: the codec's 2)
+    rest: str = "model"  # feedback | model
+    decay: float = 1.0  # of the feedback accumulator (rest = feedback)
+    lr: float = 1.0
+    momentum: float = 0.7
+    nesterov: bool = True
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("sparseloco", "topk", bits=2, rest="feedback", decay=0.95, lr=2.0, momentum=0.0, nesterov=False),
+    Variant("topk-model", "topk", bits=2, rest="model"),
+    Variant("random4-1bit-model", "random"),
+    Variant("stride4-1bit-model", "stride"),
+    Variant("stride4-fp32-model", "stride", bits=32),
+    Variant("all-1bit-model", "all", every=1),
+    Variant("stride4-1bit-feedback", "stride", rest="feedback"),
+]}
+
+
+def one_bit(values: torch.Tensor) -> torch.Tensor:
+    """Sign times the mean |value| (rounded to bf16): what 1 bit per value and one level carry."""
+    level = values.abs().mean().to(torch.bfloat16).float()
+    return torch.where(values < 0, -level, level)
+
+
+def shared_mask(v: Variant, numel: int, key: int, rnd: int) -> torch.Tensor:
+    """Which of a tensor's values every worker sends in round ``rnd`` (the same on every worker)."""
+    if v.select == "all" or numel < CHUNK:
+        return torch.ones(numel, dtype=torch.bool)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(1_000_003 * rnd + key)
+    for c, start in enumerate(range(0, numel, CHUNK)):
+        n = min(CHUNK, numel - start)
+        if v.select == "stride":
+            mask[start + (rnd + c) % v.every: start + n: v.every] = True
+        else:
+            mask[start + torch.randperm(n, generator=gen)[: -(-n // v.every)]] = True
+    return mask
+
+
+def shared_roundtrip(v: Variant, x: torch.Tensor, key: int, rnd: int) -> tuple[torch.Tensor, int]:
+    """(what the receivers decode, bits sent) for a shared-schedule variant."""
+    flat = x.reshape(-1)
+    mask = shared_mask(v, flat.numel(), key, rnd)
+    out = torch.zeros_like(flat)
+    bits = 0
+    for start in range(0, flat.numel(), CHUNK):
+        m = mask[start: start + CHUNK]
+        vals = flat[start: start + CHUNK][m]
+        out[start: start + CHUNK][m] = vals if v.bits == 32 else one_bit(vals)
+        bits += vals.numel() * v.bits + (16 if v.bits == 1 else 0)
+    return out.view_as(x), bits
+
+
+class Transform:
+    """The variant's per-worker exchange; ``rests[(worker, key)]`` is what stayed with the worker."""
+
+    def __init__(self, v: Variant, workers: int):
+        self.v, self.rounds, self.bits = v, [0] * workers, 0
+        self.codec = get_codec(CodecConfig(name="topk")) if v.select == "topk" else None
+        self.feedback = [ErrorFeedback(v.decay) for _ in range(workers)]
+        self.rests: dict[tuple[int, int], torch.Tensor] = {}
+        self.sparse = v.select == "topk"  # top-k payloads: each coordinate over its senders
+
+    def __call__(self, worker: int, tensors, keys=None):
+        out = []
+        for key, t in zip(range(len(tensors)) if keys is None else keys, tensors):
+            x = self.feedback[worker].compensate(key, t) if self.v.rest == "feedback" else t.detach().float()
+            if self.codec is not None:
+                sent = self.codec.roundtrip(x)
+                bits = 8 * self.codec.payload_size(x.numel())
+            else:
+                sent, bits = shared_roundtrip(self.v, x, key, self.rounds[worker])
+            if self.v.rest == "feedback":
+                self.feedback[worker].update(key, x, sent)
+            else:
+                self.rests[(worker, key)] = x - sent
+            self.bits += bits if worker == 0 else 0
+            out.append(sent)
+        self.rounds[worker] += 1
+        return out
+
+
+def keep_rest_in_model(transform: Transform) -> None:
+    """Patch the simulator's (blocking) landing: worker w's parameters = the new global ones - its rest."""
+    def land(self, outer, global_params, local_models) -> None:
+        theta = [global_params[i] for i in self.index]
+        sim.apply_outer_step(outer, theta, self.averaged)
+        with torch.no_grad():
+            for w, model in enumerate(local_models):
+                local = list(model.parameters())
+                for i, t in zip(self.index, theta):
+                    local[i].copy_(t).sub_(transform.rests[(w, i)])
+    sim._SimRound.land = land
+
+
+def run(v: Variant, steps: int, H: int) -> dict:
+    torch.set_num_threads(1)
+    args = bq.parse_args([])
+    model_cfg, data_cfg = bq.configs(args)
+    corpus = Corpus(data_cfg, model_cfg.block_size, seed=0)
+    transform = Transform(v, args.workers)
+    if v.rest == "model":
+        keep_rest_in_model(transform)
+    outer = OuterConfig(lr=v.lr, momentum=v.momentum, nesterov=v.nesterov)
+    res = sim.run_diloco(corpus, model_cfg, bq.inner_config(steps), outer, workers=args.workers, steps=steps, H=H,
+                         seed=0, shards=list(range(args.workers)), transform=transform)
+    fp32 = 32 * res["num_params"] * res["syncs"]
+    return {"variant": asdict(v), "final_eval_loss": res["final_eval_loss"], "rounds": res["syncs"],
+            "payload_bytes_per_round": transform.bits / 8 / res["syncs"], "fp32_over_payload": fp32 / transform.bits,
+            "curve": res["curve"], "wall_s": res["wall_s"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--H", type=int, default=30)
+    ap.add_argument("--outer", nargs="+", type=bq.parse_outer, default=[],
+                    help="run the variants with these outer steps instead of their own (n<lr>/<mom>, sgd<lr>)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", default="runs/sparse_variants.json")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    results = json.loads(out.read_text())["results"] if out.exists() else {}
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        variants = [VARIANTS[name] for name in args.variants]
+        if args.outer:
+            variants = [replace(v, name=f"{v.name}@{bq.outer_label(*o)}", lr=o[0], momentum=o[1], nesterov=o[2])
+                        for v in variants for o in args.outer]
+        futures = {pool.submit(run, v, args.steps, args.H): v.name for v in variants}
+        for fut in as_completed(futures):
+            results[futures[fut]] = fut.result()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": args.steps, "H": args.H,
+                                       "torch": torch.__version__, "results": results}, indent=1))
+    print("| variant | payload / round | fp32 / payload | held-out loss | vs dense DiLoCo |\n|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['payload_bytes_per_round']:,.0f} B | {r['fp32_over_payload']:.0f}x | "
+              f"{r['final_eval_loss']:.4f} | {100 * (r['final_eval_loss'] / DENSE_DILOCO - 1):+.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -97,8 +97,6 @@ def summarize(peers, args, rounds: int, fragments: int = 1) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------- main
-
 
 def fmt(x, spec: str, scale: float = 1.0) -> str:
     return format(x / scale, spec) if _finite(x) else "-"

@@ -281,7 +281,8 @@ class _SimRound:
         self.cfg, self.index, self.land_at = cfg, list(index), land_at
         theta = [global_params[i] for i in self.index]
         summed: list[torch.Tensor] | None = None
-        sent: list[list[torch.Tensor]] = []
+        sparse = len(local_models) > 1 and getattr(transform, "sparse", False)  # as the all-gather combines them
+        sent: list[list[torch.Tensor]] = []  # (sparse: every worker's payloads, for the per-coordinate senders)
         self.proxies: list[list[torch.Tensor]] = []
         with torch.no_grad():
             for w, model in enumerate(local_models):
@@ -296,12 +297,13 @@ class _SimRound:
                 self.proxies.append(proxy)
                 if transform is not None:
                     pseudo = transform(w, pseudo, keys=self.index)
-                sent.append(pseudo)
+                if sparse:
+                    sent.append(pseudo)
                 summed = ([t.clone() for t in pseudo] if summed is None
                           else [a.add_(b) for a, b in zip(summed, pseudo)])
         if len(local_models) == 1:
             self.averaged = summed
-        elif getattr(transform, "sparse", False):  # as the all-gather combines sparse payloads
+        elif sparse:
             from swarmloco.protocol.robust import sender_mean
             ones = [1.0] * len(local_models)
             self.averaged = [sender_mean(t, [p[j] for p in sent], ones) for j, t in enumerate(summed)]

@@ -13,6 +13,8 @@ arXiv 2508.15706), on K simulated workers (``swarmloco.node.simulate``), one *su
 * ``H{H}-topk-sgd{lr}``: SparseLoCo (``--sparse``): the ``topk`` codec (64 of every 4096 values,
   2-bit values, error feedback decaying by ``--sparse-decay``) and plain SGD outer steps at each
   ``--sparse-lr`` (the outer step the paper uses: no outer momentum, the decayed accumulator is it);
+* ``H{H}-{outer}-rotate`` (``--no-rotate`` skips it): the default outer setting with the ``rotate`` codec (a
+  shared rotating quarter of each chunk's values at 1 bit, the unsent rest kept in each worker's parameters);
 * ``...-iid`` (first suite; ``--no-iid`` skips them): DP seed 0 and the default DiLoCo with every
   worker drawing from the whole training set instead of its own contiguous shard.
 
@@ -148,6 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-sparse", dest="sparse", action="store_false", help="skip the SparseLoCo arms")
     ap.add_argument("--sparse-lr", type=float, nargs="+", default=[2.0],
                     help="SparseLoCo outer lr(s) (plain SGD; 2 was best of 1, 2, 3 at K=4, H=30: BENCHMARKS.md)")
+    ap.add_argument("--no-rotate", dest="rotate", action="store_false", help="skip the rotate-codec arms")
     ap.add_argument("--sparse-decay", type=float, default=CodecConfig.topk_decay, help="error-feedback decay (beta)")
     ap.add_argument("--sparse-fraction", type=float, default=CodecConfig.topk_fraction)
     ap.add_argument("--sparse-chunk", type=int, default=CodecConfig.topk_chunk)
@@ -201,6 +204,8 @@ def build_arms(args) -> list[Arm]:
         if args.sparse:
             arms += [diloco(f"topk-sgd{lr:g}", lr, 0.0, False, codec="topk", decay=args.sparse_decay)
                      for lr in args.sparse_lr]
+        if args.rotate:
+            arms.append(diloco(f"{d}-rotate", *default, codec="rotate"))
         arms += [diloco(f"{d}-{codec}", *default, codec=codec) for codec in args.codecs]
         arms += [diloco(outer_label(*g), *g) for g in grid]
         arms += [diloco(f"{d}-{overlap_label(spec)}", *default, **spec) for spec in args.overlap  # (F must divide H)

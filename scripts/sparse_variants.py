@@ -18,8 +18,9 @@ so the figures compare with its dense DiLoCo arm (held-out 1.6427 at H=30, 1.620
   of re-learning the unsent part from the global parameters every round (then added again to the
   accumulator: the duplication that makes ``random`` with ``feedback`` diverge).
 
-``model`` is not an engine feature: this script patches the simulator's landing (``_SimRound.land``) to
-do it. Tensors shorter than a chunk are sent whole with the variant's values. Bytes are exact for
+``stride4-1bit-model`` is what the engine's ``rotate`` codec does (``codec.name = "rotate"``: the same held-out
+loss in ``bench_quality.py``'s ``H{H}-n1/0.7-rotate`` arms); this script keeps its own implementation of all
+the variants and patches the simulator's landing (``_SimRound.land``) for the "rest in model" ones. Tensors shorter than a chunk are sent whole with the variant's values. Bytes are exact for
 ``topk`` (the codec's payloads) and counted bit for bit for the others (values plus 2 bytes of level per
 chunk; no header). Results and curves: ``--out`` (JSON); a table on stdout.
 
@@ -125,7 +126,7 @@ class Transform:
         self.rests: dict[tuple[int, int], torch.Tensor] = {}
         self.sparse = v.select == "topk"  # top-k payloads: each coordinate over its senders
 
-    def __call__(self, worker: int, tensors, keys=None):
+    def __call__(self, worker: int, tensors, keys=None, step=None):
         out = []
         for key, t in zip(range(len(tensors)) if keys is None else keys, tensors):
             x = self.feedback[worker].compensate(key, t) if self.v.rest == "feedback" else t.detach().float()

@@ -366,7 +366,8 @@ class CodecConfig:
     """How pseudo-gradients are encoded on the wire."""
 
     name: str = "none"
-    """Codec name: none (fp32), fp16, bf16, int8, int4, topk (SparseLoCo; see swarmloco.compression)."""
+    """Codec name: none (fp32), fp16, bf16, int8, int4, topk (SparseLoCo), rotate (a shared rotating share of the
+    coordinates at 1 bit, the rest kept in the model); see swarmloco.compression."""
     block_size: int = 256
     """Values per scale block for the blockwise quantizers (int8, int4)."""
     topk_fraction: float = 0.015625
@@ -376,8 +377,14 @@ class CodecConfig:
     topk_decay: float = 0.95
     """topk: decay of the error-feedback accumulator (SparseLoCo's beta; it acts as the outer momentum,
     so use it with outer.momentum = 0). The dense codecs' error feedback does not decay."""
+    rotate_every: int = 4
+    """rotate: each coordinate is sent once every this many rounds (a round sends 1 / rotate_every of them)."""
+    rotate_chunk: int = 4096
+    """rotate: values per chunk (a multiple of rotate_every); each chunk sends one bf16 level, and tensors
+    shorter than a chunk are sent whole."""
     error_feedback: bool = True
-    """Carry what compression dropped from a peer's pseudo-gradient into its next one."""
+    """Carry what compression dropped from a peer's pseudo-gradient into its next one (rotate: in the peer's
+    own parameters; it cannot be turned off there)."""
 
     def __post_init__(self) -> None:
         from swarmloco.compression.registry import codec_names  # (the registry imports this module)
@@ -393,7 +400,23 @@ class CodecConfig:
                self.topk_chunk, "must be an integer in 1..65536")
         _check(_is_number(self.topk_decay) and 0.0 <= self.topk_decay <= 1.0, "codec.topk_decay",
                self.topk_decay, "must be in [0, 1]")
+        _check(_is_int(self.rotate_every) and 1 <= self.rotate_every <= 256, "codec.rotate_every",
+               self.rotate_every, "must be an integer in 1..256")
+        _check(_is_int(self.rotate_chunk) and 1 <= self.rotate_chunk <= 65536
+               and self.rotate_chunk % self.rotate_every == 0, "codec.rotate_chunk", self.rotate_chunk,
+               f"must be an integer in 1..65536 and a multiple of rotate_every = {self.rotate_every}")
         _bool("codec.error_feedback", self.error_feedback)
+        _check(self.error_feedback or self.name != "rotate", "codec.error_feedback", self.error_feedback,
+               "must be true with rotate (what a round does not send stays in the peer's parameters)")
+
+    def check_outer(self, outer: OuterConfig) -> None:
+        """The checks that need the outer settings: ``rotate`` keeps the unsent rest in the model, which rounds
+        that land behind the inner steps or sync one fragment at a time do not support (yet)."""
+        if self.name != "rotate":
+            return
+        _check(not outer.overlapped, "outer.overlap", outer.overlap,
+               'must be "none" with codec.name = "rotate" (the unsent rest is kept in the model when a round lands)')
+        _check(outer.fragments == 1, "outer.fragments", outer.fragments, 'must be 1 with codec.name = "rotate"')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -557,6 +580,7 @@ class RunConfig:
                "must be 1-64 letters, digits, '-' or '_'")
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "must be a non-negative integer")
         self.outer.check_inner_steps(self.inner.steps)
+        self.codec.check_outer(self.outer)
 
     def replace(self, **sections: Any) -> RunConfig:
         """Copy with some top-level fields or whole sections replaced."""

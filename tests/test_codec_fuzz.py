@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from fuzz_util import fuzz_settings
 from swarmloco.compression import CodecError, get_codec
+from swarmloco.compression.rotate import RotateCodec
 from swarmloco.config import CodecConfig
 
-NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk"]
+NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk", "rotate"]
 LEVELS = {"int8": 127, "int4": 7}
 FUZZ = fuzz_settings(50)  # the 10,000-input fuzzing of every decode is in test_decoder_fuzz.py
 
@@ -32,13 +33,15 @@ def tensors(draw):
 
 
 def make(name: str, block_size: int, fraction: float):
-    return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=fraction))
+    every = min(4, block_size)  # rotate: chunks of block_size rounded down to a multiple of every (1..4)
+    return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=fraction,
+                                 rotate_chunk=block_size - block_size % every, rotate_every=every))
 
 
 @FUZZ
-@given(tensors(), st.sampled_from(NAMES), st.integers(1, 300), st.sampled_from([0.01, 0.3, 1.0]))
-def test_roundtrip_property(x, name, block_size, fraction):
-    c = make(name, block_size, fraction)
+@given(tensors(), st.sampled_from(NAMES), st.integers(1, 300), st.sampled_from([0.01, 0.3, 1.0]), st.integers(0, 9))
+def test_roundtrip_property(x, name, block_size, fraction, step):
+    c = make(name, block_size, fraction).for_round(step)  # (only rotate's values depend on the round)
     ref = x.to(torch.float32).reshape(-1)
     payload = c.encode(x)
     assert payload == c.encode(x.clone())
@@ -55,15 +58,49 @@ def test_roundtrip_property(x, name, block_size, fraction):
         absmax = torch.cat([ref, ref.new_zeros(pad)]).view(-1, block_size).abs().amax(1) if ref.numel() else ref
         bound = (absmax / (2 * LEVELS[name])).repeat_interleave(block_size)[: ref.numel()]
         assert bool(((y - ref).abs() <= bound * (1 + 1e-5) + 1e-37).all())
+    elif name == "rotate":
+        assert make(name, block_size, fraction).decode(payload, ref.numel()).equal(y)  # the phase is in the payload
+        check_rotate(c, ref, y)
     elif ref.numel():  # topk: per chunk at most k nonzero, each with its value's sign and a magnitude
         for start in range(0, ref.numel(), block_size):  # between the smallest and largest kept magnitude
             xs, ys = ref[start: start + block_size], y[start: start + block_size]
             kept = xs.abs().topk(c.kept(ref.numel()) if ref.numel() < block_size else c.keep(xs.numel())).values
             nonzero = ys != 0
             assert int(nonzero.sum()) <= kept.numel()
-            assert bool((ys[nonzero].sign() == xs[nonzero].sign()).all())
+            signed = nonzero & (xs != 0)  # a kept 0 (fewer nonzeros than k) decodes to +level
+            assert bool((ys[signed].sign() == xs[signed].sign()).all()) and bool((ys[nonzero & (xs == 0)] > 0).all())
             mags = ys[nonzero].abs()
             assert bool((mags >= kept.min() * (1 - 2**-8)).all() and (mags <= kept.max() * (1 + 2**-8)).all())
+
+
+def check_rotate(c, ref: torch.Tensor, y: torch.Tensor) -> None:
+    """Per chunk: nonzero only where the round sends, each sent value at the chunk's one level, bf16(mean |sent|),
+    with its input's sign (a zero: +level)."""
+    mask = c.sent_mask(ref.numel())
+    assert int(mask.sum()) == c.sent_count(ref.numel())
+    chunk = max(1, ref.numel()) if ref.numel() < c.chunk else c.chunk  # shorter than a chunk: sent whole
+    for start in range(0, ref.numel(), chunk):
+        xs, ys, ms = ref[start: start + chunk], y[start: start + chunk], mask[start: start + chunk]
+        assert int(ms.sum()) == (xs.numel() if chunk < c.chunk else len(range((c.phase + start // chunk) % c.every,
+                                                                                xs.numel(), c.every)))
+        assert not bool(ys[~ms].any())
+        level = xs[ms].abs().double().mean().to(torch.bfloat16).float() if ms.any() else torch.tensor(0.0)
+        assert bool((ys[ms] == torch.where(xs[ms] < 0, -level, level)).all())
+        assert not bool(torch.signbit(ys[ms & (xs >= 0)]).any())
+
+
+@FUZZ
+@given(st.integers(0, 700), st.integers(1, 8), st.integers(1, 40), st.integers(0, 20), st.integers(0, 2**31 - 1),
+       st.sampled_from([0.0, 0.5, 1.0]))
+def test_rotate_sends_each_rounds_share_with_signs_and_chunk_levels(numel, every, per_chunk, step, seed, zeros):
+    """Sizes around many chunks (the shapes above are mostly smaller than a chunk), every phase."""
+    c = get_codec(CodecConfig(name="rotate", rotate_chunk=every * per_chunk, rotate_every=every)).for_round(step)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=g) * (torch.rand(numel, generator=g) >= zeros * 0.5)  # some exact zeros
+    payload = c.encode(x)
+    assert len(payload) == c.payload_size(numel)
+    y = RotateCodec(every * per_chunk, every).decode(payload, numel)
+    check_rotate(c, x, y)
 
 
 @FUZZ
@@ -82,7 +119,8 @@ def test_random_bytes_raise_codec_error_only(name, numel, payload, block_size):
 def test_mutated_payloads_raise_codec_error_only(name, numel, data):
     block_size = data.draw(st.sampled_from([1, 5, 64, 256, 300]))
     c = make(name, block_size, data.draw(st.sampled_from([0.02, 0.5])))
-    payload = bytearray(c.encode(torch.randn(numel, generator=torch.Generator().manual_seed(numel))))
+    sender = c.for_round(data.draw(st.integers(0, 3)))  # rotate: a payload of any phase decodes anywhere
+    payload = bytearray(sender.encode(torch.randn(numel, generator=torch.Generator().manual_seed(numel))))
     edit = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
     if edit == "flip" and payload:
         for _ in range(data.draw(st.integers(1, 4))):

@@ -265,10 +265,12 @@ CHECK_TOKEN = FuzzTarget(
 
 MAX_NUMEL = 256
 FRACTION = 0.1  # topk: decoders must use the sender's fraction (it is in the manifest, not the payload)
+EVERY = 4  # rotate: a chunk of 64 (numel 64..256: 1 to 4 chunks, and shorter tensors sent whole)
 
 
 def _codec(name: str, block_size: int = 64):
-    return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=FRACTION))
+    return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=FRACTION,
+                                 rotate_chunk=max(EVERY, block_size - block_size % EVERY), rotate_every=EVERY))
 
 
 def _values(numel: int, style: int) -> torch.Tensor:
@@ -284,8 +286,11 @@ def _values(numel: int, style: int) -> torch.Tensor:
 
 def _codec_seeds(name: str) -> list[tuple[bytes, int]]:
     seeds = {}
-    for block_size in (1, 7, 64, 256, 300):  # topk decodes only its run's chunk: its seeds all use it
-        encoder = _codec(name, 64 if name == "topk" else block_size)
+    for i, block_size in enumerate((1, 7, 64, 256, 300)):  # topk and rotate decode only their run's chunk:
+        if name == "rotate":  # their seeds all use it; rotate's cover its phases instead (payloads carry them)
+            encoder = _codec(name).for_round(i)
+        else:
+            encoder = _codec(name, 64 if name == "topk" else block_size)
         for numel in (0, 1, 2, 3, 8, 63, 64, 65, 129, 256):
             for style in range(4):
                 seeds.setdefault(encoder.encode(_values(numel, style)), numel)

@@ -139,16 +139,33 @@ def _mean_over_senders(deltas):
     return out
 
 
+def _rotate_one_bit(x: torch.Tensor, chunk: int, every: int, rnd: int) -> torch.Tensor:
+    """The rotate codec's round trip, written out: of each ``chunk`` values every ``every``-th from offset
+    ``(rnd + chunk index) mod every`` (all of a tensor shorter than a chunk), each as its sign times the
+    chunk's mean |value| sent, rounded to bf16; 0 elsewhere."""
+    flat, out = x.reshape(-1), torch.zeros(x.numel())
+    spans = [(0, flat.numel(), 0, 1)] if flat.numel() < chunk else [
+        (s, min(s + chunk, flat.numel()), (rnd + c) % every, every) for c, s in enumerate(range(0, flat.numel(), chunk))]
+    for start, stop, off, stride in spans:
+        vals = flat[start + off: stop: stride]
+        if vals.numel():
+            level = vals.abs().double().mean().to(torch.bfloat16).float()
+            out[start + off: stop: stride] = torch.where(vals < 0, -level, level)
+    return out.view_as(x)
+
+
 def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | None, *, workers, steps, H, seed):
     """DiLoCo written out from the paper, independently of swarmloco's outer optimizer, simulator and error
     feedback (the inner AdamW is swarmloco's InnerTrainer: the outer loop is what is checked):
 
         for each round:  each worker i: theta_i <- AdamW^H(theta);  delta_i = theta - theta_i
                          [codec: e_i <- beta * e_i + delta_i;  delta_i <- C(e_i);  e_i <- e_i - delta_i]
-                         delta = mean_i delta_i  (top-k: per coordinate, over the workers that sent it)
+                         [rotate: r_i <- delta_i - C_round(delta_i);  delta_i <- C_round(delta_i)]
+                         delta = mean_i delta_i  (top-k, rotate: per coordinate, over the workers that sent it)
                          m <- mu * m + delta (m = delta at the first round)
                          theta <- theta - lr * (delta + mu * m)  (Nesterov) | theta - lr * m  (heavy ball)
                                   | theta - lr * delta  (mu = 0: SparseLoCo's plain SGD)
+                         each worker i: theta_i <- theta  (rotate: theta - r_i, the unsent rest kept)
     """
     theta = [p.detach().clone() for p in GPT(MODEL, seed=seed).parameters()]
     locals_ = [GPT(MODEL, seed=seed) for _ in range(workers)]
@@ -157,21 +174,27 @@ def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | No
     coder = get_codec(codec) if codec is not None else None
     beta = codec.topk_decay if codec is not None and codec.name == "topk" else 1.0
     errors = [[torch.zeros_like(t) for t in theta] for _ in range(workers)]
+    rotate = codec is not None and codec.name == "rotate"
     momentum = None
-    done = 0
+    done = rnd = 0
     while done < steps:
         n = min(H, steps - done)
         deltas = []
         for i in range(workers):
             trainers[i].train(streams[i], n)
             delta = [g - p.detach() for g, p in zip(theta, locals_[i].parameters())]
-            if coder is not None:
+            if rotate:
+                sent = [_rotate_one_bit(d, codec.rotate_chunk, codec.rotate_every, rnd) for d in delta]
+                errors[i] = [d - s for d, s in zip(delta, sent)]
+                delta = sent
+            elif coder is not None:
                 # e <- beta * e + delta, as one fused multiply-add (as torch.add(alpha=) computes it)
                 errors[i] = [torch.add(d, e, alpha=beta) for d, e in zip(delta, errors[i])]
                 delta = [coder.decode(coder.encode(e.reshape(-1)), e.numel()).view_as(e) for e in errors[i]]
                 errors[i] = [e - d for e, d in zip(errors[i], delta)]
             deltas.append(delta)
-        mean = _mean_over_senders(deltas) if coder is not None and codec.name == "topk" else _mean_of_workers(deltas)
+        mean = _mean_over_senders(deltas) if codec is not None and codec.name in ("topk", "rotate") \
+            else _mean_of_workers(deltas)
         mu, lr = outer.momentum, outer.lr
         if mu > 0:
             momentum = [d.clone() for d in mean] if momentum is None else [mu * m + d for m, d in zip(momentum, mean)]
@@ -179,11 +202,11 @@ def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | No
         else:
             step = mean
         theta = [torch.add(t, s, alpha=-lr) for t, s in zip(theta, step)]
-        for m in locals_:
+        for m, rest in zip(locals_, errors):
             with torch.no_grad():
-                for p, t in zip(m.parameters(), theta):
-                    p.copy_(t)
-        done += n
+                for p, t, r in zip(m.parameters(), theta, rest):
+                    p.copy_(t - r if rotate else t)
+        done, rnd = done + n, rnd + 1
     return theta
 
 
@@ -200,12 +223,15 @@ OUTER_SETTINGS = [
     (OuterConfig(lr=1.0, momentum=0.0, nesterov=False), CodecConfig(name="topk", topk_chunk=64)),  # SparseLoCo
     (OuterConfig(lr=2.0, momentum=0.0, nesterov=False), CodecConfig(name="topk", topk_chunk=256, topk_decay=0.9)),
     (OuterConfig(), CodecConfig(name="int8")),
+    (OuterConfig(), CodecConfig(name="rotate", rotate_chunk=64, rotate_every=4)),  # the rest kept in the model
+    (OuterConfig(lr=0.8, momentum=0.9), CodecConfig(name="rotate", rotate_chunk=96, rotate_every=3)),
 ], ids=lambda v: v.name if isinstance(v, CodecConfig) else "fp32" if v is None else
    f"{'nesterov' if v.nesterov else 'heavy' if v.momentum else 'sgd'}-lr{v.lr:g}-m{v.momentum:g}")
 def test_simulated_diloco_is_the_papers_algorithm(outer, codec):
     """The simulator's DiLoCo (which uses the peer's outer optimizer and error feedback) against the
     hand-written reference above: the same global parameters, bit for bit, after 3 rounds of 3 workers
-    (the last one short), for every outer setting and for SparseLoCo's sparse scheme."""
+    (the last one short), for every outer setting, for SparseLoCo's sparse scheme and for the rotate codec
+    (its rest kept in each worker's parameters)."""
     torch.set_num_threads(1)
     corpus, steps, H, k = _corpus(), 8, 3, 3
     inner = InnerConfig(warmup_steps=2, total_steps=steps)

@@ -44,6 +44,11 @@ class Codec(ABC):
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
         """Decode exactly ``numel`` float32 values (1-D) or raise CodecError."""
 
+    def for_round(self, step: int) -> Codec:
+        """The codec encoding the round of outer step ``step``: itself, except for codecs whose choice of values
+        rotates with the round (``rotate``). Decoding needs no round: such payloads carry their phase."""
+        return self
+
     def expected_ratio(self) -> float:
         """Wire bytes divided by fp32 bytes, for large tensors."""
         return self.info.bits_per_value / 32.0

@@ -13,6 +13,13 @@ Usage per outer step and tensor ``i``::
     payload = codec.encode(compensated)
     ef.update(i, compensated, codec.decode(payload, compensated.numel()).view_as(compensated))
 
+**Rest in the model** (``in_model``; the ``rotate`` codec's): the residual is not added to the next tensor
+but kept in the peer's own parameters: after the outer step they are the new global parameters minus the
+residual (:meth:`ErrorFeedback.rest`), so the next pseudo-gradient ``global - local`` holds it again, and the
+model trains on from where it was instead of re-learning the unsent part from the global parameters (an
+accumulator outside the parameters re-adds the part the model re-learned: +46% held-out loss in
+BENCHMARKS.md's "Where the sparse gap comes from"). ``compensate`` then returns the tensor unchanged.
+
 The residuals are part of a peer's state: ``state_dict``/``load_state_dict`` put them in checkpoints.
 """
 
@@ -25,18 +32,19 @@ import torch
 
 
 class ErrorFeedback:
-    """Residuals keyed by tensor name or index."""
+    """Residuals keyed by tensor name or index (``in_model``: kept in the peer's parameters, see the module doc)."""
 
-    def __init__(self, decay: float = 1.0):
+    def __init__(self, decay: float = 1.0, in_model: bool = False):
         if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
             raise ValueError(f"error feedback decay={decay!r} is invalid: must be in [0, 1]")
-        self.decay = float(decay)
+        self.decay, self.in_model = float(decay), bool(in_model)
         self.residuals: dict[Hashable, torch.Tensor] = {}
 
     def compensate(self, key: Hashable, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor + decay * residual`` (a new float32 tensor; ``tensor`` itself is not modified)."""
+        """``tensor + decay * residual`` (a new float32 tensor; ``tensor`` itself is not modified); ``tensor``
+        as it is with the rest in the model (the parameters hold the residual already)."""
         out = tensor.detach().to(torch.float32).clone()
-        residual = self.residuals.get(key)
+        residual = None if self.in_model else self.residuals.get(key)
         if residual is not None:
             if residual.shape != out.shape:
                 raise ValueError(f"error feedback: residual {key!r} has shape {tuple(residual.shape)}, "
@@ -51,6 +59,11 @@ class ErrorFeedback:
         sent = sent_decoded.detach().to(device=compensated.device, dtype=torch.float32).reshape(compensated.shape)
         self.residuals[key] = compensated.detach().to(torch.float32) - sent
 
+    def rest(self, key: Hashable) -> torch.Tensor | None:
+        """What the last round did not send of tensor ``key`` (None if nothing is kept): with the rest in the
+        model, the peer's parameters are the new global ones minus it."""
+        return self.residuals.get(key)
+
     def reset(self) -> None:
         """Forget all residuals (e.g. after adopting another peer's parameters)."""
         self.residuals.clear()
@@ -60,7 +73,8 @@ class ErrorFeedback:
         return math.sqrt(sum(float(r.double().square().sum()) for r in self.residuals.values()))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "residuals": {k: r.detach().cpu().clone() for k, r in self.residuals.items()}}
+        return {"decay": self.decay, "in_model": self.in_model,
+                "residuals": {k: r.detach().cpu().clone() for k, r in self.residuals.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore residuals; ValueError (nothing changed) if the state is malformed."""
@@ -85,8 +99,10 @@ def error_feedback_for(cfg, codec) -> ErrorFeedback | None:
 
     The sparse ``topk`` codec's accumulator decays by ``cfg.topk_decay`` (SparseLoCo's beta: with
     ``e = beta * e + delta; send C(e); e -= C(e)`` it plays the outer momentum); the dense codecs'
-    does not decay (every dropped bit is sent later). The peer and the simulator both build it here.
+    does not decay (every dropped bit is sent later); the ``rotate`` codec's rest stays in the peer's
+    parameters (``in_model``). The peer and the simulator both build it here.
     """
     if not (cfg.error_feedback and codec.info.lossy):
         return None
-    return ErrorFeedback(decay=cfg.topk_decay if codec.info.name == "topk" else 1.0)
+    return ErrorFeedback(decay=cfg.topk_decay if codec.info.name == "topk" else 1.0,
+                         in_model=codec.info.name == "rotate")

@@ -9,6 +9,7 @@ from swarmloco.compression.floating import BFloat16Codec, Float16Codec
 from swarmloco.compression.int4 import Int4Codec
 from swarmloco.compression.int8 import Int8Codec
 from swarmloco.compression.none import Float32Codec
+from swarmloco.compression.rotate import RotateCodec
 from swarmloco.compression.topk import TopKCodec
 from swarmloco.config import CodecConfig
 
@@ -19,6 +20,7 @@ _FACTORIES: dict[str, Callable[[CodecConfig], Codec]] = {
     "int8": lambda cfg: Int8Codec(cfg.block_size),
     "int4": lambda cfg: Int4Codec(cfg.block_size),
     "topk": lambda cfg: TopKCodec(cfg.topk_chunk, cfg.topk_fraction),
+    "rotate": lambda cfg: RotateCodec(cfg.rotate_chunk, cfg.rotate_every),
 }
 
 

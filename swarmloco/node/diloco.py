@@ -104,6 +104,7 @@ class DiLoCo(Heartbeats, PeerState):
         self.swarm, self.model, self.H = swarm, model, inner_steps
         self.outer_cfg, self.codec_cfg = outer or OuterConfig(), codec or CodecConfig()
         self.outer_cfg.check_inner_steps(inner_steps, "inner_steps")
+        self.codec_cfg.check_outer(self.outer_cfg)
         self.steps_per_round = inner_steps // self.outer_cfg.fragments
         """Inner steps between two rounds (a fragment's round with outer.fragments > 1)."""
         self.overlapped = self.outer_cfg.overlapped
@@ -139,7 +140,8 @@ class DiLoCo(Heartbeats, PeerState):
         self.manifest = RunManifest.from_dict({**base, "fingerprint": fingerprint(model), "genesis": self.digest})
         self.outer_opt = build_outer_optimizer(self.global_params, self.outer_cfg)  # the simulator's update rule too
         self.codec = get_codec(self.codec_cfg)
-        self.error_feedback = error_feedback_for(self.codec_cfg, self.codec)  # topk: decays (SparseLoCo's momentum)
+        # topk: decays (SparseLoCo's momentum); rotate: the rest stays in the model
+        self.error_feedback = error_feedback_for(self.codec_cfg, self.codec)
         self.transport = swarm.transport_for(self.manifest, templates=self.global_params, codec=self.codec,
                                              clip_factor=self.outer_cfg.clip_factor)
         cfg = swarm.config

@@ -31,13 +31,24 @@ logger = logging.getLogger(__name__)
 class PeerState:
     """Checkpoints, state serving and catching up, for :class:`~swarmloco.node.diloco.DiLoCo`."""
 
-    def _copy_global_into_model(self, index=None) -> None:
-        """The model's parameters (those of ``index``, default all) := the global parameters."""
+    def _copy_global_into_model(self, index=None, keep_rest: bool = False) -> None:
+        """The model's parameters (those of ``index``, default all) := the global parameters; ``keep_rest``
+        with error feedback's rest in the model (the ``rotate`` codec): minus what the last round did not send."""
         params = list(self.model.parameters())
+        ef = self.error_feedback if keep_rest else None
         with torch.no_grad():
             for i in range(len(params)) if index is None else index:
-                params[i].copy_(self.global_params[i], non_blocking=True)  # from pinned memory on CUDA: asynchronous
+                rest = ef.rest(i) if ef is not None and ef.in_model else None
+                if rest is None:
+                    params[i].copy_(self.global_params[i], non_blocking=True)  # from pinned memory on CUDA: async
+                else:  # (the simulator's landing: the same fp32 operation)
+                    params[i].copy_(self.global_params[i] - rest)
         self._sync_device()  # the outer step may rewrite the source buffers next
+
+    @property
+    def _rest_in_model(self) -> bool:
+        """Whether the model holds, besides the global parameters, what the last round did not send (rotate)."""
+        return self.error_feedback is not None and self.error_feedback.in_model
 
     def _sync_device(self) -> None:
         """Wait for the asynchronous copies between pinned CPU buffers and the device."""
@@ -48,12 +59,12 @@ class PeerState:
         """``evaluate()`` of the global parameters after a committed round: every round, or with streaming
         fragments once every ``fragments`` rounds (when each fragment took one more step: a round moves only
         one fragment, and an evaluation per round would cost F times as much), NaN for the rounds between.
-        With rounds overlapped the model holds this peer's own parameters (global plus the inner steps since):
+        With rounds overlapped (or the unsent rest kept in the model) the model holds this peer's own parameters:
         they are set aside on the device, the global ones put in for the evaluation, and restored. ``step``: the
         outer step the landing round committed (default: the peer's; rounds in flight after it may be ahead)."""
         if self.evaluate_fn is None or (self.outer_step if step is None else step) % self.outer_cfg.fragments:
             return float("nan")
-        if not self.overlapped:
+        if not self.overlapped and not self._rest_in_model:
             return self._evaluate()
         with torch.no_grad():
             saved = [p.detach().clone() for p in self.model.parameters()]
@@ -79,6 +90,13 @@ class PeerState:
                 logger.warning("ignoring the checkpoint's inner optimizer state: %s", e)
         if state.get("error_feedback") and self.error_feedback is not None:
             self.error_feedback.load_state_dict(state["error_feedback"])
+            if self._rest_in_model:  # the model as it was: the global params minus the unsent rest
+                if all(isinstance(k, int) and 0 <= k < len(self.global_params)
+                       and r.shape == self.global_params[k].shape for k, r in self.error_feedback.residuals.items()):
+                    self._copy_global_into_model(keep_rest=True)
+                else:
+                    logger.warning("ignoring the checkpoint's error feedback: it does not fit this model")
+                    self.error_feedback.reset()
         self.outer_step = int(state["outer_step"])
         self.inner_step = max(self.inner_step, self.outer_step * self.steps_per_round)
         self.digest = params_digest(self.global_params)
@@ -185,6 +203,8 @@ class PeerState:
             self.push_lineage(min(fork_index, len(self.chain.certs)))
         self.catchup.forget()
         self._copy_global_into_model()  # unfinished inner work is dropped: restart from the adopted params
+        if self._rest_in_model:
+            self.error_feedback.reset()  # (the rest it kept went with the model's inner work)
         self._samples_since_sync = 0
         self.inner_step = max(self.inner_step, state.outer_step * self.steps_per_round)  # the LR schedule's position
         dropped = comparison.dropped_rounds

@@ -186,7 +186,8 @@ def exchange(engine, work: RoundWork) -> None:
     t2 = time.perf_counter()
     feedback = None
     if outcome.ok and engine.error_feedback is not None:  # keep what the codec did not carry
-        feedback = [engine.codec.roundtrip(sent) for sent in work.to_send]
+        codec = engine.codec.for_round(step)  # (the rotate codec's values depend on the round)
+        feedback = [codec.roundtrip(sent) for sent in work.to_send]
         if outcome.group_size <= 1:  # alone: the update a group of one would average (the simulator's
             for out, decoded in zip(outputs, feedback):  # rule), not the whole accumulator every lone round
                 out.copy_(decoded)
@@ -254,7 +255,7 @@ def run_round(engine, inner) -> RoundReport:
         return engine._catch_up_instead_of_round(work.behind, inner, work.t0)
     eval_loss = float("nan")
     if work.outcome.ok:
-        engine._copy_global_into_model(work.index)
+        engine._copy_global_into_model(work.index, keep_rest=True)
         engine._samples_since_sync -= work.weight
         eval_loss = engine._evaluate_global()
     work.blocked_s = time.perf_counter() - t

@@ -49,9 +49,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PseudoGradTransform = Callable[..., list[torch.Tensor]]
-"""``transform(worker_index, pseudo_grad_tensors, keys=param_indices) -> tensors`` of the same shapes (``keys``:
-which parameters the tensors are, for per-parameter state such as error feedback: a fragment's round passes
-only its own)."""
+"""``transform(worker_index, pseudo_grad_tensors, keys=param_indices, step=round) -> tensors`` of the same shapes
+(``keys``: which parameters the tensors are, for per-parameter state such as error feedback: a fragment's round
+passes only its own; ``step``: the round's number, the outer step a peer would be at). A transform with a
+``feedback`` attribute (one error feedback per worker, or None) whose rest is kept in the model
+(``in_model``: the rotate codec) has each worker land at the new global parameters minus its rest."""
 
 CPU = torch.device("cpu")
 
@@ -65,7 +67,8 @@ def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
     ``error_feedback = false``; decaying by ``topk_decay`` for the sparse codec). Pair it with
     ``bytes_per_value=ring_equivalent_bytes_per_value(codec, workers)`` in :func:`run_diloco`. Its
     ``sparse`` attribute (a sparse codec) makes :func:`run_diloco` average each coordinate over the workers
-    that sent it, as the all-gather does.
+    that sent it, as the all-gather does; its ``feedback`` (the workers' error feedback) keeps the ``rotate``
+    codec's unsent rest in each worker's parameters when the round lands, as a peer does.
     """
     from swarmloco.compression.error_feedback import error_feedback_for
     from swarmloco.compression.registry import get_codec
@@ -73,17 +76,19 @@ def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
     codec = get_codec(cfg)
     feedback = [error_feedback_for(cfg, codec) for _ in range(workers)]
 
-    def transform(worker: int, tensors: list[torch.Tensor], keys: Sequence[int] | None = None) -> list[torch.Tensor]:
-        ef, out = feedback[worker], []
+    def transform(worker: int, tensors: list[torch.Tensor], keys: Sequence[int] | None = None,
+                  step: int = 0) -> list[torch.Tensor]:
+        ef, out, round_codec = feedback[worker], [], codec.for_round(step)
         for i, t in zip(range(len(tensors)) if keys is None else keys, tensors):
             x = ef.compensate(i, t) if ef is not None else t.detach().to(torch.float32)
-            sent = codec.roundtrip(x.cpu()).to(device=t.device, dtype=t.dtype)
+            sent = round_codec.roundtrip(x.cpu()).to(device=t.device, dtype=t.dtype)
             if ef is not None:
                 ef.update(i, x, sent)
             out.append(sent)
         return out
 
     transform.sparse = not codec.info.summable  # top-k: the round averages each coordinate over its senders
+    transform.feedback = feedback
     return transform
 
 
@@ -223,6 +228,9 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
     if H <= 0:
         raise ValueError(f"H must be > 0, got {H}")
     outer_cfg.check_inner_steps(H, "H")
+    if any(ef is not None and ef.in_model for ef in getattr(transform, "feedback", None) or ()) and (
+            outer_cfg.overlapped or outer_cfg.fragments > 1):
+        raise ValueError("a codec keeping its rest in the model (rotate) needs blocking rounds of the whole model")
     start = time.perf_counter()
     global_model = build_model(model_cfg, seed).to(device)
     global_params = list(global_model.parameters())
@@ -256,7 +264,8 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
                 curve.maybe_record(done)
         index = parts[round_fragment(rounds, outer_cfg.fragments)]
         payload += sum(numels[i] for i in index)
-        inflight.append(_SimRound(outer_cfg, outer, global_params, local_models, index, transform, done + tau))
+        inflight.append(_SimRound(outer_cfg, outer, global_params, local_models, index, transform, done + tau,
+                                  step=rounds))
         rounds += 1
         if tau == 0 or done == steps:  # blocking, or the run's last round: every round in flight lands now
             while inflight:
@@ -277,8 +286,10 @@ class _SimRound:
     worker's landing applied :meth:`land` (``tau`` steps later when overlapped)."""
 
     def __init__(self, cfg: OuterConfig, outer, global_params, local_models, index: Sequence[int],
-                 transform: PseudoGradTransform | None, land_at: int):
+                 transform: PseudoGradTransform | None, land_at: int, step: int = 0):
         self.cfg, self.index, self.land_at = cfg, list(index), land_at
+        feedback = getattr(transform, "feedback", None) or [None] * len(local_models)
+        self.kept = [ef if ef is not None and ef.in_model else None for ef in feedback]  # (rotate: rest in model)
         theta = [global_params[i] for i in self.index]
         summed: list[torch.Tensor] | None = None
         sparse = len(local_models) > 1 and getattr(transform, "sparse", False)  # as the all-gather combines them
@@ -296,7 +307,7 @@ class _SimRound:
                     proxy = [local[i].detach().clone() for i in self.index]
                 self.proxies.append(proxy)
                 if transform is not None:
-                    pseudo = transform(w, pseudo, keys=self.index)
+                    pseudo = transform(w, pseudo, keys=self.index, step=step)
                 if sparse:
                     sent.append(pseudo)
                 summed = ([t.clone() for t in pseudo] if summed is None
@@ -315,11 +326,12 @@ class _SimRound:
         apply_outer_step(outer, theta, self.averaged)
         blocking = self.cfg.delay_steps(1 << 30) == 0
         with torch.no_grad():
-            for model, proxy in zip(local_models, self.proxies):
+            for model, proxy, kept in zip(local_models, self.proxies, self.kept):
                 local = list(model.parameters())
                 if blocking:
                     for i, t in zip(self.index, theta):
-                        local[i].copy_(t)
+                        rest = kept.rest(i) if kept is not None else None
+                        local[i].copy_(t) if rest is None else local[i].copy_(t - rest.to(t.device))
                     continue
                 alpha = self.cfg.overlap_alpha
                 for i, c in zip(self.index, landing_correction(theta, proxy, alpha)):

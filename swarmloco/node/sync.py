@@ -267,7 +267,7 @@ class Synchronizer:
         handle = self.transport.start_round(tensors, outputs, weight=max(1e-3, float(samples)), gather=gather,
                                             scheduled_time=scheduled, timeout=find_timeout,
                                             expected_group_size=len(barrier.ready), parts=parts,
-                                            members=barrier.ready, leader=barrier.leader)
+                                            members=barrier.ready, leader=barrier.leader, step=outer_step)
         return handle, barrier
 
     def committed(self, outer_step: int, attempt: int) -> None:

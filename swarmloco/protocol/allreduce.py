@@ -67,19 +67,23 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         super().__init__(*args, compression=HivemindCodec(codec), **kwargs)
 
     def step(self, *args, parts: Sequence[int] | None = None, members: Sequence[str] | None = None,
-             leader: str | None = None, **kwargs):
+             leader: str | None = None, round_step: int = 0, **kwargs):
         """hivemind's ``step``; ``parts``: the indices of the averaged tensors this round averages (a streaming
         fragment), None for all of them; ``members``: the peer ids the ready barrier expects in the group and
-        ``leader`` the one they follow (:mod:`swarmloco.protocol.matchmaking`). Sent ahead of the step through
+        ``leader`` the one they follow (:mod:`swarmloco.protocol.matchmaking`); ``round_step``: the outer step the
+        round is for (a codec whose values rotate with the round encodes for it). Sent ahead of the step through
         the same pipe, so the round gets them."""
         with self._pipe_lock:
             self._outer_pipe.send(("_set_round", [], dict(parts=None if parts is None else tuple(map(int, parts)),
                                                           members=tuple(map(str, members or ())),
-                                                          leader=None if leader is None else str(leader))))
+                                                          leader=None if leader is None else str(leader),
+                                                          round_step=int(round_step))))
             return super().step(*args, **kwargs)
 
-    async def _set_round(self, parts: tuple[int, ...] | None, members: tuple[str, ...], leader: str | None) -> None:
+    async def _set_round(self, parts: tuple[int, ...] | None, members: tuple[str, ...], leader: str | None,
+                         round_step: int = 0) -> None:
         self._next_parts, self._next_members, self._next_leader = parts, members, leader
+        self._next_round_step = round_step
 
     def abort_round(self, reason: str) -> None:
         """Give up the all-reduce running now (its group mates already know it failed): the round then
@@ -294,6 +298,7 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
     async def _step(self, *, step, future_for_init):
         self._abort = asyncio.Event()  # a new round: an abort meant for the last one cannot reach it
         self._round_parts = getattr(self, "_next_parts", None)  # (one round runs at a time)
+        self._round_codec = self._codec.for_round(getattr(self, "_next_round_step", 0))
         self._matchmaking.expect(getattr(self, "_next_members", ()), getattr(self, "_next_leader", None))
         return await super()._step(step=step, future_for_init=future_for_init)
 
@@ -309,7 +314,8 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
     async def _run_allgather_inplace_(self, tensors, group_info, group_id, start: float, **kwargs):
         modes = [AveragingMode(self.serializer.loads(g)[1]) for g in group_info.gathered]
         runner = SparseAllGatherRunner(
-            codec=self._codec, p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, group_id=group_id,
+            codec=getattr(self, "_round_codec", self._codec), p2p=self._p2p, servicer_type=type(self),
+            prefix=self.prefix, group_id=group_id,
             ordered_peer_ids=group_info.peer_ids, dialable=[m != AveragingMode.CLIENT for m in modes],
             tensors=tensors, weight=float(kwargs.get("weight") or 1.0),
             timeout=kwargs.get("sender_timeout") or self.next_chunk_timeout or 30.0, clip_factor=self._clip_factor,

@@ -112,10 +112,12 @@ class Transport(Protocol):
     def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
                     gather: dict[str, Any], scheduled_time: float, timeout: float,
                     expected_group_size: int | None = None, parts: Sequence[int] | None = None,
-                    members: Sequence[str] | None = None, leader: str | None = None) -> RoundHandle:
+                    members: Sequence[str] | None = None, leader: str | None = None,
+                    step: int = 0) -> RoundHandle:
         """Begin averaging ``tensors`` into ``outputs``. ``parts``: which of the run's parameters they are (a
         streaming fragment's, in order); None: all of them. ``members``: the peer ids expected in the group
-        (the ready barrier's) and ``leader`` the one they agree to follow, without a DHT search."""
+        (the ready barrier's) and ``leader`` the one they agree to follow, without a DHT search. ``step``: the
+        outer step the round is for (the codec encodes for it: :meth:`Codec.for_round`)."""
 
     def set_state_provider(self, provider: Callable[[], tuple[Any, list[torch.Tensor]]]) -> None: ...
 
@@ -345,7 +347,8 @@ class SwarmTransport:
     def start_round(self, tensors: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], weight: float,
                     gather: dict[str, Any], scheduled_time: float, timeout: float,
                     expected_group_size: int | None = None, parts: Sequence[int] | None = None,
-                    members: Sequence[str] | None = None, leader: str | None = None) -> RoundHandle:
+                    members: Sequence[str] | None = None, leader: str | None = None,
+                    step: int = 0) -> RoundHandle:
         target = min(self.cfg.max_group_size, expected_group_size or self.cfg.max_group_size)
         if target != self._target_group_size:
             try:
@@ -359,7 +362,7 @@ class SwarmTransport:
         started = time.perf_counter()
         control = self.averager.step(
             gather=gather, weight=float(weight), scheduled_time=scheduled_time, timeout=timeout,
-            allow_retries=False, wait=False, parts=parts, members=members, leader=leader,
+            allow_retries=False, wait=False, parts=parts, members=members, leader=leader, round_step=step,
         )
         return _HivemindRound(self, control, outputs, started, parts)
 

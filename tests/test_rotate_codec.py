@@ -94,7 +94,7 @@ def test_every_coordinate_is_sent_once_over_every_consecutive_rounds(chunk, ever
 def test_for_round_sets_the_phase_on_a_copy():
     c = RotateCodec(chunk=8, every=4)
     assert [c.for_round(s).phase for s in (0, 1, 2, 3, 4, 9, 4003)] == [0, 1, 2, 3, 0, 1, 3]
-    assert c.phase == 0 and c.for_round(3) is not c
+    assert c.phase is None and c.for_round(3) is not c  # (unbound: encodes phase 0, decodes any)
     assert get_codec(CodecConfig(name="none")).for_round(3).info.name == "none"  # other codecs: themselves
 
 
@@ -125,7 +125,7 @@ def test_payload_length_is_payload_size_for_many_sizes_and_phases():
 
 def test_bits_per_value_at_4096_every_4():
     c = get_codec(CodecConfig(name="rotate"))
-    assert isinstance(c, RotateCodec) and (c.chunk, c.every, c.phase) == (4096, 4, 0)
+    assert isinstance(c, RotateCodec) and (c.chunk, c.every, c.phase) == (4096, 4, None)
     assert c.info.name == "rotate" and c.info.summable is False
     assert c.info.bits_per_value == (1024 + 16) / 4096  # one bit for 1 in 4 values, a bf16 level per chunk
     n = 1 << 20
@@ -143,9 +143,19 @@ def test_decode_reads_the_phase_from_the_payload():
     p = sender.encode(x)
     assert struct.unpack_from("<I", p, PHASE_AT) == (3,)
     expected = reference(x, 8, 4, 3)[1]
-    for receiver in (RotateCodec(chunk=8, every=4), RotateCodec(chunk=8, every=4).for_round(1), sender):
+    for receiver in (RotateCodec(chunk=8, every=4), RotateCodec(chunk=8, every=4).for_round(7), sender):
         assert torch.equal(receiver.decode(p, n), expected)
     assert not torch.equal(sender.sent_mask(n), RotateCodec(8, 4).sent_mask(n))  # the phases send other values
+
+
+def test_a_codec_bound_to_a_round_refuses_another_rounds_phase():
+    """Every member of a round is at the same outer step: a payload for another phase (a confused or hostile
+    peer, whose values would land on coordinates nobody else sent) is refused by the round's decoder."""
+    n = 37
+    p = RotateCodec(chunk=8, every=4).for_round(2).encode(torch.randn(n, generator=gen()))
+    for step in (0, 1, 3, 5):
+        with pytest.raises(CodecError, match="phase 2, this round's is"):
+            RotateCodec(chunk=8, every=4).for_round(step).decode(p, n)
 
 
 # ---------------------------------------------------------------- hostile payloads

@@ -12,13 +12,13 @@ the model" mode, :class:`~swarmloco.compression.error_feedback.ErrorFeedback`): 
 parameters are the new global ones minus what it did not send, so the next pseudo-gradient carries it again,
 and the model trains on from where it was. At ``every = 4`` that is 1/4 + 1/256 bits per value, 126x below
 fp32 (105x for the quality benchmark's small model, headers included), and within +0.3% of dense DiLoCo at 200
-rounds (BENCHMARKS.md). Like
-top-k it travels by all-gather (1-bit values do not survive a part-by-part sum), averaged per coordinate over
-its senders (all of them when the peers share the round's phase).
+rounds (BENCHMARKS.md). Like top-k it travels by all-gather (1-bit values do not survive a part-by-part sum),
+averaged per coordinate over its senders (all of the round's members: they share its phase).
 
 Payload: 16-byte header (block_size = chunk) | u32 phase | bf16 levels [chunks] | sign bits (1: negative),
 packed LSB first, chunk after chunk. The layout is fixed by the tensor's size and the phase; ``decode`` rejects
-a wrong chunk, a phase >= ``every``, a wrong length, non-zero padding bits and non-finite or negative levels.
+a wrong chunk, a phase >= ``every`` (bound to a round: any other than the round's), a wrong length, non-zero
+padding bits and non-finite or negative levels.
 """
 
 from __future__ import annotations
@@ -45,17 +45,21 @@ class RotateCodec(Codec):
 
     NAME = "rotate"
 
-    def __init__(self, chunk: int = 4096, every: int = 4, phase: int = 0):
+    def __init__(self, chunk: int = 4096, every: int = 4):
         if not isinstance(every, int) or not 1 <= every <= MAX_EVERY:
             raise ValueError(f"config: codec.rotate_every={every!r} is invalid: must be in 1..{MAX_EVERY}")
         if not isinstance(chunk, int) or not every <= chunk <= MAX_BLOCK_SIZE or chunk % every:
             raise ValueError(f"config: codec.rotate_chunk={chunk!r} is invalid: must be a multiple of "
                              f"rotate_every = {every} in {every}..{MAX_BLOCK_SIZE}")
-        self.chunk, self.every, self.phase = chunk, every, int(phase) % every
+        self.chunk, self.every = chunk, every
+        self.phase: int | None = None
+        """The round's phase (:meth:`for_round`): what ``encode`` sends and the only phase ``decode`` accepts;
+        None (a codec not bound to a round) encodes phase 0 and decodes any."""
         self.info = CodecInfo(name=self.NAME, bits_per_value=(chunk // every + 16) / chunk, lossy=True, summable=False)
 
     def for_round(self, step: int) -> RotateCodec:
-        """This codec encoding for the round of outer step ``step`` (its phase: ``step mod every``)."""
+        """This codec for the round of outer step ``step`` (its phase: ``step mod every``): it encodes that
+        phase and refuses a payload of another (every member of a round is at the same outer step)."""
         bound = copy.copy(self)
         bound.phase = int(step) % self.every
         return bound
@@ -77,11 +81,11 @@ class RotateCodec(Codec):
 
     def sent_count(self, numel: int, phase: int | None = None) -> int:
         """How many values a ``numel``-value tensor's payload carries at ``phase`` (default: this codec's)."""
-        return int(self._counts(numel, self.phase if phase is None else phase).sum())
+        return int(self._counts(numel, self._phase(phase)).sum())
 
     def sent_mask(self, numel: int, phase: int | None = None) -> torch.Tensor:
         """Which of the ``numel`` values are sent at ``phase`` (default: this codec's)."""
-        phase = self.phase if phase is None else phase
+        phase = self._phase(phase)
         if numel < self.chunk:
             return torch.ones(numel, dtype=torch.bool)
         mask = torch.zeros(numel, dtype=torch.bool)
@@ -97,6 +101,9 @@ class RotateCodec(Codec):
     def payload_size(self, numel: int, phase: int | None = None) -> int:
         """Exact bytes of the payload of a ``numel``-value tensor at ``phase`` (default: this codec's)."""
         return HEADER_SIZE + PHASE.size + 2 * self._chunks(numel) + (self.sent_count(numel, phase) + 7) // 8
+
+    def _phase(self, phase: int | None) -> int:
+        return phase if phase is not None else self.phase or 0
 
     def _owners(self, numel: int, phase: int) -> torch.Tensor:
         """The chunk index of each sent value, in payload order."""
@@ -129,13 +136,14 @@ class RotateCodec(Codec):
         n = flat.numel()
         if n:
             block_absmax(flat.view(1, -1), self.NAME)  # NaN/Inf or overflowing input: CodecError
-        values, owners = self._sent_values(flat, self.phase)
+        phase = self._phase(None)
+        values, owners = self._sent_values(flat, phase)
         rows = self._chunks(n)
         sums = torch.zeros(rows, dtype=torch.float64).index_add_(0, owners, values.abs().double())
         counts = torch.bincount(owners, minlength=rows).clamp_min(1).double()
         levels = (sums / counts).to(torch.bfloat16)
         signs = pack_bits((values < 0).to(torch.uint8))
-        return b"".join([pack_header(CODEC_IDS[self.NAME], n, self.chunk), PHASE.pack(self.phase),
+        return b"".join([pack_header(CODEC_IDS[self.NAME], n, self.chunk), PHASE.pack(phase),
                          levels.view(torch.uint8).numpy().tobytes(), signs.numpy().tobytes()])
 
     # ----- decoding ---------------------------------------------------------------------------
@@ -148,6 +156,8 @@ class RotateCodec(Codec):
         (phase,) = PHASE.unpack_from(payload, HEADER_SIZE)
         if phase >= self.every:
             raise CodecError(f"{self.NAME}: phase {phase} is not below rotate_every = {self.every}")
+        if self.phase is not None and phase != self.phase:
+            raise CodecError(f"{self.NAME}: payload for phase {phase}, this round's is {self.phase}")
         check_length(payload, self.payload_size(numel, phase), self.NAME)
         data = payload_tensor(payload)
         rows = self._chunks(numel)

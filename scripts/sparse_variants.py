@@ -20,8 +20,9 @@ so the figures compare with its dense DiLoCo arm (held-out 1.6427 at H=30, 1.620
 
 ``stride4-1bit-model`` is what the engine's ``rotate`` codec does (``codec.name = "rotate"``: the same held-out
 loss in ``bench_quality.py``'s ``H{H}-n1/0.7-rotate`` arms); this script keeps its own implementation of all
-the variants and patches the simulator's landing (``_SimRound.land``) for the "rest in model" ones. Tensors shorter than a chunk are sent whole with the variant's values. Bytes are exact for
-``topk`` (the codec's payloads) and counted bit for bit for the others (values plus 2 bytes of level per
+the variants and patches the simulator's landing (``_SimRound.land``) for the "rest in model" ones. Tensors
+shorter than a chunk are sent whole with the variant's values. Bytes are exact for ``topk`` (the codec's
+payloads) and counted bit for bit for the others (values plus 2 bytes of level per
 chunk; no header). Results and curves: ``--out`` (JSON); a table on stdout.
 
     python scripts/sparse_variants.py                      # every variant, 2 at a time (~13 min on 2 cores)

@@ -105,11 +105,6 @@ class RotateCodec(Codec):
     def _phase(self, phase: int | None) -> int:
         return phase if phase is not None else self.phase or 0
 
-    def _owners(self, numel: int, phase: int) -> torch.Tensor:
-        """The chunk index of each sent value, in payload order."""
-        counts = self._counts(numel, phase)
-        return torch.repeat_interleave(torch.arange(counts.numel()), counts)
-
     # ----- encoding ---------------------------------------------------------------------------
     def _sent_values(self, flat: torch.Tensor, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the sent values in payload order, each one's chunk index)."""
@@ -158,18 +153,18 @@ class RotateCodec(Codec):
             raise CodecError(f"{self.NAME}: phase {phase} is not below rotate_every = {self.every}")
         if self.phase is not None and phase != self.phase:
             raise CodecError(f"{self.NAME}: payload for phase {phase}, this round's is {self.phase}")
-        check_length(payload, self.payload_size(numel, phase), self.NAME)
-        data = payload_tensor(payload)
-        rows = self._chunks(numel)
+        counts, rows = self._counts(numel, phase), self._chunks(numel)
+        count = int(counts.sum())
         at = HEADER_SIZE + PHASE.size
+        check_length(payload, at + 2 * rows + (count + 7) // 8, self.NAME)
+        data = payload_tensor(payload)
         levels = data[at: at + 2 * rows].view(torch.bfloat16).float()
         if levels.numel() and not bool(torch.isfinite(levels).all()):
             raise CodecError(f"{self.NAME}: a level is NaN or Inf")
         if levels.numel() and float(levels.min()) < 0:
             raise CodecError(f"{self.NAME}: a level is negative")
-        count = self.sent_count(numel, phase)
         negative = unpack_bits(data[at + 2 * rows:], count, self.NAME).bool()
-        mag = levels[self._owners(numel, phase)]
+        mag = levels[torch.repeat_interleave(torch.arange(rows), counts)]
         out = torch.zeros(numel, dtype=torch.float32)
         out[self.sent_mask(numel, phase)] = torch.where(negative, -mag, mag)
         return out

@@ -35,10 +35,10 @@ class PeerState:
         """The model's parameters (those of ``index``, default all) := the global parameters; ``keep_rest``
         with error feedback's rest in the model (the ``rotate`` codec): minus what the last round did not send."""
         params = list(self.model.parameters())
-        ef = self.error_feedback if keep_rest else None
+        ef = self.error_feedback if keep_rest and self._rest_in_model else None
         with torch.no_grad():
             for i in range(len(params)) if index is None else index:
-                rest = ef.rest(i) if ef is not None and ef.in_model else None
+                rest = ef.rest(i) if ef is not None else None
                 if rest is None:
                     params[i].copy_(self.global_params[i], non_blocking=True)  # from pinned memory on CUDA: async
                 else:  # (the simulator's landing: the same fp32 operation)

@@ -19,7 +19,7 @@ from swarmloco.node.round import RoundReport
 from swarmloco.node.swarm import Swarm
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch
-from swarmloco.protocol.transport import TransportDied
+from swarmloco.protocol.interface import TransportDied
 
 __version__ = "0.1.0"
 __all__ = ["AccessConfig", "AccessRefused", "CheckpointConfig", "CodecConfig", "DiLoCo", "Identity",

@@ -7,7 +7,7 @@ from dataclasses import replace
 from swarmloco.config import SwarmConfig
 from swarmloco.node.sync import STALE_BEATS, VERDICT_WAIT_S, Synchronizer, matchmaking_window
 from swarmloco.protocol.progress import PeerProgress
-from swarmloco.protocol.transport import RoundOutcome
+from swarmloco.protocol.interface import RoundOutcome
 
 CFG = SwarmConfig(retry_grace=1.0, next_chunk_timeout=5.0, ready_timeout=60.0, heartbeat_ttl=10.0)
 

@@ -20,7 +20,7 @@ from swarmloco.protocol.certificates import Certificate, RoundHeader, sign_round
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.lineage_transfer import find_start
 from swarmloco.protocol.progress import PeerProgress
-from swarmloco.protocol.transport import DownloadedState
+from swarmloco.protocol.interface import DownloadedState
 
 MANIFEST = "ab" * 32
 KEYS = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(8)]

@@ -15,7 +15,7 @@ from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch, RunManifest, read_manifests, sign_manifest
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.records import encode_record
-from swarmloco.protocol.transport import RoundOutcome
+from swarmloco.protocol.interface import RoundOutcome
 
 from conftest import tiny_config
 

@@ -45,7 +45,7 @@ def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_a
     without a commit, the rounds started after it (for the steps after it) are not run, the next round to
     start is for its step again (its fragment), and training goes on: every step commits once, in order."""
     from swarmloco.node import overlapped
-    from swarmloco.protocol.transport import RoundOutcome
+    from swarmloco.protocol.interface import RoundOutcome
 
     torch.set_num_threads(1)
     real_exchange, failed, queued = overlapped.exchange, [], threading.Event()

@@ -40,7 +40,7 @@ from swarmloco.node.lineage import Chain, Comparison, Counts, compare
 from swarmloco.node.state_sync import DIGEST_CHARS, SERVING_STATES, AdoptedState, StateError, state_bytes, unpack_state
 from swarmloco.protocol.certificates import Certificate, CertificateError, check_segment
 from swarmloco.protocol.progress import PeerProgress
-from swarmloco.protocol.transport import Transport
+from swarmloco.protocol.interface import Transport
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from swarmloco.node.status import JsonLinesReporter, StatusBoard, TeeReporter
 from swarmloco.node.stopping import install_stop_handlers
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch
-from swarmloco.protocol.transport import TransportDied
+from swarmloco.protocol.interface import TransportDied
 
 logger = logging.getLogger(__name__)
 

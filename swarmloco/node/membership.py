@@ -29,7 +29,7 @@ from swarmloco.protocol.access import read_tokens
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import (INDEX_KEY, ManifestMismatch, RunManifest, SignedManifest,
                                          check_against_swarm, read_manifests, sign_index_entry, sign_manifest)
-from swarmloco.protocol.transport import RoundOutcome, Transport
+from swarmloco.protocol.interface import RoundOutcome, Transport
 
 logger = logging.getLogger(__name__)
 

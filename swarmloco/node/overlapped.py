@@ -30,7 +30,7 @@ import torch
 
 from swarmloco.node.round import RoundReport, RoundWork, exchange, finish, prepare
 from swarmloco.outer_optim.overlap import apply_correction, landing_correction, proxy_step, round_fragment
-from swarmloco.protocol.transport import RoundOutcome
+from swarmloco.protocol.interface import RoundOutcome
 
 logger = logging.getLogger(__name__)
 

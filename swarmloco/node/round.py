@@ -23,7 +23,7 @@ import torch
 from swarmloco.node.state_sync import params_digest
 from swarmloco.outer_optim import apply_outer_step
 from swarmloco.protocol import faults
-from swarmloco.protocol.transport import RoundOutcome, TransportDied
+from swarmloco.protocol.interface import RoundOutcome, TransportDied
 
 logger = logging.getLogger(__name__)
 

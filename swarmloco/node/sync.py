@@ -58,7 +58,7 @@ import torch
 from swarmloco.config import SwarmConfig
 from swarmloco.protocol import faults
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
-from swarmloco.protocol.transport import RoundHandle, RoundOutcome, Transport
+from swarmloco.protocol.interface import RoundHandle, RoundOutcome, Transport
 
 logger = logging.getLogger(__name__)
 

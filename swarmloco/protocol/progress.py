@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from swarmloco.protocol.identity import SIGNATURE_SIZE, Identity, peer_id_of_public_key
 from swarmloco.protocol.records import RecordError, decode_record, encode_record
-from swarmloco.protocol.transport import Transport
+from swarmloco.protocol.interface import Transport
 
 logger = logging.getLogger(__name__)
 

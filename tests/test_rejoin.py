@@ -1,5 +1,6 @@
 """A node that dropped out of the DHT (its routing table emptied, and out of its mates' tables: what a
-freeze longer than their request timeouts leaves) rejoins through its initial peers."""
+freeze longer than their request timeouts leaves) rejoins through its initial peers, or through the peers
+it knew (the swarm's first peer has no initial peers)."""
 
 from __future__ import annotations
 
@@ -87,8 +88,30 @@ def test_the_poller_notices_isolation_by_itself(pair) -> None:
     assert a.dht.run_coroutine(partial(_knows, peer_id=b.peer_id))
 
 
-def test_without_initial_peers_there_is_nothing_to_rejoin(pair) -> None:
-    a, _, _ = pair
-    rejoiner = Rejoiner(a.dht, (), period=0.0)
-    rejoiner.poll()
-    assert rejoiner._pending is None and rejoiner.rejoined == 0
+def test_the_first_peer_without_initial_peers_rejoins_through_the_peers_it_knew(pair) -> None:
+    """The swarm's first peer has no initial peers: it remembers whom its table held and pings them."""
+    a, b, _ = pair
+    assert _until(lambda: a.dht.run_coroutine(partial(_knows, peer_id=b.peer_id)))
+    assert a.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=())) == 0  # connected: it notes b
+    assert a.dht.run_coroutine(_forget) == 0
+    b.dht.run_coroutine(partial(_forget, peer_ids={a.peer_id}))
+    assert b.store("after", "b", b"3", time.time() + 60)
+    assert a.get("after") == {}  # isolated
+
+    rejoiner = Rejoiner(a.dht, (), period=0.2)
+
+    def rejoined() -> bool:
+        rejoiner.poll()
+        return rejoiner.rejoined > 0
+
+    assert _until(rejoined), "the first peer should have rejoined through the peer it knew"
+    assert _until(lambda: a.get("after")) == {"b": b"3"}
+    assert b.dht.run_coroutine(partial(_knows, peer_id=a.peer_id)), "its mate should know it again"
+
+
+def test_a_node_that_never_knew_anyone_has_nothing_to_rejoin() -> None:
+    lone = DhtClient(SwarmConfig(host_maddrs=LOOPBACK))
+    try:
+        assert lone.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=())) == 0
+    finally:
+        lone.shutdown()

@@ -10,7 +10,9 @@ good, and its mates never see it again. hivemind bootstraps from ``initial_peers
 :class:`Rejoiner` checks, at most every ``REJOIN_PERIOD`` seconds and without blocking its caller (the
 heartbeat's DHT reads call it), whether the node's routing table is empty; if so it dials the initial
 peers again and pings them (which puts them in its table and it in theirs), then looks itself up to learn
-their neighbours: what hivemind's bootstrap does at start.
+their neighbours: what hivemind's bootstrap does at start. It also pings the last ``KNOWN_PEERS`` peers its
+table held while it was not empty (p2pd still knows their addresses), so the first peer of a swarm, which
+has no initial peers, finds its way back too, and a node whose initial peers are gone reaches the others.
 """
 
 from __future__ import annotations
@@ -25,19 +27,29 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-REJOIN_PERIOD = 5.0
+REJOIN_PERIOD = 2.0
 """Seconds between two checks of the routing table (each is one message to the DHT process)."""
+KNOWN_PEERS = 32
+"""How many of the peers its routing table held a node remembers, to ping when it finds itself isolated."""
 REJOIN_TIMEOUT = 5.0
 """Bound on each dial, ping and lookup of a rejoin (a dead initial peer's dial would take ~11 s)."""
 
 
 async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout: float = REJOIN_TIMEOUT) -> int:
     """Run inside the DHT process (``DHT.run_coroutine``): with an empty routing table, dial and ping the
-    initial peers ``maddrs``. Returns how many answered (0: none did, or the table was not empty)."""
+    initial peers ``maddrs`` and the peers the table held before; otherwise remember those. Returns how many
+    answered (0: none did, or the table was not empty)."""
     from hivemind.p2p import PeerID
     from hivemind.utils.multiaddr import Multiaddr
 
-    if node.protocol.routing_table.uid_to_peer_id:
+    known: dict = node.__dict__.setdefault("_swarmloco_known_peers", {})  # peer id -> None, newest last
+    table = node.protocol.routing_table.uid_to_peer_id
+    if table:
+        for peer in table.values():
+            known.pop(peer, None)
+            known[peer] = None
+        while len(known) > KNOWN_PEERS:
+            known.pop(next(iter(known)))
         return 0
 
     async def ping(maddr: Multiaddr) -> bool:
@@ -52,7 +64,14 @@ async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout
     for text in maddrs:
         with contextlib.suppress(Exception):  # (the config validated them; a bad one is skipped)
             targets.append(Multiaddr(text))
-    answered = sum(await asyncio.gather(*(ping(m) for m in targets)))
+    async def ping_known(peer: Any) -> bool:
+        with contextlib.suppress(Exception):
+            return await asyncio.wait_for(node.protocol.call_ping(peer, validate=False), timeout) is not None
+        return False
+
+    dialled = {m["p2p"] for m in targets}
+    answered = sum(await asyncio.gather(*(ping(m) for m in targets),
+                                        *(ping_known(p) for p in list(known) if p.to_base58() not in dialled)))
     if answered:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), timeout)
@@ -60,7 +79,7 @@ async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout
 
 
 class Rejoiner:
-    """Polled by a DHT user; see the module doc. Does nothing without initial peers."""
+    """Polled by a DHT user; see the module doc."""
 
     def __init__(self, dht: Any, initial_peers: Sequence[str], period: float = REJOIN_PERIOD):
         self.dht, self.maddrs, self.period = dht, tuple(str(m) for m in initial_peers), period
@@ -70,7 +89,7 @@ class Rejoiner:
         self._pending: Any = None
 
     def poll(self) -> None:
-        if not self.maddrs or self.dht is None or time.monotonic() < self._next:
+        if self.dht is None or time.monotonic() < self._next:
             return
         self._next = time.monotonic() + self.period
         if self._pending is not None:
@@ -82,7 +101,7 @@ class Rejoiner:
             if answered:
                 self.rejoined += 1
                 logger.warning("this node had dropped out of the DHT (frozen or offline longer than its mates "
-                               "waited): rejoined it through %d initial peer(s)", answered)
+                               "waited): rejoined it through %d peer(s)", answered)
         try:
             self._pending = self.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=self.maddrs),
                                                    return_future=True)

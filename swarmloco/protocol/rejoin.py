@@ -52,26 +52,24 @@ async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout
             known.pop(next(iter(known)))
         return 0
 
-    async def ping(maddr: Multiaddr) -> bool:
-        peer = PeerID.from_base58(maddr["p2p"])
-        with contextlib.suppress(Exception):  # an address p2pd still knows is dialled anyway by the ping
-            await asyncio.wait_for(node.p2p._client.connect(peer, [maddr]), timeout)
+    async def ping(peer: Any) -> bool:
         with contextlib.suppress(Exception):
             return await asyncio.wait_for(node.protocol.call_ping(peer, validate=False), timeout) is not None
         return False
+
+    async def dial(maddr: Multiaddr) -> bool:
+        peer = PeerID.from_base58(maddr["p2p"])
+        with contextlib.suppress(Exception):  # an address p2pd still knows is dialled anyway by the ping
+            await asyncio.wait_for(node.p2p._client.connect(peer, [maddr]), timeout)
+        return await ping(peer)
 
     targets = []
     for text in maddrs:
         with contextlib.suppress(Exception):  # (the config validated them; a bad one is skipped)
             targets.append(Multiaddr(text))
-    async def ping_known(peer: Any) -> bool:
-        with contextlib.suppress(Exception):
-            return await asyncio.wait_for(node.protocol.call_ping(peer, validate=False), timeout) is not None
-        return False
-
     dialled = {m["p2p"] for m in targets}
-    answered = sum(await asyncio.gather(*(ping(m) for m in targets),
-                                        *(ping_known(p) for p in list(known) if p.to_base58() not in dialled)))
+    answered = sum(await asyncio.gather(*(dial(m) for m in targets),
+                                        *(ping(p) for p in list(known) if p.to_base58() not in dialled)))
     if answered:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), timeout)

@@ -14,7 +14,9 @@ arXiv 2508.15706), on K simulated workers (``swarmloco.node.simulate``), one *su
   2-bit values, error feedback decaying by ``--sparse-decay``) and plain SGD outer steps at each
   ``--sparse-lr`` (the outer step the paper uses: no outer momentum, the decayed accumulator is it);
 * ``H{H}-{outer}-rotate`` (``--no-rotate`` skips it): the default outer setting with the ``rotate`` codec (a
-  shared rotating quarter of each chunk's values at 1 bit, the unsent rest kept in each worker's parameters);
+  shared rotating quarter of each chunk's coefficients after a fixed Hadamard rotation at 1 bit, the unsent
+  rest kept in each worker's parameters); ``...-rotate-coords``: the same codec in its plain basis (a quarter of
+  the values themselves);
 * ``...-iid`` (first suite; ``--no-iid`` skips them): DP seed 0 and the default DiLoCo with every
   worker drawing from the whole training set instead of its own contiguous shard.
 
@@ -85,6 +87,8 @@ class Arm:
                            fragments=self.fragments)
 
     def codec_cfg(self, chunk: int, fraction: float) -> CodecConfig:
+        if self.codec == "rotate-coords":  # the rotate codec in its plain basis
+            return CodecConfig(name="rotate", rotate_basis="coords")
         return CodecConfig(name=self.codec, topk_chunk=chunk, topk_fraction=fraction, topk_decay=self.decay)
 
 
@@ -206,6 +210,7 @@ def build_arms(args) -> list[Arm]:
                      for lr in args.sparse_lr]
         if args.rotate:
             arms.append(diloco(f"{d}-rotate", *default, codec="rotate"))
+            arms.append(diloco(f"{d}-rotate-coords", *default, codec="rotate-coords"))
         arms += [diloco(f"{d}-{codec}", *default, codec=codec) for codec in args.codecs]
         arms += [diloco(outer_label(*g), *g) for g in grid]
         arms += [diloco(f"{d}-{overlap_label(spec)}", *default, **spec) for spec in args.overlap  # (F must divide H)

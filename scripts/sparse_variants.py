@@ -10,7 +10,10 @@ so the figures compare with its dense DiLoCo arm (held-out 1.6427 at H=30, 1.620
   averaged per coordinate over its senders), or a schedule every worker shares, so no index is sent and
   the payloads line up: ``stride`` (of each chunk, every ``S``-th coordinate, shifted by one each round:
   each coordinate is sent every ``S`` rounds), ``random`` (a fresh shared random ``1/S`` of each chunk per
-  round), ``all``;
+  round), ``all``; or ``stagger`` (``stride`` with worker ``w`` ``w`` rounds ahead: at K=S the workers send
+  disjoint shares, averaged over the whole group), ``hadamard`` (``stride`` of each whole chunk's
+  coefficients after a fixed random-sign Walsh-Hadamard rotation, turned back after: what the ``rotate``
+  codec's default basis does), ``hadstagger`` (both);
 * **the values**: ``bits`` 1 (sign, with one bf16 magnitude per chunk: the mean |value| sent) or 32;
 * **where the unsent rest goes**: ``feedback`` (the error-feedback accumulator, decayed by ``decay``:
   SparseLoCo's, the engine's) or ``model``: the worker keeps it in its own parameters (after the outer
@@ -18,8 +21,10 @@ so the figures compare with its dense DiLoCo arm (held-out 1.6427 at H=30, 1.620
   of re-learning the unsent part from the global parameters every round (then added again to the
   accumulator: the duplication that makes ``random`` with ``feedback`` diverge).
 
-``stride4-1bit-model`` is what the engine's ``rotate`` codec does (``codec.name = "rotate"``: the same held-out
-loss in ``bench_quality.py``'s ``H{H}-n1/0.7-rotate`` arms); this script keeps its own implementation of all
+``hadamard4-1bit-model`` is what the engine's ``rotate`` codec does (``codec.name = "rotate"``: the held-out loss of
+``bench_quality.py``'s ``H{H}-n1/0.7-rotate`` arms), ``stride4-1bit-model`` what it does with ``rotate_basis =
+"coords"`` (``...-rotate-coords``; the Hadamard signs differ here: a torch generator, not the codec's SHAKE-128
+ones); this script keeps its own implementation of all
 the variants and patches the simulator's landing (``_SimRound.land``) for the "rest in model" ones. Tensors
 shorter than a chunk are sent whole with the variant's values. Bytes are exact for ``topk`` (the codec's
 payloads) and counted bit for bit for the others (values plus 2 bytes of level per
@@ -61,7 +66,7 @@ DENSE_DILOCO = {30: 1.6427, 10: 1.6205}  # bench_quality's 2000:H{H}-n1/0.7 (BEN
 @dataclass(frozen=True)
 class Variant:
     name: str
-    select: str  # topk | stride | random | all
+    select: str  # topk | stride | stagger | random | all
     every: int = 4  # stride / random: a coordinate is sent every ``every`` rounds (1 / density)
     bits: int = 1  # 1 or 32 (topk: the codec's 2)
     rest: str = "model"  # feedback | model
@@ -77,6 +82,11 @@ VARIANTS = {v.name: v for v in [
     Variant("random4-1bit-model", "random"),
     Variant("stride4-1bit-model", "stride"),
     Variant("stride4-fp32-model", "stride", bits=32),
+    Variant("stagger4-1bit-model", "stagger"),
+    Variant("stagger4-fp32-model", "stagger", bits=32),
+    Variant("hadamard4-1bit-model", "hadamard"),
+    Variant("hadamard4-fp32-model", "hadamard", bits=32),
+    Variant("hadstagger4-1bit-model", "hadstagger"),
     Variant("all-1bit-model", "all", every=1),
     Variant("stride4-1bit-feedback", "stride", rest="feedback"),
 ]}
@@ -96,15 +106,41 @@ def shared_mask(v: Variant, numel: int, key: int, rnd: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1_000_003 * rnd + key)
     for c, start in enumerate(range(0, numel, CHUNK)):
         n = min(CHUNK, numel - start)
-        if v.select == "stride":
+        if v.select in ("stride", "stagger", "hadamard", "hadstagger"):
             mask[start + (rnd + c) % v.every: start + n: v.every] = True
         else:
             mask[start + torch.randperm(n, generator=gen)[: -(-n // v.every)]] = True
     return mask
 
 
+_BASIS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def basis(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(an orthonormal Hadamard matrix of order n, a fixed random sign per row): a shared rotation."""
+    if n not in _BASIS:
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(12345)).float() * 2 - 1
+        _BASIS[n] = (h / n ** 0.5, signs)
+    return _BASIS[n]
+
+
 def shared_roundtrip(v: Variant, x: torch.Tensor, key: int, rnd: int) -> tuple[torch.Tensor, int]:
     """(what the receivers decode, bits sent) for a shared-schedule variant."""
+    if v.select in ("hadamard", "hadstagger") and x.numel() >= CHUNK:
+        flat = x.reshape(-1)
+        full = flat.numel() // CHUNK * CHUNK
+        h, d = basis(CHUNK)
+        y = (flat[:full].view(-1, CHUNK) * d) @ h  # each chunk in the rotated basis
+        yhat, bits = shared_roundtrip(replace(v, select="stride"), y.reshape(-1), key, rnd)
+        out = torch.empty_like(flat)
+        out[:full] = ((yhat.view(-1, CHUNK) @ h) * d).reshape(-1)
+        if full < flat.numel():
+            tail, tbits = shared_roundtrip(replace(v, select="stride"), flat[full:], key, rnd)
+            out[full:], bits = tail, bits + tbits
+        return out.view_as(x), bits
     flat = x.reshape(-1)
     mask = shared_mask(v, flat.numel(), key, rnd)
     out = torch.zeros_like(flat)
@@ -135,7 +171,8 @@ class Transform:
                 sent = self.codec.roundtrip(x)
                 bits = 8 * self.codec.payload_size(x.numel())
             else:
-                sent, bits = shared_roundtrip(self.v, x, key, self.rounds[worker])
+                rnd = self.rounds[worker] + (worker if self.v.select in ("stagger", "hadstagger") else 0)
+                sent, bits = shared_roundtrip(self.v, x, key, rnd)
             if self.v.rest == "feedback":
                 self.feedback[worker].update(key, x, sent)
             else:

@@ -380,8 +380,11 @@ class CodecConfig:
     rotate_every: int = 4
     """rotate: each coordinate is sent once every this many rounds (a round sends 1 / rotate_every of them)."""
     rotate_chunk: int = 4096
-    """rotate: values per chunk (a multiple of rotate_every); each chunk sends one bf16 level, and tensors
-    shorter than a chunk are sent whole."""
+    """rotate: values per chunk (a multiple of rotate_every; a power of two with the hadamard basis); each chunk
+    sends one bf16 level, and tensors shorter than a chunk are sent whole."""
+    rotate_basis: str = "hadamard"
+    """rotate: "hadamard" sends a share of each chunk's coefficients after a fixed random rotation (every value
+    moves a little each round; the better one, BENCHMARKS.md), "coords" a share of the values themselves."""
     error_feedback: bool = True
     """Carry what compression dropped from a peer's pseudo-gradient into its next one (rotate: in the peer's
     own parameters; it cannot be turned off there)."""
@@ -405,6 +408,11 @@ class CodecConfig:
         _check(_is_int(self.rotate_chunk) and 1 <= self.rotate_chunk <= 65536
                and self.rotate_chunk % self.rotate_every == 0, "codec.rotate_chunk", self.rotate_chunk,
                f"must be an integer in 1..65536 and a multiple of rotate_every = {self.rotate_every}")
+        _check(self.rotate_basis in ("hadamard", "coords"), "codec.rotate_basis", self.rotate_basis,
+               'must be "hadamard" or "coords"')
+        _check(self.name != "rotate" or self.rotate_basis != "hadamard"
+               or self.rotate_chunk & (self.rotate_chunk - 1) == 0, "codec.rotate_chunk", self.rotate_chunk,
+               'must be a power of two with rotate_basis = "hadamard"')
         _bool("codec.error_feedback", self.error_feedback)
         _check(self.error_feedback or self.name != "rotate", "codec.error_feedback", self.error_feedback,
                "must be true with rotate (what a round does not send stays in the peer's parameters)")

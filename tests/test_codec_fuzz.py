@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from fuzz_util import fuzz_settings
 from swarmloco.compression import CodecError, get_codec
+from swarmloco.compression import hadamard
+from swarmloco.compression.header import HEADER_SIZE
 from swarmloco.compression.rotate import RotateCodec
 from swarmloco.config import CodecConfig
 
-NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk", "rotate"]
+NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk", "rotate", "rotate-hadamard"]
 LEVELS = {"int8": 127, "int4": 7}
 FUZZ = fuzz_settings(50)  # the 10,000-input fuzzing of every decode is in test_decoder_fuzz.py
 
@@ -34,8 +36,12 @@ def tensors(draw):
 
 def make(name: str, block_size: int, fraction: float):
     every = min(4, block_size)  # rotate: chunks of block_size rounded down to a multiple of every (1..4)
+    if name == "rotate-hadamard":  # chunks of the largest power of two up to block_size
+        chunk = 1 << (block_size.bit_length() - 1)
+        return get_codec(CodecConfig(name="rotate", rotate_chunk=chunk, rotate_every=min(4, chunk)))
     return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=fraction,
-                                 rotate_chunk=block_size - block_size % every, rotate_every=every))
+                                 rotate_chunk=block_size - block_size % every, rotate_every=every,
+                                 rotate_basis="coords"))
 
 
 @FUZZ
@@ -61,6 +67,9 @@ def test_roundtrip_property(x, name, block_size, fraction, step):
     elif name == "rotate":
         assert make(name, block_size, fraction).decode(payload, ref.numel()).equal(y)  # the phase is in the payload
         check_rotate(c, ref, y)
+    elif name == "rotate-hadamard":
+        assert make(name, block_size, fraction).decode(payload, ref.numel()).equal(y)
+        check_hadamard(c, ref, payload, y)
     elif ref.numel():  # topk: per chunk at most k nonzero, each with its value's sign and a magnitude
         for start in range(0, ref.numel(), block_size):  # between the smallest and largest kept magnitude
             xs, ys = ref[start: start + block_size], y[start: start + block_size]
@@ -89,12 +98,26 @@ def check_rotate(c, ref: torch.Tensor, y: torch.Tensor) -> None:
         assert not bool(torch.signbit(ys[ms & (xs >= 0)]).any())
 
 
+def check_hadamard(c, ref: torch.Tensor, payload: bytes, y: torch.Tensor) -> None:
+    """The hadamard basis is the coords basis on each whole chunk's turned coefficients, turned back after."""
+    n, coords = ref.numel(), RotateCodec(c.chunk, c.every).for_round(c.phase)
+    full = n // c.chunk * c.chunk if n >= c.chunk else 0
+    z = ref.clone()
+    z[:full] = hadamard.rotate(z[:full].view(-1, c.chunk)).reshape(-1)
+    assert payload[HEADER_SIZE:] == coords.encode(z)[HEADER_SIZE:]  # the same body; the header's codec id differs
+    want = coords.decode(coords.encode(z), n)
+    want[:full] = hadamard.unrotate(want[:full].view(-1, c.chunk)).reshape(-1)
+    assert torch.equal(y, want)
+    check_rotate(coords, z, coords.decode(coords.encode(z), n))
+
+
 @FUZZ
 @given(st.integers(0, 700), st.integers(1, 8), st.integers(1, 40), st.integers(0, 20), st.integers(0, 2**31 - 1),
        st.sampled_from([0.0, 0.5, 1.0]))
 def test_rotate_sends_each_rounds_share_with_signs_and_chunk_levels(numel, every, per_chunk, step, seed, zeros):
     """Sizes around many chunks (the shapes above are mostly smaller than a chunk), every phase."""
-    c = get_codec(CodecConfig(name="rotate", rotate_chunk=every * per_chunk, rotate_every=every)).for_round(step)
+    c = get_codec(CodecConfig(name="rotate", rotate_chunk=every * per_chunk, rotate_every=every,
+                              rotate_basis="coords")).for_round(step)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(numel, generator=g) * (torch.rand(numel, generator=g) >= zeros * 0.5)  # some exact zeros
     payload = c.encode(x)

@@ -269,8 +269,11 @@ EVERY = 4  # rotate: a chunk of 64 (numel 64..256: 1 to 4 chunks, and shorter te
 
 
 def _codec(name: str, block_size: int = 64):
-    return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=FRACTION,
-                                 rotate_chunk=max(EVERY, block_size - block_size % EVERY), rotate_every=EVERY))
+    """A registered codec by name; ``rotate`` in its default (hadamard) basis, ``rotate-coords`` in the other."""
+    basis = "coords" if name == "rotate-coords" else "hadamard"
+    return get_codec(CodecConfig(name=name.removesuffix("-coords"), block_size=block_size, topk_chunk=block_size,
+                                 topk_fraction=FRACTION, rotate_chunk=max(EVERY, block_size - block_size % EVERY),
+                                 rotate_every=EVERY, rotate_basis=basis))
 
 
 def _values(numel: int, style: int) -> torch.Tensor:
@@ -287,7 +290,7 @@ def _values(numel: int, style: int) -> torch.Tensor:
 def _codec_seeds(name: str) -> list[tuple[bytes, int]]:
     seeds = {}
     for i, block_size in enumerate((1, 7, 64, 256, 300)):  # topk and rotate decode only their run's chunk:
-        if name == "rotate":  # their seeds all use it; rotate's cover its phases instead (payloads carry them)
+        if name.startswith("rotate"):  # their seeds all use it; rotate's cover its phases instead (payloads carry them)
             encoder = _codec(name).for_round(i)
         else:
             encoder = _codec(name, 64 if name == "topk" else block_size)
@@ -297,7 +300,8 @@ def _codec_seeds(name: str) -> list[tuple[bytes, int]]:
     return sorted(seeds.items(), key=lambda s: (s[1], s[0]))
 
 
-CODECS = {name: _codec(name) for name in codec_names()}
+CODEC_TARGETS = [*codec_names(), "rotate-coords"]
+CODECS = {name: _codec(name) for name in CODEC_TARGETS}
 CODEC_SEEDS = {name: _codec_seeds(name) for name in CODECS}
 NUMEL_DELTAS = [0] * 12 + [1, -1, 2, 64]
 CODEC_MODES = ("random", "edit", "edit", "edit", "body")
@@ -382,7 +386,7 @@ def _part_input(selector: int, blob: bytes):
     name, payload, numel = PART_SEEDS[seed]
     program = edit_program(blob[:25]) if edits & 1 else b""
     wire_program = edit_program(blob[25:]) if edits & 2 else b""
-    tag = TAG_PREFIX + name
+    tag = TAG_PREFIX + CODECS[name].info.name  # (rotate-coords is tagged rotate: the manifests differ)
     dtype = [tag, tag, tag, tag, tag, TAG_PREFIX + NAMES[sel % len(NAMES)], "", tag.upper()][sel & 7]
     size = [[numel], [numel], [1, numel], [numel, 1, 1], [numel + 1], [], [1] * 8 + [numel], [2**31, 2**31],
             [2**32 - 1] * 4, [0], [numel, 0], [0, 2**32 - 1]][(sel >> 3) % 12]  # size is repeated uint32
@@ -519,7 +523,7 @@ TARGETS: list[FuzzTarget] = [
     DECODE_RECORD,
     VALIDATE,
     CHECK_TOKEN,
-    *(_codec_target(name) for name in codec_names()),
+    *(_codec_target(name) for name in CODEC_TARGETS),
     READ_HEADER,
     DECODE_PART,
     READ_PROGRESS,

@@ -30,7 +30,8 @@ def test_a_lone_sparseloco_peer_applies_its_sparse_payload_and_keeps_the_rest() 
     assert peer.diloco.error_feedback.residual_norm() > 0
 
 
-def test_a_lone_rotate_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_does(tmp_path) -> None:
+@pytest.mark.parametrize("basis", ["hadamard", "coords"])
+def test_a_lone_rotate_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_does(tmp_path, basis) -> None:
     """The rotate codec: a peer alone sends its round's quarter of each chunk at 1 bit and keeps the rest in
     its parameters (new global params minus the rest), ending 5 rounds (every phase, and one more) with the
     simulator's global parameters bit for bit; its checkpoint restores the model with the rest in it."""
@@ -38,7 +39,7 @@ def test_a_lone_rotate_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_
 
     torch.set_num_threads(1)
     rounds = 5
-    cfg = tiny_config(codec={"name": "rotate", "rotate_chunk": 64}, inner={"steps": 4},
+    cfg = tiny_config(codec={"name": "rotate", "rotate_chunk": 64, "rotate_basis": basis}, inner={"steps": 4},
                       checkpoint={"dir": str(tmp_path), "every": 1})
     peer = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", max_outer_steps=rounds, shard=0))
     assert peer.run() == rounds

@@ -246,7 +246,13 @@ def test_encode_refuses_nan_and_inf_sent_or_not():
 def test_codec_config_checks_rotate_settings():
     assert issubclass(ConfigError, ValueError)
     assert get_codec(CodecConfig(name="rotate", rotate_chunk=256, rotate_every=256)).chunk == 256
-    assert get_codec(CodecConfig(name="rotate", rotate_chunk=12, rotate_every=3)).every == 3
+    assert get_codec(CodecConfig(name="rotate", rotate_chunk=12, rotate_every=3, rotate_basis="coords")).every == 3
+    assert get_codec(CodecConfig(name="rotate")).basis == "hadamard"  # the default
+    with pytest.raises(ConfigError, match=r"rotate_chunk = 12 .*power of two"):
+        CodecConfig(name="rotate", rotate_chunk=12, rotate_every=3)  # the hadamard basis turns 2^k values
+    assert CodecConfig(name="int8", rotate_chunk=12, rotate_every=3).rotate_chunk == 12  # (rotate unused)
+    with pytest.raises(ConfigError, match="rotate_basis"):
+        CodecConfig(name="rotate", rotate_basis="fourier")
     for kw, field in ((dict(rotate_chunk=4098, rotate_every=4), "rotate_chunk"),
                       (dict(rotate_chunk=6, rotate_every=4), "rotate_chunk"),
                       (dict(rotate_chunk=2, rotate_every=4), "rotate_chunk"),
@@ -261,6 +267,10 @@ def test_codec_config_checks_rotate_settings():
     assert CodecConfig(name="topk", error_feedback=False).error_feedback is False  # other codecs may turn it off
     with pytest.raises(ValueError, match="rotate_chunk"):
         RotateCodec(chunk=6, every=4)
+    with pytest.raises(ValueError, match="rotate_chunk"):
+        RotateCodec(chunk=12, every=4, basis="hadamard")
+    with pytest.raises(ValueError, match="rotate_basis"):
+        RotateCodec(chunk=8, every=4, basis="fourier")
 
 
 @pytest.mark.parametrize("outer", [OuterConfig(overlap="delayed"), OuterConfig(overlap="eager"),
@@ -271,3 +281,59 @@ def test_run_config_refuses_rotate_with_overlap_or_fragments(outer):
     with pytest.raises(ConfigError, match=r"outer\.(overlap|fragments)"):
         RunConfig(codec=CodecConfig(name="rotate"), inner=inner, outer=outer)
     RunConfig(codec=CodecConfig(name="rotate"), inner=inner)  # with the default outer settings it runs
+
+
+# ---------------------------------------------------------------- the hadamard basis
+
+
+def test_hadamard_rotation_is_the_signed_sylvester_matrix_and_keeps_norms():
+    """rotate(x) = (d * x) @ H / sqrt(n) with H Sylvester's and d the documented SHAKE-128 signs; unrotate
+    inverts it; both refuse a row length that is not a power of two."""
+    from swarmloco.compression import hadamard
+
+    assert hadamard.signs(16).tolist() == [1, 1, 1, 1, 1, -1, 1, 1, -1, 1, -1, -1, 1, 1, -1, 1]  # known answer
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < 64:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    x = torch.randn(5, 64, generator=gen(3))
+    want = (x.double() * hadamard.signs(64).double()) @ h / 8
+    torch.testing.assert_close(hadamard.rotate(x).double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(hadamard.unrotate(hadamard.rotate(x)), x, rtol=0, atol=1e-6)
+    assert abs(float(hadamard.rotate(x).norm()) - float(x.norm())) < 1e-4
+    for bad in (torch.zeros(2, 48), torch.zeros(2, 0)):
+        with pytest.raises(ValueError, match="power of two"):
+            hadamard.rotate(bad)
+
+
+def test_hadamard_basis_moves_every_value_of_a_whole_chunk_and_leaves_the_tail_in_its_own_basis():
+    c, plain = RotateCodec(chunk=64, every=4, basis="hadamard").for_round(2), RotateCodec(64, 4).for_round(2)
+    x = torch.randn(64 * 3 + 10, generator=gen(4))
+    y, z = c.decode(c.encode(x), x.numel()), plain.decode(plain.encode(x), x.numel())
+    # dense vs a quarter (a turned-back value is a sum of 16 signed levels: some cancel to exactly 0)
+    assert int((y[:192] != 0).sum()) > 120 and int((z[:192] != 0).sum()) == 48
+    assert torch.equal(y[192:], z[192:])  # the 10-value tail: the plain basis
+    assert len(c.encode(x)) == len(plain.encode(x)) == c.payload_size(x.numel())
+    small = torch.randn(40, generator=gen(5))  # shorter than a chunk: sent whole in its own basis
+    assert torch.equal(c.decode(c.encode(small), 40), plain.decode(plain.encode(small), 40))
+    assert not c.info.per_sender and plain.info.per_sender  # dense decoded payloads: the group's plain mean
+
+
+def test_a_payload_of_the_other_basis_is_refused():
+    x = torch.randn(256, generator=gen(6))
+    h, p = RotateCodec(64, 4, "hadamard"), RotateCodec(64, 4, "coords")
+    with pytest.raises(CodecError):
+        p.decode(h.encode(x), 256)
+    with pytest.raises(CodecError):
+        h.decode(p.encode(x), 256)
+
+
+def test_hadamard_overflow_is_a_codec_error_not_an_infinity():
+    """An input whose turned coefficients overflow is refused at encode; a hostile payload whose levels overflow
+    when turned back is refused at decode (a decoder never returns Inf)."""
+    c = RotateCodec(64, 4, "hadamard")
+    with pytest.raises(CodecError):
+        c.encode(torch.full((64,), 1e38))
+    payload = bytearray(c.encode(torch.randn(64, generator=gen(7))))
+    payload[LEVELS_AT: LEVELS_AT + 2] = torch.tensor([3e38], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    with pytest.raises(CodecError, match="overflow"):
+        c.decode(bytes(payload), 64)

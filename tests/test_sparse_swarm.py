@@ -1,6 +1,6 @@
 """Sparse exchanges in a real swarm: 3 peer processes on loopback exchange top-k 2-bit payloads (SparseLoCo,
 plain SGD outer steps) or the rotate codec's 1-bit shared quarter (Nesterov outer steps, the rest kept in each
-peer's parameters) by all-gather, and end every round with bit-identical global parameters."""
+peer's parameters; in either basis) by all-gather, and end every round with bit-identical global parameters."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from swarmloco.models.gpt import GPT
 pytestmark = pytest.mark.slow
 
 SPARSELOCO = dict(codec={"name": "topk", "topk_decay": 0.95}, outer={"lr": 1.0, "momentum": 0.0, "nesterov": False})
-ROTATE = dict(codec={"name": "rotate"})
+ROTATE = dict(codec={"name": "rotate"})  # the hadamard basis: dense decoded payloads, the group's mean
+ROTATE_COORDS = dict(codec={"name": "rotate", "rotate_basis": "coords"})
 
 
-@pytest.mark.parametrize("setting", [SPARSELOCO, ROTATE], ids=["sparseloco", "rotate"])
+@pytest.mark.parametrize("setting", [SPARSELOCO, ROTATE, ROTATE_COORDS], ids=["sparseloco", "rotate", "rotate-coords"])
 def test_three_sparse_peers_end_every_round_bit_identical(spawn, write_config, setting) -> None:
     config = write_config(**setting)
     first = spawn("peer0", config, "--shard", "0", "--min-peers", "3", "--max-outer-steps", "4")

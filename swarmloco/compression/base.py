@@ -29,6 +29,9 @@ class CodecInfo:
     """Whether decode(encode(x)) may differ from x."""
     summable: bool
     """Dense codecs can be averaged part by part in an all-reduce; sparse ones need an all-gather."""
+    per_sender: bool = False
+    """Each payload holds its sender's own coordinates (zeros elsewhere): a round averages each coordinate
+    over the peers that sent it (top-k: SparseLoCo's aggregation), not over the whole group."""
 
 
 class Codec(ABC):

@@ -36,7 +36,7 @@ MAX_ENCODABLE = FLOAT32_MAX / 2  # keeps every decoded level * scale finite
 if sys.byteorder != "little":  # payloads are little-endian; views below assume a little-endian host
     raise ImportError("swarmloco codecs need a little-endian host")
 
-CODEC_IDS = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 6, "rotate": 7}
+CODEC_IDS = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 6, "rotate": 7, "rotate-hadamard": 8}
 """5 was the first top-k codec (int8 values, plain indices), retired: its payloads are refused as a wrong codec."""
 
 

@@ -20,7 +20,7 @@ _FACTORIES: dict[str, Callable[[CodecConfig], Codec]] = {
     "int8": lambda cfg: Int8Codec(cfg.block_size),
     "int4": lambda cfg: Int4Codec(cfg.block_size),
     "topk": lambda cfg: TopKCodec(cfg.topk_chunk, cfg.topk_fraction),
-    "rotate": lambda cfg: RotateCodec(cfg.rotate_chunk, cfg.rotate_every),
+    "rotate": lambda cfg: RotateCodec(cfg.rotate_chunk, cfg.rotate_every, cfg.rotate_basis),
 }
 
 

@@ -11,9 +11,19 @@ What a round does not send is not lost: the peer keeps it in its own parameters 
 the model" mode, :class:`~swarmloco.compression.error_feedback.ErrorFeedback`): after the outer step its
 parameters are the new global ones minus what it did not send, so the next pseudo-gradient carries it again,
 and the model trains on from where it was. At ``every = 4`` that is 1/4 + 1/256 bits per value, 126x below
-fp32 (105x for the quality benchmark's small model, headers included), and within +0.3% of dense DiLoCo at 200
-rounds (BENCHMARKS.md). Like top-k it travels by all-gather (1-bit values do not survive a part-by-part sum),
-averaged per coordinate over its senders (all of the round's members: they share its phase).
+fp32 (105x for the quality benchmark's small model, headers included), and at 200 rounds level with dense
+DiLoCo (hadamard basis: -0.17%; coords: +0.23%; BENCHMARKS.md). Like top-k it travels by all-gather (1-bit
+values do not survive a part-by-part sum).
+
+**Basis.** With ``basis = "hadamard"`` (the config's default) every whole chunk is first turned by a fixed
+random rotation (:mod:`~swarmloco.compression.hadamard`: random signs, then the orthonormal Walsh-Hadamard
+transform; ``chunk`` a power of two), and the round's share is taken of the chunk's *coefficients*: the
+receiver decodes them and turns them back, so each round moves every value a little instead of a quarter of
+the values fully, and one bit per coefficient loses less than one bit per value. A tensor's tail shorter than
+a chunk, and tensors shorter than a chunk, stay in their own basis. Such payloads carry their own codec id
+(``rotate-hadamard``): a peer of the other basis refuses them. Decoded, a payload is dense: the round
+averages over the whole group (``CodecInfo.per_sender`` is false), where the plain basis averages each
+coordinate over the peers that sent it (all of the round's members, unless a chunk was all zeros).
 
 Payload: 16-byte header (block_size = chunk) | u32 phase | bf16 levels [chunks] | sign bits (1: negative),
 packed LSB first, chunk after chunk. The layout is fixed by the tensor's size and the phase; ``decode`` rejects
@@ -30,6 +40,7 @@ import torch
 
 from swarmloco.compression.base import Codec, CodecError, CodecInfo
 from swarmloco.compression.bits import pack_bits, unpack_bits
+from swarmloco.compression.hadamard import is_power_of_two, rotate, unrotate
 from swarmloco.compression.header import (
     CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, block_absmax, check_length, flat_float32, pack_header, payload_tensor,
     read_header,
@@ -37,25 +48,33 @@ from swarmloco.compression.header import (
 
 PHASE = struct.Struct("<I")
 MAX_EVERY = 256
+BASES = ("hadamard", "coords")
 
 
 class RotateCodec(Codec):
-    """Every ``every``-th value of each ``chunk``-value chunk, shifted by the round's phase; one sign bit each
-    and one bf16 level per chunk."""
+    """Every ``every``-th value (``basis = "coords"``) or coefficient (``"hadamard"``) of each ``chunk``-value
+    chunk, shifted by the round's phase; one sign bit each and one bf16 level per chunk."""
 
     NAME = "rotate"
 
-    def __init__(self, chunk: int = 4096, every: int = 4):
+    def __init__(self, chunk: int = 4096, every: int = 4, basis: str = "coords"):
         if not isinstance(every, int) or not 1 <= every <= MAX_EVERY:
             raise ValueError(f"config: codec.rotate_every={every!r} is invalid: must be in 1..{MAX_EVERY}")
         if not isinstance(chunk, int) or not every <= chunk <= MAX_BLOCK_SIZE or chunk % every:
             raise ValueError(f"config: codec.rotate_chunk={chunk!r} is invalid: must be a multiple of "
                              f"rotate_every = {every} in {every}..{MAX_BLOCK_SIZE}")
-        self.chunk, self.every = chunk, every
+        if basis not in BASES:
+            raise ValueError(f"config: codec.rotate_basis={basis!r} is invalid: must be one of {', '.join(BASES)}")
+        if basis == "hadamard" and not is_power_of_two(chunk):
+            raise ValueError(f"config: codec.rotate_chunk={chunk!r} is invalid: must be a power of two with "
+                             f'rotate_basis = "hadamard"')
+        self.chunk, self.every, self.basis = chunk, every, basis
+        self.codec_id = CODEC_IDS["rotate-hadamard" if basis == "hadamard" else self.NAME]
         self.phase: int | None = None
         """The round's phase (:meth:`for_round`): what ``encode`` sends and the only phase ``decode`` accepts;
         None (a codec not bound to a round) encodes phase 0 and decodes any."""
-        self.info = CodecInfo(name=self.NAME, bits_per_value=(chunk // every + 16) / chunk, lossy=True, summable=False)
+        self.info = CodecInfo(name=self.NAME, bits_per_value=(chunk // every + 16) / chunk, lossy=True, summable=False,
+                              per_sender=basis == "coords")
 
     def for_round(self, step: int) -> RotateCodec:
         """This codec for the round of outer step ``step`` (its phase: ``step mod every``): it encodes that
@@ -105,6 +124,14 @@ class RotateCodec(Codec):
     def _phase(self, phase: int | None) -> int:
         return phase if phase is not None else self.phase or 0
 
+    # ----- basis --------------------------------------------------------------------------------
+    def _whole_chunks(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The view of ``flat``'s whole chunks as rows, when they are turned (``hadamard``), else None."""
+        full = flat.numel() // self.chunk
+        if self.basis != "hadamard" or flat.numel() < self.chunk or not full:
+            return None
+        return flat[: full * self.chunk].view(full, self.chunk)
+
     # ----- encoding ---------------------------------------------------------------------------
     def _sent_values(self, flat: torch.Tensor, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the sent values in payload order, each one's chunk index)."""
@@ -131,6 +158,12 @@ class RotateCodec(Codec):
         n = flat.numel()
         if n:
             block_absmax(flat.view(1, -1), self.NAME)  # NaN/Inf or overflowing input: CodecError
+        rows = self._whole_chunks(flat)
+        if rows is not None:
+            flat = flat.clone()
+            rows = self._whole_chunks(flat)
+            rows.copy_(rotate(rows))
+            block_absmax(rows.reshape(1, -1), self.NAME)  # turned, a huge input can overflow: CodecError
         phase = self._phase(None)
         values, owners = self._sent_values(flat, phase)
         rows = self._chunks(n)
@@ -138,12 +171,12 @@ class RotateCodec(Codec):
         counts = torch.bincount(owners, minlength=rows).clamp_min(1).double()
         levels = (sums / counts).to(torch.bfloat16)
         signs = pack_bits((values < 0).to(torch.uint8))
-        return b"".join([pack_header(CODEC_IDS[self.NAME], n, self.chunk), PHASE.pack(phase),
+        return b"".join([pack_header(self.codec_id, n, self.chunk), PHASE.pack(phase),
                          levels.view(torch.uint8).numpy().tobytes(), signs.numpy().tobytes()])
 
     # ----- decoding ---------------------------------------------------------------------------
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        chunk = read_header(payload, CODEC_IDS[self.NAME], numel, self.NAME)
+        chunk = read_header(payload, self.codec_id, numel, self.NAME)
         if chunk != self.chunk:
             raise CodecError(f"{self.NAME}: payload uses chunks of {chunk} values, this run {self.chunk}")
         if len(payload) < HEADER_SIZE + PHASE.size:
@@ -167,6 +200,11 @@ class RotateCodec(Codec):
         mag = levels[torch.repeat_interleave(torch.arange(rows), counts)]
         out = torch.zeros(numel, dtype=torch.float32)
         out[self.sent_mask(numel, phase)] = torch.where(negative, -mag, mag)
+        rows = self._whole_chunks(out)
+        if rows is not None:
+            rows.copy_(unrotate(rows))
+            if not bool(torch.isfinite(rows).all()):
+                raise CodecError(f"{self.NAME}: levels too large: the turned-back values overflow")
         return out
 
 

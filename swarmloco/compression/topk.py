@@ -57,7 +57,7 @@ class TopKCodec(Codec):
             raise ValueError(f"config: codec.topk_fraction={fraction!r} is invalid: must be in (0, 1]")
         self.chunk, self.fraction = chunk, float(fraction)
         self.info = CodecInfo(name=self.NAME, bits_per_value=self._row_bits(chunk) / chunk, lossy=True,
-                              summable=False)
+                              summable=False, per_sender=True)
 
     def keep(self, length: int) -> int:
         """How many values a chunk of ``length`` values keeps (at least one of a non-empty chunk)."""

@@ -87,7 +87,7 @@ def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
             out.append(sent)
         return out
 
-    transform.sparse = not codec.info.summable  # top-k: the round averages each coordinate over its senders
+    transform.sparse = codec.info.per_sender  # top-k: the round averages each coordinate over its senders
     transform.feedback = feedback
     return transform
 

@@ -11,8 +11,10 @@ as SparseLoCo and DeMo do.
   Each peer sends and receives ``(n-1) x payload`` bytes.
 * **Identical results.** Every member decodes the same n payloads (its own included, through the
   same decoder) and sums them in fp32 in the group's order, weighted by samples; each coordinate is
-  divided by the weights of the members that sent it (SparseLoCo's mean over senders,
-  :func:`~swarmloco.protocol.robust.sender_mean`). The average is the same bits on every member, like the
+  divided by the weights of the members that sent it where the codec's payloads hold each sender's own
+  coordinates (``CodecInfo.per_sender``: SparseLoCo's mean over senders,
+  :func:`~swarmloco.protocol.robust.sender_mean`), else by all the weights (``rotate``'s hadamard basis, whose
+  decoded payloads are dense). The average is the same bits on every member, like the
   exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
 * **Checked.** A payload is accepted only with this run's codec tag, exactly the byte length this
   codec produces for the vector (top-k's layout is fixed by the size), a sane weight, and values
@@ -93,6 +95,7 @@ class SparseAllGatherRunner:
         self.payload: bytes = b""
         self._lengths: list[int] = []  # bytes of each tensor's encoding (the same on every member)
         self._ready = asyncio.Event()  # our payload is encoded: we can answer a dialer
+        self._checked: dict[int, torch.Tensor] = {}  # a member's payload, decoded when it came (its check)
         loop = asyncio.get_event_loop()
         self._received: dict[int, asyncio.Future] = {i: loop.create_future() for i in range(len(self.peers))
                                                      if i != self.me}
@@ -177,7 +180,7 @@ class SparseAllGatherRunner:
             finally:  # we close the stream first: the mate waits for it (see rpc_aggregate_part)
                 await replies.aclose()
                 await stream.aclose()
-            await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
+            self._checked[index] = await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])
             self._settle(index, got)
         except BaseException as e:  # noqa: BLE001 - a failed pair is recorded; the round fails as a whole
             self._settle(index, error=e)
@@ -201,7 +204,7 @@ class SparseAllGatherRunner:
                 raise AllreduceException("wrong group id")
             await asyncio.wait_for(self._ready.wait(), self.timeout)  # our payload's layout is the reference
             got = await self._read_payload(stream, first)
-            await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])  # checks it
+            self._checked[index] = await asyncio.get_event_loop().run_in_executor(None, self.decode, got[1])
         except BaseException as e:  # noqa: BLE001
             serving.remove()
             self._settle(index, error=e)
@@ -258,14 +261,14 @@ class SparseAllGatherRunner:
         decoded = {}
         for i in members:  # every member decodes the same payloads: all reject the same peers
             try:
-                decoded[i] = self.decode(contributions[i][1])
+                decoded[i] = self._checked[i] if i in self._checked else self.decode(contributions[i][1])
             except CodecError as e:
                 self.failures.reject(self.peers[i].to_base58(), e, self.failures.role)
         if len(decoded) < len(members):
             raise self.failures.error(f"all-gather got {len(decoded)} valid of {len(members)} contributions")
         mean, clipped, capped = robust_combine([decoded[i] for i in members],
                                                [contributions[i][0] for i in members], self.clip_factor,
-                                               sparse=True)
+                                               sparse=self.codec.info.per_sender)
         for k in clipped:
             self.clipped[members[k]] = 1
         for k in capped:

@@ -15,8 +15,8 @@ arXiv 2508.15706), on K simulated workers (``swarmloco.node.simulate``), one *su
   ``--sparse-lr`` (the outer step the paper uses: no outer momentum, the decayed accumulator is it);
 * ``H{H}-{outer}-rotate`` (``--no-rotate`` skips it): the default outer setting with the ``rotate`` codec (a
   shared rotating quarter of each chunk's coefficients after a fixed Hadamard rotation at 1 bit, the unsent
-  rest kept in each worker's parameters); ``...-rotate-coords``: the same codec in its plain basis (a quarter of
-  the values themselves);
+  rest kept in each worker's parameters); ``...-rotate-coords`` (``--rotate-coords``): the same codec in its
+  plain basis (a quarter of the values themselves);
 * ``...-iid`` (first suite; ``--no-iid`` skips them): DP seed 0 and the default DiLoCo with every
   worker drawing from the whole training set instead of its own contiguous shard.
 
@@ -155,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sparse-lr", type=float, nargs="+", default=[2.0],
                     help="SparseLoCo outer lr(s) (plain SGD; 2 was best of 1, 2, 3 at K=4, H=30: BENCHMARKS.md)")
     ap.add_argument("--no-rotate", dest="rotate", action="store_false", help="skip the rotate-codec arms")
+    ap.add_argument("--rotate-coords", action="store_true",
+                    help="also run the rotate codec in its coords basis (the default basis is hadamard)")
     ap.add_argument("--sparse-decay", type=float, default=CodecConfig.topk_decay, help="error-feedback decay (beta)")
     ap.add_argument("--sparse-fraction", type=float, default=CodecConfig.topk_fraction)
     ap.add_argument("--sparse-chunk", type=int, default=CodecConfig.topk_chunk)
@@ -210,7 +212,8 @@ def build_arms(args) -> list[Arm]:
                      for lr in args.sparse_lr]
         if args.rotate:
             arms.append(diloco(f"{d}-rotate", *default, codec="rotate"))
-            arms.append(diloco(f"{d}-rotate-coords", *default, codec="rotate-coords"))
+            if args.rotate_coords:
+                arms.append(diloco(f"{d}-rotate-coords", *default, codec="rotate-coords"))
         arms += [diloco(f"{d}-{codec}", *default, codec=codec) for codec in args.codecs]
         arms += [diloco(outer_label(*g), *g) for g in grid]
         arms += [diloco(f"{d}-{overlap_label(spec)}", *default, **spec) for spec in args.overlap  # (F must divide H)

@@ -115,6 +115,26 @@ def test_the_average_is_weighted_over_each_coordinates_senders_and_in_the_groups
     assert torch.equal(got, r._average(dict(reversed(contributions.items()))))  # arrival order does not matter
 
 
+def test_rotate_hadamard_payloads_are_averaged_over_the_group_and_turned_back_once() -> None:
+    """Dense decoded payloads (a turned-back value can cancel to exactly 0): the plain weighted mean over the
+    whole group, computed on the coefficients and turned back once per tensor: the mean of the decoded
+    payloads up to float rounding, the same bits whatever the arrival order."""
+    codec = get_codec(CodecConfig(name="rotate", rotate_chunk=64)).for_round(3)
+    tensors = [torch.randn(200), torch.randn(40)]  # 3 whole chunks and a tail; one tensor shorter than a chunk
+    r = SparseAllGatherRunner(codec=codec, p2p=P2P("peer0"), servicer_type=None, prefix="x", group_id=b"g",
+                              ordered_peer_ids=[PeerId(f"peer{i}") for i in range(3)], dialable=[True] * 3,
+                              tensors=tensors, weight=1.0, timeout=0.5)
+    r._lengths = [codec.payload_size(t.numel()) for t in tensors]
+    xs = [[torch.randn(t.numel()) for t in tensors] for _ in range(3)]
+    contributions = {i: (float(i + 1), b"".join(codec.encode(t) for t in x)) for i, x in enumerate(xs)}
+    got = r._average(contributions)
+    decoded = [torch.cat([codec.roundtrip(t) for t in x]) for x in xs]
+    assert bool((decoded[0] == 0).any())  # a member "sent nothing" there: the mean over senders would skip it
+    want = sum(d * (i + 1) for i, d in enumerate(decoded)) / 6
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(got, r._average(dict(reversed(contributions.items()))))
+
+
 def test_a_member_that_never_dials_fails_the_round_by_its_deadline() -> None:
     r = runner(me=2, n=3, timeout=0.2)  # members 0 and 1 should dial member 2; neither does
 

@@ -318,6 +318,24 @@ def test_hadamard_basis_moves_every_value_of_a_whole_chunk_and_leaves_the_tail_i
     assert not c.info.per_sender and plain.info.per_sender  # dense decoded payloads: the group's plain mean
 
 
+def test_hadamard_payloads_are_averaged_as_coefficients_and_turned_back_once():
+    """decode = finish_mean(decode_for_mean); a mean of coefficient payloads turned back is the mean of the
+    decoded payloads (the rotation is linear); other codecs average what they decode."""
+    c = RotateCodec(64, 4, "hadamard").for_round(1)
+    xs = [torch.randn(300, generator=gen(10 + i)) for i in range(4)]
+    payloads = [c.encode(x) for x in xs]
+    for p in payloads:
+        assert torch.equal(c.decode(p, 300), c.finish_mean(c.decode_for_mean(p, 300)))
+    raw = [c.decode_for_mean(p, 300) for p in payloads]
+    assert int((raw[0][:256] != 0).sum()) == 64  # a quarter of the coefficients, not turned back
+    torch.testing.assert_close(c.finish_mean(sum(raw) / 4), sum(c.decode(p, 300) for p in payloads) / 4,
+                               rtol=0, atol=1e-6)
+    for other in (RotateCodec(64, 4, "coords"), get_codec(CodecConfig(name="int8"))):
+        p = other.encode(xs[0])
+        assert torch.equal(other.decode_for_mean(p, 300), other.decode(p, 300))
+        assert other.finish_mean(xs[1]) is xs[1]
+
+
 def test_a_payload_of_the_other_basis_is_refused():
     x = torch.randn(256, generator=gen(6))
     h, p = RotateCodec(64, 4, "hadamard"), RotateCodec(64, 4, "coords")
@@ -328,11 +346,15 @@ def test_a_payload_of_the_other_basis_is_refused():
 
 
 def test_hadamard_overflow_is_a_codec_error_not_an_infinity():
-    """An input whose turned coefficients overflow is refused at encode; a hostile payload whose levels overflow
-    when turned back is refused at decode (a decoder never returns Inf)."""
+    """An input whose turned coefficients overflow is refused at encode; a hostile payload whose levels could
+    overflow when turned back (alone or in a mean) is refused at decode (a decoder never returns Inf)."""
     c = RotateCodec(64, 4, "hadamard")
     with pytest.raises(CodecError):
         c.encode(torch.full((64,), 1e38))
+    spike = torch.zeros(64)
+    spike[5] = 1.2e38  # every coefficient +-1.5e37: finite, but 16 of such a level summed would not be
+    with pytest.raises(CodecError, match="overflow"):
+        c.encode(spike)
     payload = bytearray(c.encode(torch.randn(64, generator=gen(7))))
     payload[LEVELS_AT: LEVELS_AT + 2] = torch.tensor([3e38], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
     with pytest.raises(CodecError, match="overflow"):

@@ -47,6 +47,16 @@ class Codec(ABC):
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
         """Decode exactly ``numel`` float32 values (1-D) or raise CodecError."""
 
+    def decode_for_mean(self, payload: bytes, numel: int) -> torch.Tensor:
+        """The payload as a round averages it, or CodecError: :meth:`decode` for every codec but ``rotate`` in
+        its hadamard basis, whose payloads are averaged as coefficients and turned back once by
+        :meth:`finish_mean` (the rotation is linear and keeps norms)."""
+        return self.decode(payload, numel)
+
+    def finish_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """A weighted mean of :meth:`decode_for_mean` payloads (1-D, one tensor's) as values."""
+        return mean
+
     def for_round(self, step: int) -> Codec:
         """The codec encoding the round of outer step ``step``: itself, except for codecs whose choice of values
         rotates with the round (``rotate``). Decoding needs no round: such payloads carry their phase."""

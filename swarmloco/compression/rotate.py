@@ -28,7 +28,7 @@ coordinate over the peers that sent it (all of the round's members, unless a chu
 Payload: 16-byte header (block_size = chunk) | u32 phase | bf16 levels [chunks] | sign bits (1: negative),
 packed LSB first, chunk after chunk. The layout is fixed by the tensor's size and the phase; ``decode`` rejects
 a wrong chunk, a phase >= ``every`` (bound to a round: any other than the round's), a wrong length, non-zero
-padding bits and non-finite or negative levels.
+padding bits and non-finite or negative levels (hadamard: also levels that could overflow when turned back).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from swarmloco.compression.base import Codec, CodecError, CodecInfo
 from swarmloco.compression.bits import pack_bits, unpack_bits
 from swarmloco.compression.hadamard import is_power_of_two, rotate, unrotate
 from swarmloco.compression.header import (
-    CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, block_absmax, check_length, flat_float32, pack_header, payload_tensor,
-    read_header,
+    CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, MAX_ENCODABLE, block_absmax, check_length, flat_float32, pack_header,
+    payload_tensor, read_header,
 )
 
 PHASE = struct.Struct("<I")
@@ -70,6 +70,9 @@ class RotateCodec(Codec):
                              f'rotate_basis = "hadamard"')
         self.chunk, self.every, self.basis = chunk, every, basis
         self.codec_id = CODEC_IDS["rotate-hadamard" if basis == "hadamard" else self.NAME]
+        self._max_level = MAX_ENCODABLE / (chunk // every) if basis == "hadamard" else float("inf")
+        """Turning a chunk back sums up to ``chunk / every`` coefficients of one level: above this, a sum (or a
+        mean of payloads) could overflow, so encode and decode refuse such levels."""
         self.phase: int | None = None
         """The round's phase (:meth:`for_round`): what ``encode`` sends and the only phase ``decode`` accepts;
         None (a codec not bound to a round) encodes phase 0 and decodes any."""
@@ -170,12 +173,27 @@ class RotateCodec(Codec):
         sums = torch.zeros(rows, dtype=torch.float64).index_add_(0, owners, values.abs().double())
         counts = torch.bincount(owners, minlength=rows).clamp_min(1).double()
         levels = (sums / counts).to(torch.bfloat16)
+        if levels.numel() and float(levels.max()) > self._max_level:
+            raise CodecError(f"{self.NAME}: input too large: its levels would overflow when turned back")
         signs = pack_bits((values < 0).to(torch.uint8))
         return b"".join([pack_header(self.codec_id, n, self.chunk), PHASE.pack(phase),
                          levels.view(torch.uint8).numpy().tobytes(), signs.numpy().tobytes()])
 
     # ----- decoding ---------------------------------------------------------------------------
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        return self.finish_mean(self.decode_for_mean(payload, numel))
+
+    def finish_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """Whole chunks turned back (hadamard basis; a new tensor), else ``mean`` itself."""
+        if self._whole_chunks(mean) is None:
+            return mean
+        out = mean.clone()
+        rows = self._whole_chunks(out)
+        rows.copy_(unrotate(rows))
+        return out
+
+    def decode_for_mean(self, payload: bytes, numel: int) -> torch.Tensor:
+        """The sent values (coords) or coefficients (hadamard: not turned back) at their places, 0 elsewhere."""
         chunk = read_header(payload, self.codec_id, numel, self.NAME)
         if chunk != self.chunk:
             raise CodecError(f"{self.NAME}: payload uses chunks of {chunk} values, this run {self.chunk}")
@@ -196,15 +214,12 @@ class RotateCodec(Codec):
             raise CodecError(f"{self.NAME}: a level is NaN or Inf")
         if levels.numel() and float(levels.min()) < 0:
             raise CodecError(f"{self.NAME}: a level is negative")
+        if levels.numel() and float(levels.max()) > self._max_level:
+            raise CodecError(f"{self.NAME}: a level is too large: the turned-back values would overflow")
         negative = unpack_bits(data[at + 2 * rows:], count, self.NAME).bool()
         mag = levels[torch.repeat_interleave(torch.arange(rows), counts)]
         out = torch.zeros(numel, dtype=torch.float32)
         out[self.sent_mask(numel, phase)] = torch.where(negative, -mag, mag)
-        rows = self._whole_chunks(out)
-        if rows is not None:
-            rows.copy_(unrotate(rows))
-            if not bool(torch.isfinite(rows).all()):
-                raise CodecError(f"{self.NAME}: levels too large: the turned-back values overflow")
         return out
 
 

@@ -13,9 +13,10 @@ as SparseLoCo and DeMo do.
   same decoder) and sums them in fp32 in the group's order, weighted by samples; each coordinate is
   divided by the weights of the members that sent it where the codec's payloads hold each sender's own
   coordinates (``CodecInfo.per_sender``: SparseLoCo's mean over senders,
-  :func:`~swarmloco.protocol.robust.sender_mean`), else by all the weights (``rotate``'s hadamard basis, whose
-  decoded payloads are dense). The average is the same bits on every member, like the
-  exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
+  :func:`~swarmloco.protocol.robust.sender_mean`), else by all the weights (``rotate``'s hadamard basis: its
+  payloads are averaged as coefficients and the mean is turned back once, ``Codec.finish_mean``; the rotation
+  is linear and keeps norms, so the clipping sees the same norms). The average is the same bits on every
+  member, like the exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
 * **Checked.** A payload is accepted only with this run's codec tag, exactly the byte length this
   codec produces for the vector (top-k's layout is fixed by the size), a sane weight, and values
   that decode (:class:`~swarmloco.compression.base.CodecError` otherwise). Every wait has a deadline.
@@ -273,16 +274,25 @@ class SparseAllGatherRunner:
             self.clipped[members[k]] = 1
         for k in capped:
             self.capped[members[k]] = 1
-        return mean
+        return self._finish(mean)
 
     def decode(self, payload: bytes) -> torch.Tensor:
-        """A member's payload as one flat fp32 vector (each tensor is encoded on its own, as the
-        error feedback's round trip assumes); CodecError if any piece is malformed."""
+        """A member's payload as one flat fp32 vector as the group averages it (each tensor is encoded on its
+        own, as the error feedback's round trip assumes; ``Codec.decode_for_mean``: the rotate codec's hadamard
+        coefficients are turned back once, after the mean); CodecError if any piece is malformed."""
         out, at = [], 0
         for t, length in zip(self._tensors, self._lengths):
-            out.append(self.codec.decode(payload[at: at + length], t.numel()))
+            out.append(self.codec.decode_for_mean(payload[at: at + length], t.numel()))
             at += length
         return torch.cat(out) if out else torch.zeros(0)
+
+    def _finish(self, mean: torch.Tensor) -> torch.Tensor:
+        """The group's mean as values, tensor by tensor (``Codec.finish_mean``)."""
+        out, at = [], 0
+        for t in self._tensors:
+            out.append(self.codec.finish_mean(mean[at: at + t.numel()]))
+            at += t.numel()
+        return torch.cat(out) if out else mean
 
 
 __all__ = ["CHUNK_BYTES", "ServingCounter", "SparseAllGatherRunner", "connected", "serving"]

@@ -131,7 +131,7 @@ class RotateCodec(Codec):
     def _whole_chunks(self, flat: torch.Tensor) -> torch.Tensor | None:
         """The view of ``flat``'s whole chunks as rows, when they are turned (``hadamard``), else None."""
         full = flat.numel() // self.chunk
-        if self.basis != "hadamard" or flat.numel() < self.chunk or not full:
+        if self.basis != "hadamard" or not full:
             return None
         return flat[: full * self.chunk].view(full, self.chunk)
 
@@ -163,10 +163,9 @@ class RotateCodec(Codec):
             block_absmax(flat.view(1, -1), self.NAME)  # NaN/Inf or overflowing input: CodecError
         rows = self._whole_chunks(flat)
         if rows is not None:
-            flat = flat.clone()
-            rows = self._whole_chunks(flat)
-            rows.copy_(rotate(rows))
-            block_absmax(rows.reshape(1, -1), self.NAME)  # turned, a huge input can overflow: CodecError
+            turned = rotate(rows)
+            block_absmax(turned.view(1, -1), self.NAME)  # turned, a huge input can overflow: CodecError
+            flat = torch.cat((turned.view(-1), flat[turned.numel():]))
         phase = self._phase(None)
         values, owners = self._sent_values(flat, phase)
         rows = self._chunks(n)
@@ -185,12 +184,10 @@ class RotateCodec(Codec):
 
     def finish_mean(self, mean: torch.Tensor) -> torch.Tensor:
         """Whole chunks turned back (hadamard basis; a new tensor), else ``mean`` itself."""
-        if self._whole_chunks(mean) is None:
+        rows = self._whole_chunks(mean)
+        if rows is None:
             return mean
-        out = mean.clone()
-        rows = self._whole_chunks(out)
-        rows.copy_(unrotate(rows))
-        return out
+        return torch.cat((unrotate(rows).view(-1), mean[rows.numel():]))
 
     def decode_for_mean(self, payload: bytes, numel: int) -> torch.Tensor:
         """The sent values (coords) or coefficients (hadamard: not turned back) at their places, 0 elsewhere."""

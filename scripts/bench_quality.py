@@ -16,7 +16,10 @@ arXiv 2508.15706), on K simulated workers (``swarmloco.node.simulate``), one *su
 * ``H{H}-{outer}-rotate`` (``--no-rotate`` skips it): the default outer setting with the ``rotate`` codec (a
   shared rotating quarter of each chunk's coefficients after a fixed Hadamard rotation at 1 bit, the unsent
   rest kept in each worker's parameters); ``...-rotate-coords`` (``--rotate-coords``): the same codec in its
-  plain basis (a quarter of the values themselves);
+  plain basis (a quarter of the values themselves); ``--rotate-outer`` runs them at other outer settings;
+* ``H{H}-{outer}-hadtopk`` (``--no-hadtopk`` skips it): the ``hadtopk`` codec (each worker's 128 largest of each
+  4096 Hadamard coefficients at 1 bit, the rest kept in its parameters) at each ``--hadtopk-outer`` setting
+  (default: ``configs/hadtopk.toml``'s, Nesterov lr 2 / momentum 0.5);
 * ``...-iid`` (first suite; ``--no-iid`` skips them): DP seed 0 and the default DiLoCo with every
   worker drawing from the whole training set instead of its own contiguous shard.
 
@@ -59,6 +62,7 @@ from swarmloco.node.simulate import codec_transform, ring_equivalent_bytes_per_v
 DEFAULT_OUTER = OuterConfig()
 DEFAULT_GRID = ["n0.7/0.9", "n1/0.8", "n1/0.7", "n0.7/0.7", "n1/0.5"]
 OTHER_GRID = ["n0.7/0.9", "n1/0.8", "n1/0.5"]
+HADTOPK_OUTER = ["n2/0.5"]  # configs/hadtopk.toml's [outer] (the best of a small grid: BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-rotate", dest="rotate", action="store_false", help="skip the rotate-codec arms")
     ap.add_argument("--rotate-coords", action="store_true",
                     help="also run the rotate codec in its coords basis (the default basis is hadamard)")
+    ap.add_argument("--rotate-outer", nargs="*", default=[],
+                    help="outer settings of the rotate arms (default: the run's default [outer])")
+    ap.add_argument("--no-hadtopk", dest="hadtopk", action="store_false", help="skip the hadtopk-codec arms")
+    ap.add_argument("--hadtopk-outer", nargs="*", default=HADTOPK_OUTER,
+                    help="outer settings of the hadtopk arms (default: configs/hadtopk.toml's)")
     ap.add_argument("--sparse-decay", type=float, default=CodecConfig.topk_decay, help="error-feedback decay (beta)")
     ap.add_argument("--sparse-fraction", type=float, default=CodecConfig.topk_fraction)
     ap.add_argument("--sparse-chunk", type=int, default=CodecConfig.topk_chunk)
@@ -211,9 +220,13 @@ def build_arms(args) -> list[Arm]:
             arms += [diloco(f"topk-sgd{lr:g}", lr, 0.0, False, codec="topk", decay=args.sparse_decay)
                      for lr in args.sparse_lr]
         if args.rotate:
-            arms.append(diloco(f"{d}-rotate", *default, codec="rotate"))
-            if args.rotate_coords:
-                arms.append(diloco(f"{d}-rotate-coords", *default, codec="rotate-coords"))
+            for o in [parse_outer(t) for t in args.rotate_outer] or [default]:
+                arms.append(diloco(f"{outer_label(*o)}-rotate", *o, codec="rotate"))
+                if args.rotate_coords:
+                    arms.append(diloco(f"{outer_label(*o)}-rotate-coords", *o, codec="rotate-coords"))
+        if args.hadtopk:
+            arms += [diloco(f"{outer_label(*o)}-hadtopk", *o, codec="hadtopk")
+                     for o in (parse_outer(t) for t in args.hadtopk_outer)]
         arms += [diloco(f"{d}-{codec}", *default, codec=codec) for codec in args.codecs]
         arms += [diloco(outer_label(*g), *g) for g in grid]
         arms += [diloco(f"{d}-{overlap_label(spec)}", *default, **spec) for spec in args.overlap  # (F must divide H)

@@ -1,9 +1,10 @@
 """Where the sparse exchange loses quality: SparseLoCo against variants of it, in the simulator.
 
-A research driver for issue 15's unmet target (a sparse exchange within +0.5% of dense DiLoCo at >= 100x
-fewer bytes per round than fp32 pseudo-gradients). Same setup as ``bench_quality.py``'s first suite (K=4,
-the 0.12M model, contiguous shards, 2000 inner steps at H=30: 67 rounds, seed 0; ``--H 10``: 200 rounds),
-so the figures compare with its dense DiLoCo arm (held-out 1.6427 at H=30, 1.6205 at H=10). Each variant is a :data:`PseudoGradTransform` for
+A research driver for issue 15's target (a sparse exchange within +0.5% of dense DiLoCo at >= 100x fewer
+bytes per round than fp32 pseudo-gradients; at H=30 it led to the ``hadtopk`` codec). Same setup as
+``bench_quality.py``'s first suite (K=4, the 0.12M model, contiguous shards, 2000 inner steps at H=30: 67
+rounds, seed 0; ``--H 10``: 200 rounds), so the figures compare with its dense DiLoCo arm (held-out 1.6427 at
+H=30, 1.6205 at H=10). Each variant is a :data:`PseudoGradTransform` for
 :func:`swarmloco.node.simulate.run_diloco`, from three choices:
 
 * **what is sent**: ``topk`` (the ``topk`` codec: SparseLoCo's 64 of 4096, 2 bits, Elias-Fano indices;
@@ -13,8 +14,11 @@ so the figures compare with its dense DiLoCo arm (held-out 1.6427 at H=30, 1.620
   round), ``all``; or ``stagger`` (``stride`` with worker ``w`` ``w`` rounds ahead: at K=S the workers send
   disjoint shares, averaged over the whole group), ``hadamard`` (``stride`` of each whole chunk's
   coefficients after a fixed random-sign Walsh-Hadamard rotation, turned back after: what the ``rotate``
-  codec's default basis does), ``hadstagger`` (both);
-* **the values**: ``bits`` 1 (sign, with one bf16 magnitude per chunk: the mean |value| sent) or 32;
+  codec's default basis does), ``hadstagger`` (both); or ``hadtopk`` (each worker's own ``k`` largest of each
+  chunk's rotated coefficients, Elias-Fano positions counted at ``2 + ceil(log2(chunk / k))`` bits each,
+  averaged over the whole group: what the ``hadtopk`` codec does); ``signs`` seeds the rotation's signs;
+* **the values**: ``bits`` 1 (sign, with one bf16 magnitude per chunk: the mean |value| sent), 2 (Lloyd-Max
+  levels for a Gaussian, one bf16 RMS per chunk) or 32;
 * **where the unsent rest goes**: ``feedback`` (the error-feedback accumulator, decayed by ``decay``:
   SparseLoCo's, the engine's) or ``model``: the worker keeps it in its own parameters (after the outer
   step its parameters are the new global ones minus the rest), so it trains on from where it was instead
@@ -28,17 +32,20 @@ ones); this script keeps its own implementation of all
 the variants and patches the simulator's landing (``_SimRound.land``) for the "rest in model" ones. Tensors
 shorter than a chunk are sent whole with the variant's values. Bytes are exact for ``topk`` (the codec's
 payloads) and counted bit for bit for the others (values plus 2 bytes of level per
-chunk; no header). Results and curves: ``--out`` (JSON); a table on stdout.
+chunk; no header). Results and curves: ``--out`` (JSON; ``final_eval_loss_workers_mean`` is the held-out loss
+of the workers' mean model at the end: the global one minus the mean rest); a table on stdout.
 
     python scripts/sparse_variants.py                      # every variant, 2 at a time (~13 min on 2 cores)
     python scripts/sparse_variants.py --variants stride4-1bit-model all-1bit-model
     python scripts/sparse_variants.py --variants stride4-1bit-model --outer n1/0.8 sgd3   # other outer steps
+    python scripts/sparse_variants.py --variants hadtopk144-1bit-model hadamard4-1bit-model --outer n2/0.5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import replace
 import sys
@@ -74,6 +81,8 @@ class Variant:
     lr: float = 1.0
     momentum: float = 0.7
     nesterov: bool = True
+    k: int = 0  # hadtopk: the coefficients sent per chunk (its largest by magnitude)
+    signs: int = 12345  # the seed of the rotation's random signs
 
 
 VARIANTS = {v.name: v for v in [
@@ -87,6 +96,14 @@ VARIANTS = {v.name: v for v in [
     Variant("hadamard4-1bit-model", "hadamard"),
     Variant("hadamard4-fp32-model", "hadamard", bits=32),
     Variant("hadstagger4-1bit-model", "hadstagger"),
+    Variant("hadamard8-2bit-model", "hadamard", every=8, bits=2),
+    Variant("hadamard1-1bit-model", "hadamard", every=1),
+    Variant("hadamard4-1bit-model-s1", "hadamard", signs=1),
+    Variant("hadamard4-1bit-model-s2", "hadamard", signs=2),
+    Variant("hadtopk144-1bit-model", "hadtopk", k=144),
+    Variant("hadtopk144-1bit-model-s1", "hadtopk", k=144, signs=1),
+    Variant("hadtopk144-1bit-model-s2", "hadtopk", k=144, signs=2),
+    Variant("hadtopk96-2bit-model", "hadtopk", k=96, bits=2),
     Variant("all-1bit-model", "all", every=1),
     Variant("stride4-1bit-feedback", "stride", rest="feedback"),
 ]}
@@ -96,6 +113,20 @@ def one_bit(values: torch.Tensor) -> torch.Tensor:
     """Sign times the mean |value| (rounded to bf16): what 1 bit per value and one level carry."""
     level = values.abs().mean().to(torch.bfloat16).float()
     return torch.where(values < 0, -level, level)
+
+
+LLOYD_MAX_2BIT = (0.9816, 0.4528, 1.510)  # threshold, inner and outer level / RMS (a Gaussian's optimum)
+
+
+def two_bit(values: torch.Tensor) -> torch.Tensor:
+    """2 bits per value (Lloyd-Max for a Gaussian: 4 levels) with one bf16 RMS per chunk."""
+    rms = values.pow(2).mean().sqrt().to(torch.bfloat16).float()
+    t, inner, outer = LLOYD_MAX_2BIT
+    mag = torch.where(values.abs() < t * rms, inner * rms, outer * rms)
+    return torch.where(values < 0, -mag, mag)
+
+
+QUANTIZERS = {1: one_bit, 2: two_bit}
 
 
 def shared_mask(v: Variant, numel: int, key: int, rnd: int) -> torch.Tensor:
@@ -113,28 +144,29 @@ def shared_mask(v: Variant, numel: int, key: int, rnd: int) -> torch.Tensor:
     return mask
 
 
-_BASIS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_BASIS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def basis(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def basis(n: int, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
     """(an orthonormal Hadamard matrix of order n, a fixed random sign per row): a shared rotation."""
-    if n not in _BASIS:
+    if (n, seed) not in _BASIS:
         h = torch.ones(1, 1)
         while h.shape[0] < n:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(12345)).float() * 2 - 1
-        _BASIS[n] = (h / n ** 0.5, signs)
-    return _BASIS[n]
+        signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+        _BASIS[(n, seed)] = (h / n ** 0.5, signs)
+    return _BASIS[(n, seed)]
 
 
 def shared_roundtrip(v: Variant, x: torch.Tensor, key: int, rnd: int) -> tuple[torch.Tensor, int]:
     """(what the receivers decode, bits sent) for a shared-schedule variant."""
-    if v.select in ("hadamard", "hadstagger") and x.numel() >= CHUNK:
+    if v.select in ("hadamard", "hadstagger", "hadtopk") and x.numel() >= CHUNK:
         flat = x.reshape(-1)
         full = flat.numel() // CHUNK * CHUNK
-        h, d = basis(CHUNK)
+        h, d = basis(CHUNK, v.signs)
         y = (flat[:full].view(-1, CHUNK) * d) @ h  # each chunk in the rotated basis
-        yhat, bits = shared_roundtrip(replace(v, select="stride"), y.reshape(-1), key, rnd)
+        inner = "ktop" if v.select == "hadtopk" else "stride"
+        yhat, bits = shared_roundtrip(replace(v, select=inner), y.reshape(-1), key, rnd)
         out = torch.empty_like(flat)
         out[:full] = ((yhat.view(-1, CHUNK) @ h) * d).reshape(-1)
         if full < flat.numel():
@@ -142,14 +174,23 @@ def shared_roundtrip(v: Variant, x: torch.Tensor, key: int, rnd: int) -> tuple[t
             out[full:], bits = tail, bits + tbits
         return out.view_as(x), bits
     flat = x.reshape(-1)
+    if v.select == "ktop":  # each chunk's k largest: positions differ per worker (Elias-Fano: 2 + log2(n/k) each)
+        out = torch.zeros_like(flat)
+        bits = 0
+        for start in range(0, flat.numel(), CHUNK):
+            vals = flat[start: start + CHUNK]
+            idx = vals.abs().topk(v.k).indices
+            out[start + idx] = vals[idx] if v.bits == 32 else QUANTIZERS[v.bits](vals[idx])
+            bits += v.k * (v.bits + 2 + math.ceil(math.log2(vals.numel() / v.k))) + 16
+        return out.view_as(x), bits
     mask = shared_mask(v, flat.numel(), key, rnd)
     out = torch.zeros_like(flat)
     bits = 0
     for start in range(0, flat.numel(), CHUNK):
         m = mask[start: start + CHUNK]
         vals = flat[start: start + CHUNK][m]
-        out[start: start + CHUNK][m] = vals if v.bits == 32 else one_bit(vals)
-        bits += vals.numel() * v.bits + (16 if v.bits == 1 else 0)
+        out[start: start + CHUNK][m] = vals if v.bits == 32 else QUANTIZERS[v.bits](vals)
+        bits += vals.numel() * v.bits + (16 if v.bits < 32 else 0)
     return out.view_as(x), bits
 
 
@@ -206,9 +247,16 @@ def run(v: Variant, steps: int, H: int) -> dict:
         keep_rest_in_model(transform)
     outer = OuterConfig(lr=v.lr, momentum=v.momentum, nesterov=v.nesterov)
     res = sim.run_diloco(corpus, model_cfg, bq.inner_config(steps), outer, workers=args.workers, steps=steps, H=H,
-                         seed=0, shards=list(range(args.workers)), transform=transform)
+                         seed=0, shards=list(range(args.workers)), transform=transform, keep_model=True,
+                         keep_locals=True)
+    with torch.no_grad():  # the workers' mean model: the global one minus the mean rest (rest = model)
+        mean_model = res.pop("model")
+        for p, *locs in zip(mean_model.parameters(), *(m.parameters() for m in res.pop("locals"))):
+            p.copy_(torch.stack(locs).mean(0))
+    locals_mean = sim.evaluate(mean_model, corpus.eval_batches(), torch.device("cpu"), sim.lm_loss)
     fp32 = 32 * res["num_params"] * res["syncs"]
-    return {"variant": asdict(v), "final_eval_loss": res["final_eval_loss"], "rounds": res["syncs"],
+    return {"variant": asdict(v), "final_eval_loss": res["final_eval_loss"],
+            "final_eval_loss_workers_mean": locals_mean, "rounds": res["syncs"],
             "payload_bytes_per_round": transform.bits / 8 / res["syncs"], "fp32_over_payload": fp32 / transform.bits,
             "curve": res["curve"], "wall_s": res["wall_s"]}
 

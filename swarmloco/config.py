@@ -361,13 +361,18 @@ class OuterConfig:
         return self.overlap_steps or inner_steps
 
 
+REST_IN_MODEL = ("rotate", "hadtopk")
+"""Codecs that keep a round's unsent rest in the peer's parameters (their ``CodecInfo.rest_in_model``)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class CodecConfig:
     """How pseudo-gradients are encoded on the wire."""
 
     name: str = "none"
     """Codec name: none (fp32), fp16, bf16, int8, int4, topk (SparseLoCo), rotate (a shared rotating share of the
-    coordinates at 1 bit, the rest kept in the model); see swarmloco.compression."""
+    coordinates at 1 bit, the rest kept in the model), hadtopk (each chunk's largest Hadamard coefficients at
+    1 bit, the rest kept in the model); see swarmloco.compression."""
     block_size: int = 256
     """Values per scale block for the blockwise quantizers (int8, int4)."""
     topk_fraction: float = 0.015625
@@ -385,9 +390,14 @@ class CodecConfig:
     rotate_basis: str = "hadamard"
     """rotate: "hadamard" sends a share of each chunk's coefficients after a fixed random rotation (every value
     moves a little each round; the better one, BENCHMARKS.md), "coords" a share of the values themselves."""
+    hadtopk_fraction: float = 0.03125
+    """hadtopk: fraction of each chunk's coefficients sent (1/32: 128 of 4096, 126x below fp32)."""
+    hadtopk_chunk: int = 4096
+    """hadtopk: values per chunk (a power of two); each chunk is turned and sends its own largest coefficients
+    and one bf16 level; tensors shorter than a chunk are sent whole."""
     error_feedback: bool = True
-    """Carry what compression dropped from a peer's pseudo-gradient into its next one (rotate: in the peer's
-    own parameters; it cannot be turned off there)."""
+    """Carry what compression dropped from a peer's pseudo-gradient into its next one (rotate, hadtopk: in the
+    peer's own parameters; it cannot be turned off there)."""
 
     def __post_init__(self) -> None:
         from swarmloco.compression.registry import codec_names  # (the registry imports this module)
@@ -413,18 +423,24 @@ class CodecConfig:
         _check(self.name != "rotate" or self.rotate_basis != "hadamard"
                or self.rotate_chunk & (self.rotate_chunk - 1) == 0, "codec.rotate_chunk", self.rotate_chunk,
                'must be a power of two with rotate_basis = "hadamard"')
+        _check(_is_number(self.hadtopk_fraction) and 0.0 < self.hadtopk_fraction <= 1.0,
+               "codec.hadtopk_fraction", self.hadtopk_fraction, "must be in (0, 1]")
+        _check(_is_int(self.hadtopk_chunk) and 1 <= self.hadtopk_chunk <= 65536
+               and self.hadtopk_chunk & (self.hadtopk_chunk - 1) == 0, "codec.hadtopk_chunk", self.hadtopk_chunk,
+               "must be a power of two in 1..65536")
         _bool("codec.error_feedback", self.error_feedback)
-        _check(self.error_feedback or self.name != "rotate", "codec.error_feedback", self.error_feedback,
-               "must be true with rotate (what a round does not send stays in the peer's parameters)")
+        _check(self.error_feedback or self.name not in REST_IN_MODEL, "codec.error_feedback", self.error_feedback,
+               f"must be true with {self.name} (what a round does not send stays in the peer's parameters)")
 
     def check_outer(self, outer: OuterConfig) -> None:
-        """The checks that need the outer settings: ``rotate`` keeps the unsent rest in the model, which rounds
-        that land behind the inner steps or sync one fragment at a time do not support (yet)."""
-        if self.name != "rotate":
+        """The checks that need the outer settings: ``rotate`` and ``hadtopk`` keep the unsent rest in the model,
+        which rounds that land behind the inner steps or sync one fragment at a time do not support (yet)."""
+        if self.name not in REST_IN_MODEL:
             return
         _check(not outer.overlapped, "outer.overlap", outer.overlap,
-               'must be "none" with codec.name = "rotate" (the unsent rest is kept in the model when a round lands)')
-        _check(outer.fragments == 1, "outer.fragments", outer.fragments, 'must be 1 with codec.name = "rotate"')
+               f'must be "none" with codec.name = "{self.name}" (the unsent rest is kept in the model when a '
+               "round lands)")
+        _check(outer.fragments == 1, "outer.fragments", outer.fragments, f'must be 1 with codec.name = "{self.name}"')
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -115,11 +115,15 @@ def test_the_average_is_weighted_over_each_coordinates_senders_and_in_the_groups
     assert torch.equal(got, r._average(dict(reversed(contributions.items()))))  # arrival order does not matter
 
 
-def test_rotate_hadamard_payloads_are_averaged_over_the_group_and_turned_back_once() -> None:
+@pytest.mark.parametrize("cfg", [CodecConfig(name="rotate", rotate_chunk=64),
+                                 CodecConfig(name="hadtopk", hadtopk_chunk=64, hadtopk_fraction=0.1)],
+                         ids=["rotate-hadamard", "hadtopk"])
+def test_turned_payloads_are_averaged_over_the_group_and_turned_back_once(cfg) -> None:
     """Dense decoded payloads (a turned-back value can cancel to exactly 0): the plain weighted mean over the
     whole group, computed on the coefficients and turned back once per tensor: the mean of the decoded
-    payloads up to float rounding, the same bits whatever the arrival order."""
-    codec = get_codec(CodecConfig(name="rotate", rotate_chunk=64)).for_round(3)
+    payloads up to float rounding, the same bits whatever the arrival order. (hadtopk: each member sends its
+    own coefficients; one another member did not send counts as 0 from it, as in dense averaging.)"""
+    codec = get_codec(cfg).for_round(3)
     tensors = [torch.randn(200), torch.randn(40)]  # 3 whole chunks and a tail; one tensor shorter than a chunk
     r = SparseAllGatherRunner(codec=codec, p2p=P2P("peer0"), servicer_type=None, prefix="x", group_id=b"g",
                               ordered_peer_ids=[PeerId(f"peer{i}") for i in range(3)], dialable=[True] * 3,

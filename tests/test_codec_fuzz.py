@@ -15,7 +15,7 @@ from swarmloco.compression.header import HEADER_SIZE
 from swarmloco.compression.rotate import RotateCodec
 from swarmloco.config import CodecConfig
 
-NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk", "rotate", "rotate-hadamard"]
+NAMES = ["none", "fp16", "bf16", "int8", "int4", "topk", "rotate", "rotate-hadamard", "hadtopk"]
 LEVELS = {"int8": 127, "int4": 7}
 FUZZ = fuzz_settings(50)  # the 10,000-input fuzzing of every decode is in test_decoder_fuzz.py
 
@@ -36,9 +36,11 @@ def tensors(draw):
 
 def make(name: str, block_size: int, fraction: float):
     every = min(4, block_size)  # rotate: chunks of block_size rounded down to a multiple of every (1..4)
-    if name == "rotate-hadamard":  # chunks of the largest power of two up to block_size
-        chunk = 1 << (block_size.bit_length() - 1)
+    chunk = 1 << (block_size.bit_length() - 1)  # hadamard bases: the largest power of two up to block_size
+    if name == "rotate-hadamard":
         return get_codec(CodecConfig(name="rotate", rotate_chunk=chunk, rotate_every=min(4, chunk)))
+    if name == "hadtopk":
+        return get_codec(CodecConfig(name="hadtopk", hadtopk_chunk=chunk, hadtopk_fraction=fraction))
     return get_codec(CodecConfig(name=name, block_size=block_size, topk_chunk=block_size, topk_fraction=fraction,
                                  rotate_chunk=block_size - block_size % every, rotate_every=every,
                                  rotate_basis="coords"))
@@ -70,6 +72,8 @@ def test_roundtrip_property(x, name, block_size, fraction, step):
     elif name == "rotate-hadamard":
         assert make(name, block_size, fraction).decode(payload, ref.numel()).equal(y)
         check_hadamard(c, ref, payload, y)
+    elif name == "hadtopk":
+        check_hadtopk(c, ref, payload, y)
     elif ref.numel():  # topk: per chunk at most k nonzero, each with its value's sign and a magnitude
         for start in range(0, ref.numel(), block_size):  # between the smallest and largest kept magnitude
             xs, ys = ref[start: start + block_size], y[start: start + block_size]
@@ -109,6 +113,29 @@ def check_hadamard(c, ref: torch.Tensor, payload: bytes, y: torch.Tensor) -> Non
     want[:full] = hadamard.unrotate(want[:full].view(-1, c.chunk)).reshape(-1)
     assert torch.equal(y, want)
     check_rotate(coords, z, coords.decode(coords.encode(z), n))
+
+
+def check_hadtopk(c, ref: torch.Tensor, payload: bytes, y: torch.Tensor) -> None:
+    """Per chunk of turned coefficients (a tail, a short tensor: its own values): at most ``keep`` nonzero, all
+    among the largest |coefficients|, each at the chunk's level, bf16(mean of the ``keep`` largest |coefficients|),
+    with its coefficient's sign (a zero: +level); the decode is that, turned back."""
+    n = ref.numel()
+    assert len(payload) == c.payload_size(n)
+    full = n // c.chunk * c.chunk
+    z = ref.clone()
+    z[:full] = hadamard.rotate(z[:full].view(-1, c.chunk)).reshape(-1)
+    coefficients = c.decode_for_mean(payload, n)
+    assert torch.equal(y, c.finish_mean(coefficients))
+    for start in range(0, n, c.chunk if n >= c.chunk else max(1, n)):
+        zs, cs = z[start: start + c.chunk], coefficients[start: start + c.chunk]
+        keep = c.keep(zs.numel()) if n >= c.chunk else zs.numel()
+        top = zs.abs().topk(keep).values
+        nonzero = cs != 0
+        assert int(nonzero.sum()) <= keep and bool((zs[nonzero].abs() >= top.min()).all())
+        level = top.double().mean().to(torch.bfloat16).float()
+        assert bool((cs[nonzero].abs() == level).all())
+        signed = nonzero & (zs != 0)
+        assert bool((cs[signed].sign() == zs[signed].sign()).all()) and bool((cs[nonzero & (zs == 0)] > 0).all())
 
 
 @FUZZ

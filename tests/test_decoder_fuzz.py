@@ -266,6 +266,7 @@ CHECK_TOKEN = FuzzTarget(
 MAX_NUMEL = 256
 FRACTION = 0.1  # topk: decoders must use the sender's fraction (it is in the manifest, not the payload)
 EVERY = 4  # rotate: a chunk of 64 (numel 64..256: 1 to 4 chunks, and shorter tensors sent whole)
+HADTOPK_CHUNK = 64  # hadtopk: the same chunks (keeping 7 of 64 at FRACTION)
 
 
 def _codec(name: str, block_size: int = 64):
@@ -273,7 +274,8 @@ def _codec(name: str, block_size: int = 64):
     basis = "coords" if name == "rotate-coords" else "hadamard"
     return get_codec(CodecConfig(name=name.removesuffix("-coords"), block_size=block_size, topk_chunk=block_size,
                                  topk_fraction=FRACTION, rotate_chunk=max(EVERY, block_size - block_size % EVERY),
-                                 rotate_every=EVERY, rotate_basis=basis))
+                                 rotate_every=EVERY, rotate_basis=basis, hadtopk_chunk=HADTOPK_CHUNK,
+                                 hadtopk_fraction=FRACTION))
 
 
 def _values(numel: int, style: int) -> torch.Tensor:
@@ -289,11 +291,11 @@ def _values(numel: int, style: int) -> torch.Tensor:
 
 def _codec_seeds(name: str) -> list[tuple[bytes, int]]:
     seeds = {}
-    for i, block_size in enumerate((1, 7, 64, 256, 300)):  # topk and rotate decode only their run's chunk:
+    for i, block_size in enumerate((1, 7, 64, 256, 300)):  # topk, hadtopk, rotate decode only their run's chunk:
         if name.startswith("rotate"):  # their seeds all use it; rotate's cover its phases instead (payloads carry them)
             encoder = _codec(name).for_round(i)
         else:
-            encoder = _codec(name, 64 if name == "topk" else block_size)
+            encoder = _codec(name, 64 if name in ("topk", "hadtopk") else block_size)
         for numel in (0, 1, 2, 3, 8, 63, 64, 65, 129, 256):
             for style in range(4):
                 seeds.setdefault(encoder.encode(_values(numel, style)), numel)

@@ -1,6 +1,6 @@
 """A peer alone with a lossy codec takes the step a group of one would: the decoded payload, and its error
 feedback keeps the rest (for SparseLoCo, the whole accumulator is not applied again every lone round; for
-rotate, in the model, as the simulator does)."""
+rotate and hadtopk, in the model, as the simulator does)."""
 
 from __future__ import annotations
 
@@ -30,16 +30,20 @@ def test_a_lone_sparseloco_peer_applies_its_sparse_payload_and_keeps_the_rest() 
     assert peer.diloco.error_feedback.residual_norm() > 0
 
 
-@pytest.mark.parametrize("basis", ["hadamard", "coords"])
-def test_a_lone_rotate_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_does(tmp_path, basis) -> None:
-    """The rotate codec: a peer alone sends its round's quarter of each chunk at 1 bit and keeps the rest in
-    its parameters (new global params minus the rest), ending 5 rounds (every phase, and one more) with the
-    simulator's global parameters bit for bit; its checkpoint restores the model with the rest in it."""
+@pytest.mark.parametrize("codec", [{"name": "rotate", "rotate_chunk": 64, "rotate_basis": "hadamard"},
+                                   {"name": "rotate", "rotate_chunk": 64, "rotate_basis": "coords"},
+                                   {"name": "hadtopk", "hadtopk_chunk": 64, "hadtopk_fraction": 0.1}],
+                         ids=["rotate-hadamard", "rotate-coords", "hadtopk"])
+def test_a_lone_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_does(tmp_path, codec) -> None:
+    """The rotate and hadtopk codecs: a peer alone sends its round's share of each chunk at 1 bit and keeps the
+    rest in its parameters (new global params minus the rest), ending 5 rounds (rotate: every phase, and one
+    more) with the simulator's global parameters bit for bit; its checkpoint restores the model with the rest
+    in it."""
     from swarmloco.node.simulate import codec_transform, run_diloco
 
     torch.set_num_threads(1)
     rounds = 5
-    cfg = tiny_config(codec={"name": "rotate", "rotate_chunk": 64, "rotate_basis": basis}, inner={"steps": 4},
+    cfg = tiny_config(codec=codec, inner={"steps": 4},
                       checkpoint={"dir": str(tmp_path), "every": 1})
     peer = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", max_outer_steps=rounds, shard=0))
     assert peer.run() == rounds
@@ -61,8 +65,9 @@ def test_a_lone_rotate_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_
         assert torch.equal(mine.detach(), restored.detach())
 
 
+@pytest.mark.parametrize("name", ["rotate", "hadtopk"])
 @pytest.mark.parametrize("outer", [{"overlap": "delayed"}, {"fragments": 2}])
-def test_the_engine_refuses_rotate_with_rounds_that_land_behind_or_by_fragment(outer) -> None:
+def test_the_engine_refuses_a_rest_in_model_codec_with_rounds_that_land_behind_or_by_fragment(outer, name) -> None:
     """The rest kept in the model needs blocking rounds of the whole model: the library says so in one line
     (a ConfigError naming the field) before it touches the swarm."""
     from swarmloco import DiLoCo
@@ -71,4 +76,4 @@ def test_the_engine_refuses_rotate_with_rounds_that_land_behind_or_by_fragment(o
     model = torch.nn.Linear(4, 4)
     with pytest.raises(ConfigError, match="outer.(overlap|fragments)"):
         DiLoCo(LoneSwarm(), model, torch.optim.AdamW(model.parameters()), inner_steps=4,
-               outer=OuterConfig(**outer), codec=CodecConfig(name="rotate"))
+               outer=OuterConfig(**outer), codec=CodecConfig(name=name))

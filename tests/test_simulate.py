@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
 import pytest
 
+from swarmloco.compression import hadamard
 from swarmloco.compression.registry import get_codec
 from swarmloco.config import CodecConfig, DataConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.data.text import Corpus
@@ -176,19 +178,40 @@ def _rotate_one_bit(x: torch.Tensor, chunk: int, every: int, rnd: int, basis: st
     return out.view_as(x)
 
 
+def _hadtopk_one_bit(x: torch.Tensor, chunk: int, fraction: float) -> torch.Tensor:
+    """The hadtopk codec's round trip, written out: each whole chunk turned, its ``ceil(fraction * chunk)``
+    largest |coefficients| as their signs times their mean |value| rounded to bf16, 0 elsewhere, turned back; a
+    tail keeps ``ceil(fraction * its length)`` of its own values, a tensor shorter than a chunk is sent whole
+    (signs times its mean |value|). The turn is the codec's own butterflies (checked against the signed
+    Sylvester matrix in test_rotate_codec.py): pseudo-gradients of AdamW steps hold many near-equal
+    magnitudes, so float64 coefficients would pick other ones than float32 and the runs would part."""
+    flat, out = x.reshape(-1), torch.zeros(x.numel())
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start: start + chunk]
+        whole = part.numel() == chunk
+        z = hadamard.rotate(part.view(1, -1)).view(-1) if whole else part
+        keep = part.numel() if flat.numel() < chunk else math.ceil(round(fraction * part.numel(), 9))
+        idx = z.abs().topk(keep).indices
+        level = z[idx].abs().double().mean().to(torch.bfloat16).float()
+        sent = torch.zeros_like(z)
+        sent[idx] = torch.where(z[idx] < 0, -level, level)
+        out[start: start + chunk] = hadamard.unrotate(sent.view(1, -1)).view(-1) if whole else sent
+    return out.view_as(x)
+
+
 def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | None, *, workers, steps, H, seed):
     """DiLoCo written out from the paper, independently of swarmloco's outer optimizer, simulator and error
     feedback (the inner AdamW is swarmloco's InnerTrainer: the outer loop is what is checked):
 
         for each round:  each worker i: theta_i <- AdamW^H(theta);  delta_i = theta - theta_i
                          [codec: e_i <- beta * e_i + delta_i;  delta_i <- C(e_i);  e_i <- e_i - delta_i]
-                         [rotate: r_i <- delta_i - C_round(delta_i);  delta_i <- C_round(delta_i)]
+                         [rotate, hadtopk: r_i <- delta_i - C_round(delta_i);  delta_i <- C_round(delta_i)]
                          delta = mean_i delta_i  (top-k, rotate's coords basis: per coordinate, over the
                                                   workers that sent it)
                          m <- mu * m + delta (m = delta at the first round)
                          theta <- theta - lr * (delta + mu * m)  (Nesterov) | theta - lr * m  (heavy ball)
                                   | theta - lr * delta  (mu = 0: SparseLoCo's plain SGD)
-                         each worker i: theta_i <- theta  (rotate: theta - r_i, the unsent rest kept)
+                         each worker i: theta_i <- theta  (rotate, hadtopk: theta - r_i, the unsent rest kept)
     """
     theta = [p.detach().clone() for p in GPT(MODEL, seed=seed).parameters()]
     locals_ = [GPT(MODEL, seed=seed) for _ in range(workers)]
@@ -197,7 +220,7 @@ def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | No
     coder = get_codec(codec) if codec is not None else None
     beta = codec.topk_decay if codec is not None and codec.name == "topk" else 1.0
     errors = [[torch.zeros_like(t) for t in theta] for _ in range(workers)]
-    rotate = codec is not None and codec.name == "rotate"
+    rotate = codec is not None and codec.name in ("rotate", "hadtopk")  # (the rest kept in the model)
     momentum = None
     done = rnd = 0
     while done < steps:
@@ -208,6 +231,7 @@ def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | No
             delta = [g - p.detach() for g, p in zip(theta, locals_[i].parameters())]
             if rotate:
                 sent = [_rotate_one_bit(d, codec.rotate_chunk, codec.rotate_every, rnd, codec.rotate_basis)
+                        if codec.name == "rotate" else _hadtopk_one_bit(d, codec.hadtopk_chunk, codec.hadtopk_fraction)
                         for d in delta]
                 errors[i] = [d - s for d, s in zip(delta, sent)]
                 delta = sent
@@ -217,7 +241,8 @@ def _reference_diloco(corpus, inner, outer: OuterConfig, codec: CodecConfig | No
                 delta = [coder.decode(coder.encode(e.reshape(-1)), e.numel()).view_as(e) for e in errors[i]]
                 errors[i] = [e - d for e, d in zip(errors[i], delta)]
             deltas.append(delta)
-        per_sender = codec is not None and (codec.name == "topk" or rotate and codec.rotate_basis == "coords")
+        per_sender = codec is not None and (codec.name == "topk"
+                                            or codec.name == "rotate" and codec.rotate_basis == "coords")
         mean = _mean_over_senders(deltas) if per_sender else _mean_of_workers(deltas)
         mu, lr = outer.momentum, outer.lr
         if mu > 0:
@@ -252,14 +277,16 @@ OUTER_SETTINGS = [
                                                     rotate_basis="coords")),
     (OuterConfig(), CodecConfig(name="rotate", rotate_chunk=64, rotate_every=4)),  # hadamard: the default basis
     (OuterConfig(lr=0.8, momentum=0.9), CodecConfig(name="rotate", rotate_chunk=128, rotate_every=2)),
+    (OuterConfig(lr=2.0, momentum=0.5), CodecConfig(name="hadtopk", hadtopk_chunk=64, hadtopk_fraction=0.1)),
+    (OuterConfig(), CodecConfig(name="hadtopk", hadtopk_chunk=128, hadtopk_fraction=0.05)),
 ], ids=lambda v: (f"rotate-{v.rotate_basis}" if v.name == "rotate" else v.name) if isinstance(v, CodecConfig) else "fp32" if v is None else
    f"{'nesterov' if v.nesterov else 'heavy' if v.momentum else 'sgd'}-lr{v.lr:g}-m{v.momentum:g}")
 def test_simulated_diloco_is_the_papers_algorithm(outer, codec):
     """The simulator's DiLoCo (which uses the peer's outer optimizer and error feedback) against the
     hand-written reference above: the same global parameters, bit for bit, after 3 rounds of 3 workers
-    (the last one short), for every outer setting, for SparseLoCo's sparse scheme and for the rotate codec
-    (its rest kept in each worker's parameters). The hadamard basis turns chunks with butterflies where the
-    reference multiplies by the matrix in float64: equal up to float32 rounding there."""
+    (the last one short), for every outer setting, for SparseLoCo's sparse scheme and for the rotate and
+    hadtopk codecs (their rest kept in each worker's parameters). rotate's hadamard basis turns chunks with
+    butterflies where the reference multiplies by the matrix in float64: equal up to float32 rounding there."""
     torch.set_num_threads(1)
     corpus, steps, H, k = _corpus(), 8, 3, 3
     inner = InnerConfig(warmup_steps=2, total_steps=steps)

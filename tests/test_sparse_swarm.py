@@ -1,6 +1,7 @@
 """Sparse exchanges in a real swarm: 3 peer processes on loopback exchange top-k 2-bit payloads (SparseLoCo,
-plain SGD outer steps) or the rotate codec's 1-bit shared quarter (Nesterov outer steps, the rest kept in each
-peer's parameters; in either basis) by all-gather, and end every round with bit-identical global parameters."""
+plain SGD outer steps), the rotate codec's 1-bit shared quarter (Nesterov outer steps, the rest kept in each
+peer's parameters; in either basis) or hadtopk's 1-bit largest coefficients (each peer its own, the rest kept in
+its parameters) by all-gather, and end every round with bit-identical global parameters."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ pytestmark = pytest.mark.slow
 SPARSELOCO = dict(codec={"name": "topk", "topk_decay": 0.95}, outer={"lr": 1.0, "momentum": 0.0, "nesterov": False})
 ROTATE = dict(codec={"name": "rotate"})  # the hadamard basis: dense decoded payloads, the group's mean
 ROTATE_COORDS = dict(codec={"name": "rotate", "rotate_basis": "coords"})
+HADTOPK = dict(codec={"name": "hadtopk"}, outer={"lr": 2.0, "momentum": 0.5})  # configs/hadtopk.toml's outer step
 
 
-@pytest.mark.parametrize("setting", [SPARSELOCO, ROTATE, ROTATE_COORDS], ids=["sparseloco", "rotate", "rotate-coords"])
+@pytest.mark.parametrize("setting", [SPARSELOCO, ROTATE, ROTATE_COORDS, HADTOPK],
+                         ids=["sparseloco", "rotate", "rotate-coords", "hadtopk"])
 def test_three_sparse_peers_end_every_round_bit_identical(spawn, write_config, setting) -> None:
     config = write_config(**setting)
     first = spawn("peer0", config, "--shard", "0", "--min-peers", "3", "--max-outer-steps", "4")
@@ -44,7 +47,8 @@ def test_three_sparse_peers_end_every_round_bit_identical(spawn, write_config, s
                           for p in GPT(model).parameters())
             # the all-gather: each peer sends its whole payload to the 2 others, ~100x below fp32
             assert all(r["bytes_sent"] == 2 * payload and r["bytes_received"] == 2 * payload for r in rounds)
-            # (this tiny model's biases and gains, sent whole, are 2% of its values: rotate is 126x on large tensors)
+            # (this tiny model's biases and gains, sent whole, are 2% of its values: rotate is 126x on large tensors,
+            # hadtopk 116x)
             assert rounds[0]["fp32_bytes"] / payload > (100 if setting is SPARSELOCO else 90)
     assert together >= 2, "the three peers should average together in (nearly) every round"
     final = rounds[0]

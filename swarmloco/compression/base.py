@@ -32,6 +32,10 @@ class CodecInfo:
     per_sender: bool = False
     """Each payload holds its sender's own coordinates (zeros elsewhere): a round averages each coordinate
     over the peers that sent it (top-k: SparseLoCo's aggregation), not over the whole group."""
+    rest_in_model: bool = False
+    """What a round does not send stays in the peer's own parameters (``rotate``, ``hadtopk``): the peer lands
+    at the new global parameters minus its rest (:class:`~swarmloco.compression.error_feedback.ErrorFeedback`'s
+    ``in_model``), which needs error feedback on and blocking rounds of the whole model."""
 
 
 class Codec(ABC):

@@ -99,10 +99,10 @@ def error_feedback_for(cfg, codec) -> ErrorFeedback | None:
 
     The sparse ``topk`` codec's accumulator decays by ``cfg.topk_decay`` (SparseLoCo's beta: with
     ``e = beta * e + delta; send C(e); e -= C(e)`` it plays the outer momentum); the dense codecs'
-    does not decay (every dropped bit is sent later); the ``rotate`` codec's rest stays in the peer's
-    parameters (``in_model``). The peer and the simulator both build it here.
+    does not decay (every dropped bit is sent later); the ``rotate`` and ``hadtopk`` codecs' rest stays in
+    the peer's parameters (``in_model``: ``CodecInfo.rest_in_model``). The peer and the simulator both build it here.
     """
     if not (cfg.error_feedback and codec.info.lossy):
         return None
     return ErrorFeedback(decay=cfg.topk_decay if codec.info.name == "topk" else 1.0,
-                         in_model=codec.info.name == "rotate")
+                         in_model=codec.info.rest_in_model)

@@ -69,4 +69,21 @@ def unrotate(coefficients: torch.Tensor) -> torch.Tensor:
     return rows.mul_(1.0 / n ** 0.5).mul_(signs(n).to(rows.device)).view_as(coefficients)
 
 
-__all__ = ["is_power_of_two", "rotate", "signs", "unrotate"]
+def rotate_chunks(flat: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``flat`` with each whole ``chunk`` of values turned, the tail as it is (a new tensor; ``flat`` itself when
+    it has no whole chunk)."""
+    full = flat.numel() // chunk * chunk
+    if not full:
+        return flat
+    return torch.cat((rotate(flat[:full].view(-1, chunk)).view(-1), flat[full:]))
+
+
+def unrotate_chunks(flat: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The inverse of :func:`rotate_chunks`."""
+    full = flat.numel() // chunk * chunk
+    if not full:
+        return flat
+    return torch.cat((unrotate(flat[:full].view(-1, chunk)).view(-1), flat[full:]))
+
+
+__all__ = ["is_power_of_two", "rotate", "rotate_chunks", "signs", "unrotate", "unrotate_chunks"]

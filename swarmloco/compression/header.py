@@ -36,7 +36,8 @@ MAX_ENCODABLE = FLOAT32_MAX / 2  # keeps every decoded level * scale finite
 if sys.byteorder != "little":  # payloads are little-endian; views below assume a little-endian host
     raise ImportError("swarmloco codecs need a little-endian host")
 
-CODEC_IDS = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 6, "rotate": 7, "rotate-hadamard": 8}
+CODEC_IDS = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 6, "rotate": 7, "rotate-hadamard": 8,
+             "hadtopk": 9}
 """5 was the first top-k codec (int8 values, plain indices), retired: its payloads are refused as a wrong codec."""
 
 
@@ -95,6 +96,20 @@ def check_scales(scales: torch.Tensor, name: str, max_level: int) -> None:
         raise CodecError(f"{name}: a block scale is negative")
     if float(hi) * max_level > FLOAT32_MAX:
         raise CodecError(f"{name}: a block scale is so large that decoded values would overflow")
+
+
+def check_levels(levels: torch.Tensor, name: str, max_level: float = float("inf")) -> None:
+    """Per-chunk magnitudes of the 1- and 2-bit codecs: finite, >= 0 and at most ``max_level`` (above it, a
+    chunk turned back, alone or in a mean, could overflow). Decoded values are +-level."""
+    if levels.numel() == 0:
+        return
+    if not bool(torch.isfinite(levels).all()):
+        raise CodecError(f"{name}: a level is NaN or Inf")
+    lo, hi = torch.aminmax(levels)
+    if float(lo) < 0:
+        raise CodecError(f"{name}: a level is negative")
+    if float(hi) > max_level:
+        raise CodecError(f"{name}: a level is too large: the turned-back values would overflow")
 
 
 def flat_float32(tensor: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from swarmloco.compression.base import Codec
 from swarmloco.compression.floating import BFloat16Codec, Float16Codec
+from swarmloco.compression.hadtopk import HadTopKCodec
 from swarmloco.compression.int4 import Int4Codec
 from swarmloco.compression.int8 import Int8Codec
 from swarmloco.compression.none import Float32Codec
@@ -21,6 +22,7 @@ _FACTORIES: dict[str, Callable[[CodecConfig], Codec]] = {
     "int4": lambda cfg: Int4Codec(cfg.block_size),
     "topk": lambda cfg: TopKCodec(cfg.topk_chunk, cfg.topk_fraction),
     "rotate": lambda cfg: RotateCodec(cfg.rotate_chunk, cfg.rotate_every, cfg.rotate_basis),
+    "hadtopk": lambda cfg: HadTopKCodec(cfg.hadtopk_chunk, cfg.hadtopk_fraction),
 }
 
 

@@ -40,10 +40,10 @@ import torch
 
 from swarmloco.compression.base import Codec, CodecError, CodecInfo
 from swarmloco.compression.bits import pack_bits, unpack_bits
-from swarmloco.compression.hadamard import is_power_of_two, rotate, unrotate
+from swarmloco.compression.hadamard import is_power_of_two, rotate_chunks, unrotate_chunks
 from swarmloco.compression.header import (
-    CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, MAX_ENCODABLE, block_absmax, check_length, flat_float32, pack_header,
-    payload_tensor, read_header,
+    CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, MAX_ENCODABLE, block_absmax, check_length, check_levels, flat_float32,
+    pack_header, payload_tensor, read_header,
 )
 
 PHASE = struct.Struct("<I")
@@ -77,7 +77,7 @@ class RotateCodec(Codec):
         """The round's phase (:meth:`for_round`): what ``encode`` sends and the only phase ``decode`` accepts;
         None (a codec not bound to a round) encodes phase 0 and decodes any."""
         self.info = CodecInfo(name=self.NAME, bits_per_value=(chunk // every + 16) / chunk, lossy=True, summable=False,
-                              per_sender=basis == "coords")
+                              per_sender=basis == "coords", rest_in_model=True)
 
     def for_round(self, step: int) -> RotateCodec:
         """This codec for the round of outer step ``step`` (its phase: ``step mod every``): it encodes that
@@ -127,14 +127,6 @@ class RotateCodec(Codec):
     def _phase(self, phase: int | None) -> int:
         return phase if phase is not None else self.phase or 0
 
-    # ----- basis --------------------------------------------------------------------------------
-    def _whole_chunks(self, flat: torch.Tensor) -> torch.Tensor | None:
-        """The view of ``flat``'s whole chunks as rows, when they are turned (``hadamard``), else None."""
-        full = flat.numel() // self.chunk
-        if self.basis != "hadamard" or not full:
-            return None
-        return flat[: full * self.chunk].view(full, self.chunk)
-
     # ----- encoding ---------------------------------------------------------------------------
     def _sent_values(self, flat: torch.Tensor, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the sent values in payload order, each one's chunk index)."""
@@ -161,11 +153,9 @@ class RotateCodec(Codec):
         n = flat.numel()
         if n:
             block_absmax(flat.view(1, -1), self.NAME)  # NaN/Inf or overflowing input: CodecError
-        rows = self._whole_chunks(flat)
-        if rows is not None:
-            turned = rotate(rows)
-            block_absmax(turned.view(1, -1), self.NAME)  # turned, a huge input can overflow: CodecError
-            flat = torch.cat((turned.view(-1), flat[turned.numel():]))
+        if self.basis == "hadamard" and n >= self.chunk:
+            flat = rotate_chunks(flat, self.chunk)
+            block_absmax(flat.view(1, -1), self.NAME)  # turned, a huge input can overflow: CodecError
         phase = self._phase(None)
         values, owners = self._sent_values(flat, phase)
         rows = self._chunks(n)
@@ -184,10 +174,7 @@ class RotateCodec(Codec):
 
     def finish_mean(self, mean: torch.Tensor) -> torch.Tensor:
         """Whole chunks turned back (hadamard basis; a new tensor), else ``mean`` itself."""
-        rows = self._whole_chunks(mean)
-        if rows is None:
-            return mean
-        return torch.cat((unrotate(rows).view(-1), mean[rows.numel():]))
+        return unrotate_chunks(mean, self.chunk) if self.basis == "hadamard" else mean
 
     def decode_for_mean(self, payload: bytes, numel: int) -> torch.Tensor:
         """The sent values (coords) or coefficients (hadamard: not turned back) at their places, 0 elsewhere."""
@@ -207,12 +194,7 @@ class RotateCodec(Codec):
         check_length(payload, at + 2 * rows + (count + 7) // 8, self.NAME)
         data = payload_tensor(payload)
         levels = data[at: at + 2 * rows].view(torch.bfloat16).float()
-        if levels.numel() and not bool(torch.isfinite(levels).all()):
-            raise CodecError(f"{self.NAME}: a level is NaN or Inf")
-        if levels.numel() and float(levels.min()) < 0:
-            raise CodecError(f"{self.NAME}: a level is negative")
-        if levels.numel() and float(levels.max()) > self._max_level:
-            raise CodecError(f"{self.NAME}: a level is too large: the turned-back values would overflow")
+        check_levels(levels, self.NAME, self._max_level)
         negative = unpack_bits(data[at + 2 * rows:], count, self.NAME).bool()
         mag = levels[torch.repeat_interleave(torch.arange(rows), counts)]
         out = torch.zeros(numel, dtype=torch.float32)

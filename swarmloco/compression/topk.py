@@ -38,26 +38,20 @@ import torch
 from swarmloco.compression.base import Codec, CodecError, CodecInfo
 from swarmloco.compression.bits import bits_int, ef_decode, ef_encode, ef_sizes, int_bits, pack_bits, unpack_bits
 from swarmloco.compression.header import (
-    CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, block_absmax, check_length, chunks, flat_float32,
+    CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, block_absmax, check_length, check_levels, chunks, flat_float32,
     pack_header, payload_tensor, read_header,
 )
 
 CODE_BITS = 2
 
 
-class TopKCodec(Codec):
-    """Top ``fraction`` of |values| of each ``chunk``-value chunk, 2-bit values, Elias-Fano indices."""
+class ChunkedTopK:
+    """Which entries a chunked top-k keeps (``topk``, ``hadtopk``): ``ceil(fraction * chunk)`` of each ``chunk``
+    values, as many of a tensor's shorter last chunk, every value of a tensor shorter than one chunk."""
 
-    NAME = "topk"
-
-    def __init__(self, chunk: int = 4096, fraction: float = 1 / 64):
-        if not isinstance(chunk, int) or not 1 <= chunk <= MAX_BLOCK_SIZE:
-            raise ValueError(f"config: codec.topk_chunk={chunk!r} is invalid: must be in 1..{MAX_BLOCK_SIZE}")
-        if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
-            raise ValueError(f"config: codec.topk_fraction={fraction!r} is invalid: must be in (0, 1]")
-        self.chunk, self.fraction = chunk, float(fraction)
-        self.info = CodecInfo(name=self.NAME, bits_per_value=self._row_bits(chunk) / chunk, lossy=True,
-                              summable=False, per_sender=True)
+    NAME: str
+    chunk: int
+    fraction: float
 
     def keep(self, length: int) -> int:
         """How many values a chunk of ``length`` values keeps (at least one of a non-empty chunk)."""
@@ -72,11 +66,6 @@ class TopKCodec(Codec):
         """Elias-Fano (low, high) bits of a chunk's indices; none when the chunk is sent whole."""
         return (0, 0) if keep == length else ef_sizes(length, keep)
 
-    def _row_bits(self, length: int, keep: int | None = None) -> int:
-        """Bits of one chunk of ``length`` values keeping ``keep`` (default: a full chunk's share)."""
-        keep = self.keep(length) if keep is None else keep
-        return 32 + CODE_BITS * keep + sum(self._index_bits(length, keep))
-
     def _groups(self, numel: int) -> list[tuple[int, int, int, int]]:
         """(first value, rows, row length, kept per row) of the full chunks and of the short last one; a
         tensor shorter than one chunk is one row kept whole."""
@@ -85,6 +74,45 @@ class TopKCodec(Codec):
         if tail:
             groups.append((full * self.chunk, 1, tail, self.keep(tail) if full else tail))
         return groups
+
+    def _open(self, payload: bytes, numel: int) -> torch.Tensor:
+        """The payload's bytes, once its header (this codec, ``numel``, this run's chunk) and exact length
+        (:meth:`payload_size`) are checked; CodecError otherwise."""
+        chunk = read_header(payload, CODEC_IDS[self.NAME], numel, self.NAME)
+        if chunk != self.chunk:
+            raise CodecError(f"{self.NAME}: payload uses chunks of {chunk} values, this run {self.chunk}")
+        check_length(payload, self.payload_size(numel), self.NAME)
+        return payload_tensor(payload)
+
+    def _positions(self, bits: torch.Tensor, at: int, rows: int, length: int, keep: int) -> tuple[torch.Tensor, int]:
+        """A group's (rows, keep) positions read from the bit fields at ``at`` (Elias-Fano; all of a chunk sent
+        whole), and where the next field starts."""
+        if keep == length:
+            return torch.arange(length).expand(rows, length), at
+        low_n, high_n = self._index_bits(length, keep)
+        idx = ef_decode(bits[at: at + rows * low_n], bits[at + rows * low_n: at + rows * (low_n + high_n)],
+                        rows, keep, length, self.NAME)
+        return idx, at + rows * (low_n + high_n)
+
+
+class TopKCodec(ChunkedTopK, Codec):
+    """Top ``fraction`` of |values| of each ``chunk``-value chunk, 2-bit values, Elias-Fano indices."""
+
+    NAME = "topk"
+
+    def __init__(self, chunk: int = 4096, fraction: float = 1 / 64):
+        if not isinstance(chunk, int) or not 1 <= chunk <= MAX_BLOCK_SIZE:
+            raise ValueError(f"config: codec.topk_chunk={chunk!r} is invalid: must be in 1..{MAX_BLOCK_SIZE}")
+        if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+            raise ValueError(f"config: codec.topk_fraction={fraction!r} is invalid: must be in (0, 1]")
+        self.chunk, self.fraction = chunk, float(fraction)
+        self.info = CodecInfo(name=self.NAME, bits_per_value=self._row_bits(chunk) / chunk, lossy=True,
+                              summable=False, per_sender=True)
+
+    def _row_bits(self, length: int, keep: int | None = None) -> int:
+        """Bits of one chunk of ``length`` values keeping ``keep`` (default: a full chunk's share)."""
+        keep = self.keep(length) if keep is None else keep
+        return 32 + CODE_BITS * keep + sum(self._index_bits(length, keep))
 
     def _bit_count(self, numel: int) -> int:
         return sum(rows * (self._row_bits(length, keep) - 32) for _, rows, length, keep in self._groups(numel))
@@ -133,11 +161,7 @@ class TopKCodec(Codec):
 
     # ----- decoding ---------------------------------------------------------------------------
     def decode(self, payload: bytes, numel: int) -> torch.Tensor:
-        chunk = read_header(payload, CODEC_IDS[self.NAME], numel, self.NAME)
-        if chunk != self.chunk:
-            raise CodecError(f"{self.NAME}: payload uses chunks of {chunk} values, this run {self.chunk}")
-        check_length(payload, self.payload_size(numel), self.NAME)
-        data = payload_tensor(payload)
+        data = self._open(payload, numel)
         nchunks = -(-numel // self.chunk)
         levels = data[HEADER_SIZE: HEADER_SIZE + 4 * nchunks].view(torch.bfloat16).float().view(-1, 2)
         _check_levels(levels, self.NAME)
@@ -145,16 +169,9 @@ class TopKCodec(Codec):
         out = torch.zeros(numel, dtype=torch.float32)
         at, row0 = 0, 0
         for start, rows, length, keep in self._groups(numel):
-            low_n, high_n = self._index_bits(length, keep)
             n_codes = CODE_BITS * rows * keep
             codes = bits_int(bits[at: at + n_codes], CODE_BITS, rows * keep).view(rows, keep)
-            at += n_codes
-            if keep == length:  # sent whole
-                idx = torch.arange(length).expand(rows, length)
-            else:
-                idx = ef_decode(bits[at: at + rows * low_n], bits[at + rows * low_n: at + rows * (low_n + high_n)],
-                                rows, keep, length, self.NAME)
-            at += rows * (low_n + high_n)
+            idx, at = self._positions(bits, at + n_codes, rows, length, keep)
             lv = levels[row0: row0 + rows]
             mag = torch.where(codes >= 2, lv[:, 1:2], lv[:, 0:1])
             vals = torch.where((codes & 1).bool(), -mag, mag)
@@ -166,14 +183,9 @@ class TopKCodec(Codec):
 def _check_levels(levels: torch.Tensor, name: str) -> None:
     """Each chunk's two magnitudes: finite, >= 0, low <= high (what the encoder writes). Decoded values
     are +-level, so finite levels give finite values."""
-    if levels.numel() == 0:
-        return
-    if not bool(torch.isfinite(levels).all()):
-        raise CodecError(f"{name}: a level is NaN or Inf")
-    if float(levels.min()) < 0:
-        raise CodecError(f"{name}: a level is negative")
-    if not bool((levels[:, 0] <= levels[:, 1]).all()):
+    check_levels(levels, name)
+    if levels.numel() and not bool((levels[:, 0] <= levels[:, 1]).all()):
         raise CodecError(f"{name}: a chunk's low level is above its high level")
 
 
-__all__ = ["TopKCodec"]
+__all__ = ["ChunkedTopK", "TopKCodec"]

@@ -140,7 +140,7 @@ class DiLoCo(Heartbeats, PeerState):
         self.manifest = RunManifest.from_dict({**base, "fingerprint": fingerprint(model), "genesis": self.digest})
         self.outer_opt = build_outer_optimizer(self.global_params, self.outer_cfg)  # the simulator's update rule too
         self.codec = get_codec(self.codec_cfg)
-        # topk: decays (SparseLoCo's momentum); rotate: the rest stays in the model
+        # topk: decays (SparseLoCo's momentum); rotate, hadtopk: the rest stays in the model
         self.error_feedback = error_feedback_for(self.codec_cfg, self.codec)
         self.transport = swarm.transport_for(self.manifest, templates=self.global_params, codec=self.codec,
                                              clip_factor=self.outer_cfg.clip_factor)

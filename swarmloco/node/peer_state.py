@@ -33,7 +33,7 @@ class PeerState:
 
     def _copy_global_into_model(self, index=None, keep_rest: bool = False) -> None:
         """The model's parameters (those of ``index``, default all) := the global parameters; ``keep_rest``
-        with error feedback's rest in the model (the ``rotate`` codec): minus what the last round did not send."""
+        with error feedback's rest in the model (``rotate``, ``hadtopk``): minus what the last round did not send."""
         params = list(self.model.parameters())
         ef = self.error_feedback if keep_rest and self._rest_in_model else None
         with torch.no_grad():
@@ -47,7 +47,8 @@ class PeerState:
 
     @property
     def _rest_in_model(self) -> bool:
-        """Whether the model holds, besides the global parameters, what the last round did not send (rotate)."""
+        """Whether the model holds, besides the global parameters, what the last round did not send (rotate,
+        hadtopk)."""
         return self.error_feedback is not None and self.error_feedback.in_model
 
     def _sync_device(self) -> None:

@@ -53,7 +53,7 @@ PseudoGradTransform = Callable[..., list[torch.Tensor]]
 (``keys``: which parameters the tensors are, for per-parameter state such as error feedback: a fragment's round
 passes only its own; ``step``: the round's number, the outer step a peer would be at). A transform with a
 ``feedback`` attribute (one error feedback per worker, or None) whose rest is kept in the model
-(``in_model``: the rotate codec) has each worker land at the new global parameters minus its rest."""
+(``in_model``: the rotate and hadtopk codecs) has each worker land at the new global parameters minus its rest."""
 
 CPU = torch.device("cpu")
 
@@ -68,7 +68,7 @@ def codec_transform(cfg: CodecConfig, workers: int) -> PseudoGradTransform:
     ``bytes_per_value=ring_equivalent_bytes_per_value(codec, workers)`` in :func:`run_diloco`. Its
     ``sparse`` attribute (a sparse codec) makes :func:`run_diloco` average each coordinate over the workers
     that sent it, as the all-gather does; its ``feedback`` (the workers' error feedback) keeps the ``rotate``
-    codec's unsent rest in each worker's parameters when the round lands, as a peer does.
+    and ``hadtopk`` codecs' unsent rest in each worker's parameters when the round lands, as a peer does.
     """
     from swarmloco.compression.error_feedback import error_feedback_for
     from swarmloco.compression.registry import get_codec
@@ -230,7 +230,8 @@ def run_diloco(corpus: Corpus, model_cfg: ModelConfig, inner_cfg: InnerConfig, o
     outer_cfg.check_inner_steps(H, "H")
     if any(ef is not None and ef.in_model for ef in getattr(transform, "feedback", None) or ()) and (
             outer_cfg.overlapped or outer_cfg.fragments > 1):
-        raise ValueError("a codec keeping its rest in the model (rotate) needs blocking rounds of the whole model")
+        raise ValueError("a codec keeping its rest in the model (rotate, hadtopk) needs blocking rounds of the whole "
+                         "model")
     start = time.perf_counter()
     global_model = build_model(model_cfg, seed).to(device)
     global_params = list(global_model.parameters())
@@ -289,7 +290,7 @@ class _SimRound:
                  transform: PseudoGradTransform | None, land_at: int, step: int = 0):
         self.cfg, self.index, self.land_at = cfg, list(index), land_at
         feedback = getattr(transform, "feedback", None) or [None] * len(local_models)
-        self.kept = [ef if ef is not None and ef.in_model else None for ef in feedback]  # (rotate: rest in model)
+        self.kept = [ef if ef is not None and ef.in_model else None for ef in feedback]  # (rotate, hadtopk)
         theta = [global_params[i] for i in self.index]
         summed: list[torch.Tensor] | None = None
         sparse = len(local_models) > 1 and getattr(transform, "sparse", False)  # as the all-gather combines them

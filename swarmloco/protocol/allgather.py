@@ -13,10 +13,10 @@ as SparseLoCo and DeMo do.
   same decoder) and sums them in fp32 in the group's order, weighted by samples; each coordinate is
   divided by the weights of the members that sent it where the codec's payloads hold each sender's own
   coordinates (``CodecInfo.per_sender``: SparseLoCo's mean over senders,
-  :func:`~swarmloco.protocol.robust.sender_mean`), else by all the weights (``rotate``'s hadamard basis: its
-  payloads are averaged as coefficients and the mean is turned back once, ``Codec.finish_mean``; the rotation
-  is linear and keeps norms, so the clipping sees the same norms). The average is the same bits on every
-  member, like the exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
+  :func:`~swarmloco.protocol.robust.sender_mean`), else by all the weights (``rotate``'s hadamard basis and
+  ``hadtopk``: their payloads are averaged as coefficients and the mean is turned back once,
+  ``Codec.finish_mean``; the rotation is linear and keeps norms, so the clipping sees the same norms). The
+  average is the same bits on every member, like the exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
 * **Checked.** A payload is accepted only with this run's codec tag, exactly the byte length this
   codec produces for the vector (top-k's layout is fixed by the size), a sane weight, and values
   that decode (:class:`~swarmloco.compression.base.CodecError` otherwise). Every wait has a deadline.
@@ -278,8 +278,8 @@ class SparseAllGatherRunner:
 
     def decode(self, payload: bytes) -> torch.Tensor:
         """A member's payload as one flat fp32 vector as the group averages it (each tensor is encoded on its
-        own, as the error feedback's round trip assumes; ``Codec.decode_for_mean``: the rotate codec's hadamard
-        coefficients are turned back once, after the mean); CodecError if any piece is malformed."""
+        own, as the error feedback's round trip assumes; ``Codec.decode_for_mean``: hadamard coefficients (rotate,
+        hadtopk) are turned back once, after the mean); CodecError if any piece is malformed."""
         out, at = [], 0
         for t, length in zip(self._tensors, self._lengths):
             out.append(self.codec.decode_for_mean(payload[at: at + length], t.numel()))

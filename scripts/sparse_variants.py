@@ -35,7 +35,7 @@ payloads) and counted bit for bit for the others (values plus 2 bytes of level p
 chunk; no header). Results and curves: ``--out`` (JSON; ``final_eval_loss_workers_mean`` is the held-out loss
 of the workers' mean model at the end: the global one minus the mean rest); a table on stdout.
 
-    python scripts/sparse_variants.py                      # every variant, 2 at a time (~13 min on 2 cores)
+    python scripts/sparse_variants.py                      # every variant, 2 at a time (~35 min on 2 cores)
     python scripts/sparse_variants.py --variants stride4-1bit-model all-1bit-model
     python scripts/sparse_variants.py --variants stride4-1bit-model --outer n1/0.8 sgd3   # other outer steps
     python scripts/sparse_variants.py --variants hadtopk144-1bit-model hadamard4-1bit-model --outer n2/0.5

@@ -19,7 +19,7 @@ arXiv 2508.15706), on K simulated workers (``swarmloco.node.simulate``), one *su
   plain basis (a quarter of the values themselves); ``--rotate-outer`` runs them at other outer settings;
 * ``H{H}-{outer}-hadtopk`` (``--no-hadtopk`` skips it): the ``hadtopk`` codec (each worker's 128 largest of each
   4096 Hadamard coefficients at 1 bit, the rest kept in its parameters) at each ``--hadtopk-outer`` setting
-  (default: ``configs/hadtopk.toml``'s, Nesterov lr 2 / momentum 0.5);
+  (default: ``configs/hadtopk.toml``'s, Nesterov lr 1.6 / momentum 0.6);
 * ``...-iid`` (first suite; ``--no-iid`` skips them): DP seed 0 and the default DiLoCo with every
   worker drawing from the whole training set instead of its own contiguous shard.
 
@@ -62,7 +62,7 @@ from swarmloco.node.simulate import codec_transform, ring_equivalent_bytes_per_v
 DEFAULT_OUTER = OuterConfig()
 DEFAULT_GRID = ["n0.7/0.9", "n1/0.8", "n1/0.7", "n0.7/0.7", "n1/0.5"]
 OTHER_GRID = ["n0.7/0.9", "n1/0.8", "n1/0.5"]
-HADTOPK_OUTER = ["n2/0.5"]  # configs/hadtopk.toml's [outer] (the best of a small grid: BENCHMARKS.md)
+HADTOPK_OUTER = ["n1.6/0.6"]  # configs/hadtopk.toml's [outer] (BENCHMARKS.md: within +0.5% over three seeds)
 
 
 @dataclass(frozen=True)

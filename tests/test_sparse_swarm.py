@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 SPARSELOCO = dict(codec={"name": "topk", "topk_decay": 0.95}, outer={"lr": 1.0, "momentum": 0.0, "nesterov": False})
 ROTATE = dict(codec={"name": "rotate"})  # the hadamard basis: dense decoded payloads, the group's mean
 ROTATE_COORDS = dict(codec={"name": "rotate", "rotate_basis": "coords"})
-HADTOPK = dict(codec={"name": "hadtopk"}, outer={"lr": 2.0, "momentum": 0.5})  # configs/hadtopk.toml's outer step
+HADTOPK = dict(codec={"name": "hadtopk"}, outer={"lr": 1.6, "momentum": 0.6})  # configs/hadtopk.toml's outer step
 
 
 @pytest.mark.parametrize("setting", [SPARSELOCO, ROTATE, ROTATE_COORDS, HADTOPK],

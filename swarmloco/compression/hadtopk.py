@@ -17,8 +17,8 @@ once instead of waiting for its turn): a coefficient that three peers did not se
 The round averages over the whole group (``CodecInfo.per_sender`` is false: each peer's rest reaches the
 global model a quarter at a time, as in dense averaging), in the rotated basis (:meth:`decode_for_mean`),
 turning the group's mean back once (:meth:`finish_mean`). Where ``rotate`` and this codec part: at K=4,
-H=30 (67 rounds) this one ends +0.6% above dense DiLoCo on average over three seeds, the quarter +1.9% at
-its best (BENCHMARKS.md).
+H=30 (67 rounds) this one ends within +0.5% of dense DiLoCo with each of three seeds (outer step Nesterov
+1.6 / 0.6), the quarter +1.9% at its best (BENCHMARKS.md).
 
 Payload: 16-byte header (block_size = chunk) | bf16 levels [chunks] | bit fields, packed LSB first: for the
 whole chunks, then the short last one: sign bits (1: negative), Elias-Fano low bits, Elias-Fano high bitmaps.

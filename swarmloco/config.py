@@ -361,10 +361,6 @@ class OuterConfig:
         return self.overlap_steps or inner_steps
 
 
-REST_IN_MODEL = ("rotate", "hadtopk")
-"""Codecs that keep a round's unsent rest in the peer's parameters (their ``CodecInfo.rest_in_model``)."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class CodecConfig:
     """How pseudo-gradients are encoded on the wire."""
@@ -429,13 +425,21 @@ class CodecConfig:
                and self.hadtopk_chunk & (self.hadtopk_chunk - 1) == 0, "codec.hadtopk_chunk", self.hadtopk_chunk,
                "must be a power of two in 1..65536")
         _bool("codec.error_feedback", self.error_feedback)
-        _check(self.error_feedback or self.name not in REST_IN_MODEL, "codec.error_feedback", self.error_feedback,
+        _check(self.error_feedback or not self.rest_in_model, "codec.error_feedback", self.error_feedback,
                f"must be true with {self.name} (what a round does not send stays in the peer's parameters)")
+
+    @property
+    def rest_in_model(self) -> bool:
+        """Whether the codec keeps a round's unsent rest in the peer's parameters (rotate, hadtopk): its
+        ``CodecInfo.rest_in_model``."""
+        from swarmloco.compression.registry import get_codec
+
+        return get_codec(self).info.rest_in_model
 
     def check_outer(self, outer: OuterConfig) -> None:
         """The checks that need the outer settings: ``rotate`` and ``hadtopk`` keep the unsent rest in the model,
         which rounds that land behind the inner steps or sync one fragment at a time do not support (yet)."""
-        if self.name not in REST_IN_MODEL:
+        if not self.rest_in_model:
             return
         _check(not outer.overlapped, "outer.overlap", outer.overlap,
                f'must be "none" with codec.name = "{self.name}" (the unsent rest is kept in the model when a '

@@ -186,6 +186,31 @@ def test_a_round_is_abandoned_once_a_mate_heartbeats_its_rerun() -> None:
     assert not outcome.ok and "re-runs" in handle.aborted and 1.0 <= swarm.now < 1.5
 
 
+def test_a_peer_abandoning_its_attempt_learns_the_rerunning_mates_suspects_and_does_not_wait_for_them() -> None:
+    # "a" saw the dead reducer's stream break and re-runs naming it; this peer was still waiting inside the
+    # attempt (it learned no suspects itself): its re-run must not wait for the dead reducer's last heartbeat
+    # (still "averaging", attempt 0) to go stale
+    rerun = lambda t: replace(beat("a", "ready", t, attempt=1), rerun="broken", suspects=("dead", "stranger", "me"))  # noqa: E731
+    swarm = Swarm(lambda t: [beat("dead", "averaging", 0.0), rerun(t)])
+    sync = sync_for(swarm)
+    outcome = sync.wait(Handle(swarm), 3, 0, ("a", "dead", "me"))
+    assert not outcome.ok and set(sync.suspects) == {"dead"}  # not this peer, nor one outside the attempt
+    assert sync.named_suspects() == ("dead",)  # ... and its own re-run's heartbeat names it in turn
+    swarm.now = 0.0
+    barrier = sync.wait_for_peers(3, attempt=1)
+    assert barrier.ready == ("a", "me") and barrier.waited_s < 0.5  # (without the hint: STALE_BEATS periods)
+
+
+def test_a_live_peer_named_falsely_by_a_rerunning_mate_is_alive_again_at_its_next_heartbeat() -> None:
+    rerun = lambda t: replace(beat("liar", "ready", t, attempt=1), rerun="broken", suspects=("b",))  # noqa: E731
+    swarm = Swarm(lambda t: [rerun(t), beat("b", "averaging" if t < 2 else "ready", t, attempt=0 if t < 2 else 1)])
+    sync = sync_for(swarm)
+    sync.wait(Handle(swarm), 3, 0, ("liar", "b", "me"))
+    assert "b" in sync.suspects
+    barrier = sync.wait_for_peers(3, attempt=1)  # b's next heartbeat clears it: the re-run waits for it
+    assert barrier.ready == ("b", "liar", "me") and "b" not in sync.suspects
+
+
 def test_a_mate_whose_own_group_decided_not_to_commit_does_not_make_this_group_give_up() -> None:
     # "a" was at our barrier, then matched into a small group that had no quorum: it re-runs, but it was never
     # in our all-reduce, which goes on and commits

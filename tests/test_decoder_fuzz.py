@@ -424,7 +424,8 @@ DECODE_PART = FuzzTarget(
 RUN_MANIFEST = RunManifest.from_dict({"run_id": RUN, "seed": 0, "access": {"owner": OWNER.public_hex, "private": True}})
 BEAT = PeerProgress(peer_id=PEER.libp2p_peer_id(), outer_step=4, state="ready", time=NOW, samples=64,
                     maddrs=("/ip4/1.2.3.4/tcp/5",), digest="00ff00ff00ff00ff", extra={"gpu": "h100"},
-                    attest=((2, b"\x01" * 64), (3, b"\x02" * 64)))
+                    attest=((2, b"\x01" * 64), (3, b"\x02" * 64)), attempt=1, rerun="broken",
+                    suspects=(OTHER.libp2p_peer_id(),))
 HEARTBEATS = [encode_record("progress", BEAT.to_dict(), PEER, EXPIRES, key=RUN_MANIFEST.progress_key),
               encode_record("progress", {**BEAT.to_dict(), "peer_id": OTHER.libp2p_peer_id()}, PEER, EXPIRES,
                             key=RUN_MANIFEST.progress_key)]  # claims someone else's peer id

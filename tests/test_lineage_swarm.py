@@ -152,8 +152,8 @@ def test_a_peer_killed_mid_allreduce_on_a_loaded_machine_costs_survivors_one_rou
     reaction = max(0.0, time.time() - hang["time"])
     # (a survivor may also adopt that step: matchmaking under load can leave one live member out)
     hit = [rounds_until(p, lambda r: r["outer_step"] == step + 1) for p in survivors]
-    brief = [{k: r.get(k) for k in ("outer_step", "peers", "attempts", "adopted", "round_time", "retried", "error")}
-             for r in hit]
+    brief = [{k: r.get(k) for k in ("outer_step", "peers", "attempts", "adopted", "round_time", "compute_s", "barrier_s",
+                                    "matchmaking_s", "allreduce_s", "retried", "error")} for r in hit]
     assert_same_state(*hit)
     # the three re-ran it together (or, when a failed round moved the victim's hang a round later, the four
     # committed it before the kill)

@@ -13,7 +13,7 @@ from swarmloco.node.membership import AccessRefused, Membership
 from swarmloco.protocol.access import issue_token, token_subkey
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch, RunManifest, read_manifests, sign_manifest
-from swarmloco.protocol.progress import PeerProgress, ProgressTracker
+from swarmloco.protocol.progress import MAX_SUSPECTS, PeerProgress, ProgressTracker
 from swarmloco.protocol.records import encode_record
 from swarmloco.protocol.interface import RoundOutcome
 
@@ -71,6 +71,15 @@ def test_signed_heartbeats_round_trip_and_forgeries_are_ignored() -> None:
     assert [p.peer_id for p in fresh().fetch()] == [alice.libp2p_peer_id()]  # bob's slot holds a forgery now
     records[key] = stale
     assert fresh().fetch() == []
+
+
+def test_a_heartbeats_suspects_round_trip_and_too_many_or_mistyped_ones_void_it() -> None:
+    alice = Identity.generate()
+    body = beat(alice, attempt=1, rerun="broken", suspects=("12D3KooWdead",)).to_dict()
+    assert PeerProgress.from_body(body).suspects == ("12D3KooWdead",)
+    assert PeerProgress.from_body({k: v for k, v in body.items() if k != "suspects"}).suspects == ()  # optional
+    for bad in (["p"] * (MAX_SUSPECTS + 1), [7], "12D3KooWdead", ["x" * 10_000]):
+        assert PeerProgress.from_body({**body, "suspects": bad}) is None, bad
 
 
 def test_a_heartbeat_read_once_counts_until_its_ttl_even_if_a_later_read_misses_it() -> None:

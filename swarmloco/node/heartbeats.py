@@ -29,6 +29,7 @@ class Heartbeats:
             samples=self._samples_since_sync, samples_per_second=self._last_sps, maddrs=self._maddrs,
             round_time=self.board.get("last_round_time"), bytes_per_round=self._last_round_bytes,
             digest=digest[:DIGEST_CHARS], attempt=self._attempt, rerun=self._rerun,
+            suspects=self.sync.named_suspects() if self._rerun == "broken" else (),
             attest=tuple(self._attest))
 
     def _heartbeat_loop(self) -> None:

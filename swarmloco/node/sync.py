@@ -35,7 +35,9 @@ this peer waits for a round's result it watches its group mates' heartbeats: onc
 re-run of the same step, this attempt already failed for them, and it is abandoned at once
 (:meth:`Synchronizer.wait`) instead of waiting out its timeouts - unless that mate's group *decided* not to
 commit (no quorum, mixed states: heartbeat ``rerun="decided"``): it was then in another group, and this one
-may still commit. A re-run commits only with a quorum like any round, so a survivor that blames live peers and
+may still commit. A re-run's heartbeat names its suspects, and a peer abandoning the attempt takes those among
+the attempt's members as its own (:meth:`Synchronizer.take_hint`): its re-run does not wait for the dead
+reducer either (a hint, not proof: a live peer named falsely is alive again at its next heartbeat). A re-run commits only with a quorum like any round, so a survivor that blames live peers and
 re-runs alone commits nothing.
 
 **Behind the swarm.** A heartbeat's step and digest are claims, verified in the background
@@ -57,7 +59,7 @@ import torch
 
 from swarmloco.config import SwarmConfig
 from swarmloco.protocol import faults
-from swarmloco.protocol.progress import PeerProgress, ProgressTracker
+from swarmloco.protocol.progress import MAX_SUSPECTS, PeerProgress, ProgressTracker
 from swarmloco.protocol.interface import RoundHandle, RoundOutcome, Transport
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,19 @@ class Synchronizer:
         for peer_id in outcome.suspects:
             if peer_id != self.transport.peer_id:
                 self.suspects[peer_id] = now
+
+    def named_suspects(self) -> tuple[str, ...]:
+        """The peers suspected now, as a re-run's heartbeat names them (``PeerProgress.suspects``)."""
+        return tuple(sorted(list(self.suspects)))[:MAX_SUSPECTS]  # (list(): the heartbeat thread may pop one)
+
+    def take_hint(self, rerun: PeerProgress, members: Sequence[str]) -> None:
+        """A mate re-runs the attempt this peer is giving up: its suspects among the attempt's members become
+        this peer's too, so that its re-run need not wait for a dead reducer's last heartbeat to go stale. A
+        hint, not proof: a live peer named falsely is alive again at its next heartbeat (:meth:`live`)."""
+        now = self.clock()
+        for peer_id in rerun.suspects:
+            if peer_id in members and peer_id not in (self.transport.peer_id, rerun.peer_id):
+                self.suspects.setdefault(peer_id, now)
 
     def live(self, peers: Sequence[PeerProgress]) -> list[PeerProgress]:
         """Peers minus suspects and refused peers; a suspect that heartbeats after it was suspected is alive
@@ -287,6 +302,7 @@ class Synchronizer:
             rerun = next((p for p in self.tracker.fetch() if p.peer_id in mates and p.outer_step == outer_step
                           and p.attempt > attempt and p.state == "ready" and p.rerun != "decided"), None)
             if rerun is not None and not handle.done():
+                self.take_hint(rerun, members)
                 logger.info("outer step %d: peer %s already re-runs the round: abandoning attempt %d",
                             outer_step, rerun.peer_id[-8:], attempt)
                 handle.abort(f"peer {rerun.peer_id[-8:]} already re-runs outer step {outer_step}")

@@ -31,6 +31,7 @@ RERUN_CAUSES = ("", "broken", "decided")
 STATES = ("joining", "training", "ready", "averaging", "idle", "stopped")
 _MAX_STR = 256
 MAX_ATTEST = 4
+MAX_SUSPECTS = 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class PeerProgress:
     """Why this peer re-runs the round (``attempt`` > 0): ``"broken"``, its all-reduce failed (group mates may
     still be stuck inside it and should give it up), or ``"decided"``, its group finished the all-reduce and
     decided not to commit (no quorum, mixed states): other groups of the same attempt are unaffected."""
+    suspects: tuple[str, ...] = ()
+    """With ``rerun="broken"``: the peers whose streams broke in the failed attempt (at most ``MAX_SUSPECTS``).
+    A hint for mates that gave that attempt up on seeing this re-run without learning them (they need not
+    wait for a dead reducer's heartbeat to go stale), never proof: a live peer named is alive again at its
+    next heartbeat."""
     attest: tuple[tuple[int, bytes], ...] = ()
     """(outer step, signature) of this peer's last few committed rounds: its signature of each round's
     header (:mod:`swarmloco.protocol.certificates`), which its group mates add to their certificates."""
@@ -77,6 +83,10 @@ class PeerProgress:
                     isinstance(a, (list, tuple)) and len(a) == 2 and type(a[0]) is int and a[0] >= 0
                     and isinstance(a[1], bytes) and len(a[1]) == SIGNATURE_SIZE for a in attest):
                 return None
+            suspects = obj.get("suspects") or ()
+            if not isinstance(suspects, (list, tuple)) or len(suspects) > MAX_SUSPECTS \
+                    or not all(isinstance(p, str) and len(p) <= _MAX_STR for p in suspects):
+                return None
             rec = cls(
                 peer_id=str(obj["peer_id"]),
                 outer_step=int(obj["outer_step"]),
@@ -90,6 +100,7 @@ class PeerProgress:
                 digest=str(obj.get("digest", ""))[:64],
                 attempt=int(obj.get("attempt", 0)),
                 rerun=str(obj.get("rerun", "")),
+                suspects=tuple(suspects),
                 attest=tuple((int(a[0]), bytes(a[1])) for a in attest),
                 extra=dict(extra),
             )
@@ -103,6 +114,7 @@ class PeerProgress:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["maddrs"] = list(self.maddrs)
+        data["suspects"] = list(self.suspects)
         data["attest"] = [[step, sig] for step, sig in self.attest]
         return data
 

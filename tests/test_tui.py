@@ -175,6 +175,19 @@ async def test_node_view_from_fake_source() -> None:
 
 
 @async_test
+async def test_a_node_whose_clock_is_off_shows_it_and_one_in_step_does_not() -> None:
+    status = FRAMES[-1]["status"]
+    for fields, shown in (({"clock_offset_s": 41.6, "clock_off": True}, "clock 42s behind"),
+                          ({"clock_offset_s": -7.2, "clock_off": True}, "clock 7s ahead"),
+                          ({"clock_offset_s": -0.3, "clock_off": False}, None)):
+        app = MonitorApp(FlakySource([{**status, **fields}]), clock=lambda: END, refresh_interval=3600)
+        async with app.run_test(size=(100, 24)) as pilot:
+            await poll(app, pilot)
+            device = text(app, "#node-device")
+            assert (shown in device) if shown else "clock" not in device, device
+
+
+@async_test
 async def test_tolerates_empty_and_partial_status() -> None:
     frames = [{}, {"outer_step": None, "history": [{"train_loss": None}, "junk"],
                    "last_round": {"ok": False, "error": "timeout"}, "events": ["junk", {}]}]

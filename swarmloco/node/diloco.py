@@ -151,7 +151,7 @@ class DiLoCo(Heartbeats, PeerState):
         """Inner steps of this peer's schedule (moves to ``outer_step * inner_steps`` when it adopts a state)."""
         self.membership = Membership(self.manifest, self.transport, self.identity, cfg, self.board)
         self.tracker = ProgressTracker(self.transport, self.manifest.progress_key, cfg.heartbeat_ttl, self.identity,
-                                       admits=self.membership.admits)
+                                       admits=self.membership.admits, heartbeat_period=cfg.heartbeat_period)
         self.sync = Synchronizer(self.transport, self.tracker, cfg, heartbeat=self._progress, stop=self.stop,
                                  refused=lambda peer_id: self.membership.refused(peer_id, self.outer_step),
                                  behind=self._behind_check)
@@ -179,6 +179,7 @@ class DiLoCo(Heartbeats, PeerState):
         self._last_sps = 0.0
         self._last_round_bytes: int | None = None
         self._known_peers: set[str] = set()
+        self._clock_warned = False  # this machine's clock was said to be off the swarm's (heartbeats.py)
         # asked once (each call is an RPC to the DHT); a peer in client mode announces none: it cannot be dialled
         self._maddrs = () if cfg.client_mode else tuple(self.transport.visible_maddrs()[:4])
         self._state = "joining"

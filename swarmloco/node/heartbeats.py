@@ -55,6 +55,19 @@ class Heartbeats:
             self._collect_signatures(peers)
             self.catchup.offer(self.sync.live(peers))
             self._check_target_samples(peers)
+            self._check_clock()
+
+    def _check_clock(self) -> None:
+        """Say once (log, status board, monitor's events) when this machine's clock is off the swarm's, and
+        again once it is back in step; the board always shows the offset."""
+        found, problem = self.tracker.clock_check.offset(), self.tracker.clock_check.problem()
+        self.board.update(clock_offset_s=None if found is None else round(found[0], 1), clock_off=problem is not None)
+        if problem is not None and not self._clock_warned:
+            logger.warning("%s", problem)
+            self.board.event("clock", problem)
+        elif problem is None and self._clock_warned:
+            self.board.event("clock", "this machine's clock is back in step with the swarm's")
+        self._clock_warned = problem is not None
 
     def _check_target_samples(self, peers: list[PeerProgress]) -> None:
         """target_samples mode, while training: the round is due once the live peers at this step did enough."""

@@ -34,6 +34,7 @@ from swarmloco.node.membership import AccessRefused
 from swarmloco.node.peer import Peer, PeerOptions, prepare_config
 from swarmloco.node.status import JsonLinesReporter, StatusBoard, TeeReporter
 from swarmloco.node.stopping import install_stop_handlers
+from swarmloco.protocol.clock import explain_refusal
 from swarmloco.protocol.identity import Identity
 from swarmloco.protocol.manifest import ManifestMismatch
 from swarmloco.protocol.interface import TransportDied
@@ -122,8 +123,10 @@ def start_dht_node(swarm, identity: Identity, record_validators=()):
 
 
 def one_line(e: BaseException) -> str:
-    """An exception as one short line (hivemind's errors can carry p2pd's whole output)."""
+    """An exception as one short line (hivemind's errors can carry p2pd's whole output; its refusal of a clock
+    off the swarm's says what to do)."""
     text = " ".join(str(e).split()) or type(e).__name__
+    text = explain_refusal(text) or text
     return text[:300] + "..." if len(text) > 300 else text
 
 

@@ -28,6 +28,8 @@ _SIMPLE: tuple[tuple[str, str, str, str], ...] = (
     ("swarmloco_peers_online", "gauge", "Peers seen online in the swarm.", "peers_online"),
     ("swarmloco_round_seconds", "gauge", "Wall time of the last round, from its start to the next round's.",
      "last_round_time"),
+    ("swarmloco_clock_offset_seconds", "gauge", "How far this machine's clock is behind the swarm's peers' "
+     "(their heartbeats' median; negative: ahead).", "clock_offset_s"),
     ("swarmloco_rss_bytes", "gauge", "Resident memory of the node process.", "rss_bytes"),
     ("swarmloco_cuda_allocated_bytes", "gauge", "CUDA memory allocated by the node.",
      "cuda_allocated_bytes"),

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from swarmloco.protocol.clock import ClockCheck
 from swarmloco.protocol.identity import SIGNATURE_SIZE, Identity, peer_id_of_public_key
 from swarmloco.protocol.records import RecordError, decode_record, encode_record
 from swarmloco.protocol.interface import Transport
@@ -147,9 +148,12 @@ class ProgressTracker:
     ``admits(public_key)`` (private runs: holds an access token) filters whose heartbeats count."""
 
     def __init__(self, transport: Transport, key: str, ttl: float, identity: Identity | None,
-                 clock: Callable[[], float] = time.time, admits: Callable[[bytes], bool] | None = None):
+                 clock: Callable[[], float] = time.time, admits: Callable[[bytes], bool] | None = None,
+                 heartbeat_period: float = 2.0):
         self.transport, self.key, self.ttl, self.identity, self.clock = transport, key, ttl, identity, clock
         self.admits = admits
+        self.clock_check = ClockCheck(slack=heartbeat_period)
+        """This machine's clock against the senders' of the heartbeats read (``clock.py``)."""
         self._warned: set[tuple[str, str]] = set()
         self._known: dict[str, tuple[PeerProgress, bytes]] = {}  # peer id -> its newest heartbeat read, author
 
@@ -179,11 +183,14 @@ class ProgressTracker:
                 continue
             known = self._known.get(rec.peer_id)
             if known is None or rec.time >= known[0].time:
+                if known is not None and rec.time > known[0].time and rec.peer_id != self.transport.peer_id:
+                    self.clock_check.observe(rec.peer_id, rec.time, now)  # (sent since the last read: fresh)
                 self._known[rec.peer_id] = (rec, author)
         out = []
         for peer_id, (rec, author) in list(self._known.items()):
             if now - rec.time > self.ttl:
                 del self._known[peer_id]
+                self.clock_check.forget(peer_id)
             elif rec.state != "stopped" and (self.admits is None or self.admits(author)):
                 out.append(rec)
         return sorted(out, key=lambda r: r.peer_id)

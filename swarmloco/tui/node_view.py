@@ -24,7 +24,8 @@ PHASES = (  # part of a round (console.round_parts), legend label, bar colour
 )
 EVENT_STYLES = {"peer_joined": "green", "peer_left": "yellow", "round_failed": "bold red",
                 "checkpoint": "cyan", "state_downloaded": "blue", "info": "dim",
-                "contribution_clipped": "magenta", "peer_excluded": "bold magenta", "round_retry": "yellow"}
+                "contribution_clipped": "magenta", "peer_excluded": "bold magenta", "round_retry": "yellow",
+                "clock": "bold red"}
 SPLIT_BAR_WIDTH = 24
 
 
@@ -231,6 +232,9 @@ class NodeView(Vertical):
         device.append(f"  rounds ok {fmt.integer(s.get('rounds_ok'))}"
                       f" failed {fmt.integer(s.get('rounds_failed'))}")
         device.append(f"  peers {fmt.integer(s.get('peers_online'))}")
+        offset = fmt.number(s.get("clock_offset_s"))
+        if offset is not None and s.get("clock_off") is True:  # (the node's log and events say what to do)
+            device.append(f"  clock {abs(offset):.0f}s {'behind' if offset > 0 else 'ahead'}", style="bold red")
         self.query_one("#node-device", Static).update(device)
 
     def _render_events(self, events: Any, log: RichLog) -> None:

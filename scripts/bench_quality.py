@@ -19,7 +19,7 @@ arXiv 2508.15706), on K simulated workers (``swarmloco.node.simulate``), one *su
   plain basis (a quarter of the values themselves); ``--rotate-outer`` runs them at other outer settings;
 * ``H{H}-{outer}-hadtopk`` (``--no-hadtopk`` skips it): the ``hadtopk`` codec (each worker's 128 largest of each
   4096 Hadamard coefficients at 1 bit, the rest kept in its parameters) at each ``--hadtopk-outer`` setting
-  (default: ``configs/hadtopk.toml``'s, Nesterov lr 1.6 / momentum 0.6);
+  (default: the codec's own, ``hadtopk.TUNED_OUTER``: Nesterov lr 1.6 / momentum 0.6);
 * ``...-iid`` (first suite; ``--no-iid`` skips them): DP seed 0 and the default DiLoCo with every
   worker drawing from the whole training set instead of its own contiguous shard.
 
@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from swarmloco.compression.hadtopk import TUNED_OUTER
 from swarmloco.compression.registry import get_codec
 from swarmloco.config import CodecConfig, DataConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.data.text import Corpus
@@ -62,7 +63,7 @@ from swarmloco.node.simulate import codec_transform, ring_equivalent_bytes_per_v
 DEFAULT_OUTER = OuterConfig()
 DEFAULT_GRID = ["n0.7/0.9", "n1/0.8", "n1/0.7", "n0.7/0.7", "n1/0.5"]
 OTHER_GRID = ["n0.7/0.9", "n1/0.8", "n1/0.5"]
-HADTOPK_OUTER = ["n1.6/0.6"]  # configs/hadtopk.toml's [outer] (BENCHMARKS.md: within +0.5% over three seeds)
+HADTOPK_OUTER = ["n{:g}/{:g}".format(*TUNED_OUTER)]  # the codec's own default (BENCHMARKS.md: within +0.5% over 3 seeds)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="outer settings of the rotate arms (default: the run's default [outer])")
     ap.add_argument("--no-hadtopk", dest="hadtopk", action="store_false", help="skip the hadtopk-codec arms")
     ap.add_argument("--hadtopk-outer", nargs="*", default=HADTOPK_OUTER,
-                    help="outer settings of the hadtopk arms (default: configs/hadtopk.toml's)")
+                    help="outer settings of the hadtopk arms (default: the codec's own, n1.6/0.6)")
     ap.add_argument("--sparse-decay", type=float, default=CodecConfig.topk_decay, help="error-feedback decay (beta)")
     ap.add_argument("--sparse-fraction", type=float, default=CodecConfig.topk_fraction)
     ap.add_argument("--sparse-chunk", type=int, default=CodecConfig.topk_chunk)

@@ -319,6 +319,15 @@ class OuterConfig:
     layers; a round every inner.steps / fragments inner steps syncs one of them in turn, so each fragment is
     synced every inner.steps steps and a round moves 1/fragments of the bytes. 1: every round syncs all."""
 
+    @classmethod
+    def for_codec(cls, codec: CodecConfig, **fields: Any) -> OuterConfig:
+        """These outer settings, with ``lr`` and ``momentum`` the codec's tuning (``CodecInfo.outer``: ``hadtopk``'s
+        1.6 / 0.6) where ``fields`` leave them unset, else the defaults."""
+        tuned = codec.tuned_outer
+        if tuned is not None:
+            fields = {"lr": tuned[0], "momentum": tuned[1], **fields}
+        return cls(**fields)
+
     def __post_init__(self) -> None:
         _positive("outer.lr", self.lr)
         _check(_is_number(self.clip_factor) and (self.clip_factor == 0 or self.clip_factor >= 1),
@@ -427,6 +436,14 @@ class CodecConfig:
         _bool("codec.error_feedback", self.error_feedback)
         _check(self.error_feedback or not self.rest_in_model, "codec.error_feedback", self.error_feedback,
                f"must be true with {self.name} (what a round does not send stays in the peer's parameters)")
+
+    @property
+    def tuned_outer(self) -> tuple[float, float] | None:
+        """The outer (lr, momentum) the codec was tuned with, if it differs from the dense default: its
+        ``CodecInfo.outer``."""
+        from swarmloco.compression.registry import get_codec
+
+        return get_codec(self).info.outer
 
     @property
     def rest_in_model(self) -> bool:
@@ -661,6 +678,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ValueError(f"config: unknown top-level field(s): {', '.join(unknown)}")
     sections = {name: _build_section(name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
+    tuned, given = sections["codec"].tuned_outer, data.get("outer", {})
+    if tuned is not None and not {"lr", "momentum"} <= set(given):  # (the codec's outer step where unset)
+        sections["outer"] = _build_section("outer", OuterConfig, {"lr": tuned[0], "momentum": tuned[1], **given})
     return RunConfig(**top, **sections)
 
 

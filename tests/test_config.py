@@ -92,3 +92,22 @@ def test_errors_show_values_as_written_in_toml_not_as_python() -> None:
 def test_values_of_the_wrong_type_name_the_field(data, field) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         config_from_dict(data)
+
+
+def test_a_codec_tuned_with_its_own_outer_step_brings_it_where_the_config_leaves_it_unset() -> None:
+    from swarmloco.config import CodecConfig, OuterConfig
+
+    sparse = config_from_dict({"codec": {"name": "hadtopk"}})
+    assert (sparse.outer.lr, sparse.outer.momentum, sparse.outer.nesterov) == (1.6, 0.6, True)
+    explicit = config_from_dict({"codec": {"name": "hadtopk"}, "outer": {"lr": 1.6, "momentum": 0.6}})
+    assert RunManifest.from_config(sparse).hash == RunManifest.from_config(explicit).hash  # the values, not "unset"
+    mine = config_from_dict({"codec": {"name": "hadtopk"}, "outer": {"lr": 1.0, "clip_factor": 0}})
+    assert (mine.outer.lr, mine.outer.momentum, mine.outer.clip_factor) == (1.0, 0.6, 0)  # each field set wins
+    dense = config_from_dict({"codec": {"name": "int8"}})
+    assert (dense.outer.lr, dense.outer.momentum) == (OuterConfig().lr, OuterConfig().momentum)
+    # the API's DiLoCo(outer=None, codec=...) takes the same
+    assert OuterConfig.for_codec(CodecConfig(name="hadtopk")) == OuterConfig(lr=1.6, momentum=0.6)
+    assert OuterConfig.for_codec(CodecConfig(name="hadtopk"), momentum=0.9).momentum == 0.9
+    assert OuterConfig.for_codec(CodecConfig(name="rotate")) == OuterConfig()
+    with pytest.raises(ValueError, match="outer.lr"):  # still checked
+        config_from_dict({"codec": {"name": "hadtopk"}, "outer": {"lr": -1.0}})

@@ -77,3 +77,18 @@ def test_the_engine_refuses_a_rest_in_model_codec_with_rounds_that_land_behind_o
     with pytest.raises(ConfigError, match="outer.(overlap|fragments)"):
         DiLoCo(LoneSwarm(), model, torch.optim.AdamW(model.parameters()), inner_steps=4,
                outer=OuterConfig(**outer), codec=CodecConfig(name=name))
+
+
+def test_the_api_without_outer_settings_takes_the_outer_step_the_codec_was_tuned_with() -> None:
+    from swarmloco import DiLoCo
+    from swarmloco.config import CodecConfig, OuterConfig
+
+    model = torch.nn.Linear(4, 4)
+    for codec, expected in ((CodecConfig(name="hadtopk"), (1.6, 0.6)), (CodecConfig(name="int8"), (1.0, 0.7))):
+        with DiLoCo(LoneSwarm(), model, torch.optim.AdamW(model.parameters()), inner_steps=4, codec=codec) as d:
+            assert (d.outer_cfg.lr, d.outer_cfg.momentum) == expected
+            assert (d.outer_opt.param_groups[0]["lr"], d.outer_opt.param_groups[0]["momentum"]) == expected
+    mine = OuterConfig(lr=0.5, momentum=0.9)  # given settings are never replaced
+    with DiLoCo(LoneSwarm(), model, torch.optim.AdamW(model.parameters()), inner_steps=4, outer=mine,
+                codec=CodecConfig(name="hadtopk")) as d:
+        assert d.outer_cfg is mine

@@ -36,6 +36,10 @@ class CodecInfo:
     """What a round does not send stays in the peer's own parameters (``rotate``, ``hadtopk``): the peer lands
     at the new global parameters minus its rest (:class:`~swarmloco.compression.error_feedback.ErrorFeedback`'s
     ``in_model``), which needs error feedback on and blocking rounds of the whole model."""
+    outer: tuple[float, float] | None = None
+    """The Nesterov outer step (lr, momentum) this codec was tuned with, where it differs from dense DiLoCo's
+    default: a run that names the codec and leaves ``outer.lr`` or ``outer.momentum`` unset gets its value
+    (:meth:`swarmloco.config.OuterConfig.for_codec`)."""
 
 
 class Codec(ABC):

@@ -40,6 +40,11 @@ from swarmloco.compression.header import (
 )
 from swarmloco.compression.topk import ChunkedTopK
 
+TUNED_OUTER = (1.6, 0.6)
+"""Nesterov lr and momentum this codec was tuned with (BENCHMARKS.md: within +0.5% of dense DiLoCo at H=30 over
+three seeds, 2.7% below it at H=10; dense DiLoCo's 1.0 / 0.7 leaves parts that arrive rounds late too small a
+step): what a run that names ``hadtopk`` and leaves ``outer.lr`` / ``outer.momentum`` unset uses."""
+
 
 class HadTopKCodec(ChunkedTopK, Codec):
     """The ``ceil(fraction * chunk)`` largest Hadamard coefficients of each ``chunk``-value chunk, one sign bit
@@ -58,7 +63,7 @@ class HadTopKCodec(ChunkedTopK, Codec):
         """Turning a chunk back sums ``keep(chunk)`` coefficients of one level (a group's mean: of the mean
         level): above this such a sum could overflow, so encode and decode refuse such levels."""
         self.info = CodecInfo(name=self.NAME, bits_per_value=(self._row_bits(chunk) + 16) / chunk, lossy=True,
-                              summable=False, per_sender=False, rest_in_model=True)
+                              summable=False, per_sender=False, rest_in_model=True, outer=TUNED_OUTER)
 
     def _row_bits(self, length: int, keep: int | None = None) -> int:
         """Bit-field bits of one chunk of ``length`` values keeping ``keep`` (default: a full chunk's share)."""

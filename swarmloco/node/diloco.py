@@ -94,6 +94,8 @@ class DiLoCo(Heartbeats, PeerState):
                  manifest: dict[str, Any] | None = None):
         """``inner_optimizer``: a factory ``params -> torch.optim.Optimizer`` (as hivemind and OpenDiLoCo take)
         or an optimizer already built over ``model``'s parameters; ``diloco.inner_optimizer`` is it.
+        ``outer``: None takes the defaults, with the lr and momentum ``codec`` was tuned with where it has its
+        own (``OuterConfig.for_codec``: ``hadtopk``'s 1.6 / 0.6).
         ``evaluate()``: held-out loss of the model, called after each committed round with the global
         parameters in the model (reported with the round). ``checkpoint``: where and how often to write
         checkpoints (``resume`` starts from the newest). ``run_config``: anything else every peer must
@@ -102,7 +104,8 @@ class DiLoCo(Heartbeats, PeerState):
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps={inner_steps!r} is invalid: must be a positive integer")
         self.swarm, self.model, self.H = swarm, model, inner_steps
-        self.outer_cfg, self.codec_cfg = outer or OuterConfig(), codec or CodecConfig()
+        self.codec_cfg = codec or CodecConfig()
+        self.outer_cfg = outer or OuterConfig.for_codec(self.codec_cfg)  # (unset: the codec's tuned outer step)
         self.outer_cfg.check_inner_steps(inner_steps, "inner_steps")
         self.codec_cfg.check_outer(self.outer_cfg)
         self.steps_per_round = inner_steps // self.outer_cfg.fragments

@@ -37,8 +37,9 @@ re-run of the same step, this attempt already failed for them, and it is abandon
 commit (no quorum, mixed states: heartbeat ``rerun="decided"``): it was then in another group, and this one
 may still commit. A re-run's heartbeat names its suspects, and a peer abandoning the attempt takes those among
 the attempt's members as its own (:meth:`Synchronizer.take_hint`): its re-run does not wait for the dead
-reducer either (a hint, not proof: a live peer named falsely is alive again at its next heartbeat). A re-run commits only with a quorum like any round, so a survivor that blames live peers and
-re-runs alone commits nothing.
+reducer either (a hint, not proof: a live peer named falsely is alive again at its next heartbeat). A re-run
+commits only with a quorum like any round, so a survivor that blames live peers and re-runs alone commits
+nothing.
 
 **Behind the swarm.** A heartbeat's step and digest are claims, verified in the background
 (:mod:`swarmloco.node.catch_up`). The barrier returns ``behind`` when a heavier lineage has been proven

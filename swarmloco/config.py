@@ -323,10 +323,7 @@ class OuterConfig:
     def for_codec(cls, codec: CodecConfig, **fields: Any) -> OuterConfig:
         """These outer settings, with ``lr`` and ``momentum`` the codec's tuning (``CodecInfo.outer``: ``hadtopk``'s
         1.6 / 0.6) where ``fields`` leave them unset, else the defaults."""
-        tuned = codec.tuned_outer
-        if tuned is not None:
-            fields = {"lr": tuned[0], "momentum": tuned[1], **fields}
-        return cls(**fields)
+        return cls(**{**codec.outer_defaults, **fields})
 
     def __post_init__(self) -> None:
         _positive("outer.lr", self.lr)
@@ -438,12 +435,13 @@ class CodecConfig:
                f"must be true with {self.name} (what a round does not send stays in the peer's parameters)")
 
     @property
-    def tuned_outer(self) -> tuple[float, float] | None:
-        """The outer (lr, momentum) the codec was tuned with, if it differs from the dense default: its
-        ``CodecInfo.outer``."""
+    def outer_defaults(self) -> dict[str, float]:
+        """The outer settings the codec was tuned with where they differ from the dense defaults (its
+        ``CodecInfo.outer``, as ``{"lr": ..., "momentum": ...}``), else none: what an unset field takes."""
         from swarmloco.compression.registry import get_codec
 
-        return get_codec(self).info.outer
+        tuned = get_codec(self).info.outer
+        return {} if tuned is None else {"lr": tuned[0], "momentum": tuned[1]}
 
     @property
     def rest_in_model(self) -> bool:
@@ -678,9 +676,9 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if unknown:
         raise ValueError(f"config: unknown top-level field(s): {', '.join(unknown)}")
     sections = {name: _build_section(name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
-    tuned, given = sections["codec"].tuned_outer, data.get("outer", {})
-    if tuned is not None and not {"lr", "momentum"} <= set(given):  # (the codec's outer step where unset)
-        sections["outer"] = _build_section("outer", OuterConfig, {"lr": tuned[0], "momentum": tuned[1], **given})
+    tuned, given = sections["codec"].outer_defaults, data.get("outer", {})
+    if not tuned.keys() <= given.keys():  # (the codec's outer step where unset)
+        sections["outer"] = _build_section("outer", OuterConfig, {**tuned, **given})
     return RunConfig(**top, **sections)
 
 

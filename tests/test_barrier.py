@@ -190,7 +190,8 @@ def test_a_peer_abandoning_its_attempt_learns_the_rerunning_mates_suspects_and_d
     # "a" saw the dead reducer's stream break and re-runs naming it; this peer was still waiting inside the
     # attempt (it learned no suspects itself): its re-run must not wait for the dead reducer's last heartbeat
     # (still "averaging", attempt 0) to go stale
-    rerun = lambda t: replace(beat("a", "ready", t, attempt=1), rerun="broken", suspects=("dead", "stranger", "me"))  # noqa: E731
+    rerun = lambda t: replace(beat("a", "ready", t, attempt=1), rerun="broken",  # noqa: E731
+                              suspects=("dead", "stranger", "me"))
     swarm = Swarm(lambda t: [beat("dead", "averaging", 0.0), rerun(t)])
     sync = sync_for(swarm)
     outcome = sync.wait(Handle(swarm), 3, 0, ("a", "dead", "me"))

@@ -81,7 +81,8 @@ class ClockCheck:
         if -(self.tolerance + self.slack) <= offset <= self.tolerance:
             return None
         side = "behind" if offset > 0 else "ahead of"
-        whose = f"the median of {senders} peers' clocks" if senders > 1 else "the one other peer's clock (or that one is off)"
+        whose = (f"the median of {senders} peers' clocks" if senders > 1
+                 else "the one other peer's clock (or that one is off)")
         return (f"this machine's clock is about {abs(offset):.0f} s {side} {whose}, by their heartbeats; the swarm "
                 f"tolerates {self.tolerance:.0f} s (heartbeats are dated by their senders: the others may drop this "
                 f"peer or wait for dead ones); {ADVICE}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from swarmloco.compression import codec_names, get_codec
-from swarmloco.compression.measure import measure_codec, real_pseudo_gradient, tile_to
+from swarmloco.sim.measure import measure_codec, real_pseudo_gradient, tile_to
 from swarmloco.config import CodecConfig
 
 

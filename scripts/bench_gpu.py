@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from swarmloco.config import DataConfig, InnerConfig, ModelConfig, RunConfig
-from swarmloco.node.demo import run_demo
+from swarmloco.app.demo import run_demo
 from swarmloco.models.gpt import GPT, num_params
 
 

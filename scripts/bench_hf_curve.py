@@ -2,7 +2,7 @@
 
 Builds the config's model and data exactly as a peer would (``[model] kind = "hf"`` builds the transformers
 model from its config; ``[data] kind = "hf"`` trains or loads the tokenizer and packs the corpus) and trains
-them in the in-process simulator (``swarmloco.node.simulate``): DiLoCo with the config's inner and outer
+them in the in-process simulator (``swarmloco.sim.simulate``): DiLoCo with the config's inner and outer
 settings on K disjoint shards, and synchronous data parallelism over the same K shards (one AdamW on the
 K-times batch). Both see the same number of tokens. Prints the curves side by side and writes them as JSON.
 
@@ -23,7 +23,7 @@ import torch
 
 from swarmloco.config import load_config
 from swarmloco.data import build_corpus, prepare_data
-from swarmloco.node.simulate import run_data_parallel, run_diloco
+from swarmloco.sim.simulate import run_data_parallel, run_diloco
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Quality benchmark: DiLoCo vs synchronous data parallelism at equal training tokens.
 
 What the anchors measure (DiLoCo scaling laws, arXiv 2503.09799: K=4 replicas, H=30; SparseLoCo,
-arXiv 2508.15706), on K simulated workers (``swarmloco.node.simulate``), one *suite* per
+arXiv 2508.15706), on K simulated workers (``swarmloco.sim.simulate``), one *suite* per
 ``STEPS:H`` pair (default ``2000:30`` and ``4000:100``, i.e. 66 and 40 outer rounds):
 
 * ``dp-s{seed}``: synchronous data parallel (one AdamW on a K-times batch), per ``--seeds`` (the spread);
@@ -58,7 +58,7 @@ from swarmloco.compression.registry import get_codec
 from swarmloco.config import CodecConfig, DataConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.data.text import Corpus
 from swarmloco.models.gpt import GPT
-from swarmloco.node.simulate import codec_transform, ring_equivalent_bytes_per_value, run_data_parallel, run_diloco
+from swarmloco.sim.simulate import codec_transform, ring_equivalent_bytes_per_value, run_data_parallel, run_diloco
 
 DEFAULT_OUTER = OuterConfig()
 DEFAULT_GRID = ["n0.7/0.9", "n1/0.8", "n1/0.7", "n0.7/0.7", "n1/0.5"]

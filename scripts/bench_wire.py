@@ -19,7 +19,7 @@ from pathlib import Path
 
 from swarmloco.compression import get_codec
 from swarmloco.config import CodecConfig, RunConfig
-from swarmloco.node.demo import run_demo
+from swarmloco.app.demo import run_demo
 from swarmloco.models.gpt import GPT, num_params
 
 

@@ -5,7 +5,7 @@ bytes per round than fp32 pseudo-gradients; at H=30 it led to the ``hadtopk`` co
 ``bench_quality.py``'s first suite (K=4, the 0.12M model, contiguous shards, 2000 inner steps at H=30: 67
 rounds, seed 0; ``--H 10``: 200 rounds), so the figures compare with its dense DiLoCo arm (held-out 1.6427 at
 H=30, 1.6205 at H=10). Each variant is a :data:`PseudoGradTransform` for
-:func:`swarmloco.node.simulate.run_diloco`, from three choices:
+:func:`swarmloco.sim.simulate.run_diloco`, from three choices:
 
 * **what is sent**: ``topk`` (the ``topk`` codec: SparseLoCo's 64 of 4096, 2 bits, Elias-Fano indices;
   averaged per coordinate over its senders), or a schedule every worker shares, so no index is sent and
@@ -64,7 +64,7 @@ from swarmloco.compression.error_feedback import ErrorFeedback  # noqa: E402
 from swarmloco.compression.registry import get_codec  # noqa: E402
 from swarmloco.config import CodecConfig, OuterConfig  # noqa: E402
 from swarmloco.data.text import Corpus  # noqa: E402
-from swarmloco.node import simulate as sim  # noqa: E402
+from swarmloco.sim import simulate as sim  # noqa: E402
 
 CHUNK = 4096
 DENSE_DILOCO = {30: 1.6427, 10: 1.6205}  # bench_quality's 2000:H{H}-n1/0.7 (BENCHMARKS.md)

@@ -1,5 +1,5 @@
 import sys
 
-from swarmloco.cli import main
+from swarmloco.app.cli import main
 
 sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from swarmloco.config import load_config
 from swarmloco.protocol.identity import Identity
-from swarmloco.node.peer import run_manifest
+from swarmloco.app.peer import run_manifest
 from swarmloco.protocol.progress import PeerProgress, ProgressTracker
 from swarmloco.protocol.transport import DhtClient
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmloco import cli
+from swarmloco.app import cli
 from swarmloco.config import config_to_dict
 from swarmloco.protocol.identity import Identity
 

@@ -6,8 +6,8 @@ import logging
 from types import SimpleNamespace
 
 from swarmloco.node.heartbeats import Heartbeats
-from swarmloco.node.launcher import one_line
-from swarmloco.node.metrics import render_metrics
+from swarmloco.app.console import one_line
+from swarmloco.app.metrics import render_metrics
 from swarmloco.node.status import StatusBoard
 from swarmloco.protocol.clock import TOLERANCE_S, ClockCheck
 from swarmloco.protocol.identity import Identity

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from swarmloco.node.console import ConsoleReporter, format_round_line, lost_work_warning
+from swarmloco.app.console import ConsoleReporter, format_round_line, lost_work_warning
 
 AVERAGED = {"outer_step": 7, "ok": True, "adopted": False, "train_loss": 2.31, "eval_loss": 2.45, "peers": 3,
             "bytes_sent": 2_600_000, "bytes_received": 2_700_000, "round_time": 6.8, "inner_steps": 50}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from swarmloco.config import RunConfig
-from swarmloco.node.peer import Peer, PeerOptions
+from swarmloco.app.peer import Peer, PeerOptions
 from swarmloco.node.round import pseudo_gradient
 from swarmloco.protocol.identity import Identity
 

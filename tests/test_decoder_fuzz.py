@@ -39,7 +39,7 @@ from swarmloco.compression.header import (
 )
 from swarmloco.compression.hivemind_bridge import TAG_PREFIX, decode_part
 from swarmloco.config import CodecConfig
-from swarmloco.node.joining import JoinError, RunSpec
+from swarmloco.app.joining import JoinError, RunSpec
 from swarmloco.node.lineage import Chain
 from swarmloco.protocol.access import check_token, issue_token, read_tokens, token_subkey
 from swarmloco.protocol.certificates import Certificate, CertificateError, RoundHeader, check_segment, sign_round

@@ -258,7 +258,7 @@ def test_the_heaviest_of_several_heavier_claims_is_the_one_prepared() -> None:
 # ----- a real peer's own chain (a lone peer: its rounds never touch the network) ----------------------
 def test_a_peer_certifies_every_round_it_commits_and_resumes_its_lineage(tmp_path) -> None:
     from conftest import tiny_config
-    from swarmloco.node.peer import Peer, PeerOptions
+    from swarmloco.app.peer import Peer, PeerOptions
     from test_cuda import LoneSwarm
 
     cfg = tiny_config(checkpoint={"dir": str(tmp_path)})

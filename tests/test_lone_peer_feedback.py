@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_config
 from swarmloco.compression import get_codec
-from swarmloco.node.peer import Peer, PeerOptions
+from swarmloco.app.peer import Peer, PeerOptions
 from test_cuda import LoneSwarm
 
 
@@ -39,7 +39,7 @@ def test_a_lone_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_does(tm
     rest in its parameters (new global params minus the rest), ending 5 rounds (rotate: every phase, and one
     more) with the simulator's global parameters bit for bit; its checkpoint restores the model with the rest
     in it."""
-    from swarmloco.node.simulate import codec_transform, run_diloco
+    from swarmloco.sim.simulate import codec_transform, run_diloco
 
     torch.set_num_threads(1)
     rounds = 5

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from swarmloco.config import config_from_dict, config_to_dict
-from swarmloco.node.peer import run_manifest
-from swarmloco.node.joining import JoinError, RunSpec, config_from_manifest, fetch_manifest, owned_config
+from swarmloco.app.peer import run_manifest
+from swarmloco.app.joining import JoinError, RunSpec, config_from_manifest, fetch_manifest, owned_config
 from swarmloco.node.membership import AccessRefused, Membership
 from swarmloco.protocol.access import issue_token, token_subkey
 from swarmloco.protocol.identity import Identity

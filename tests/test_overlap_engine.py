@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from swarmloco.node.peer import Peer, PeerOptions
-from swarmloco.node.simulate import run_diloco
+from swarmloco.app.peer import Peer, PeerOptions
+from swarmloco.sim.simulate import run_diloco
 from test_cuda import LoneSwarm
 
 

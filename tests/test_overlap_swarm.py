@@ -144,7 +144,7 @@ def test_a_checkpoint_holds_whole_rounds_only_and_resumes(spawn, write_config, t
     wrote is the state after a certified round (its digest is that round's), never a half-applied one."""
     from swarmloco.config import load_config
     from swarmloco.node.checkpoint import list_checkpoints, load_checkpoint
-    from swarmloco.node.peer import build_model
+    from swarmloco.app.peer import build_model
     from swarmloco.node.state_sync import params_digest
     from test_faults import PACED
 

@@ -1,4 +1,4 @@
-"""The in-process DiLoCo / data-parallel simulation (swarmloco.node.simulate)."""
+"""The in-process DiLoCo / data-parallel simulation (swarmloco.sim.simulate)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from swarmloco.compression import hadamard
 from swarmloco.compression.registry import get_codec
 from swarmloco.config import CodecConfig, DataConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.data.text import Corpus
-from swarmloco.node.inner_loop import InnerTrainer
+from swarmloco.app.inner_loop import InnerTrainer
 from swarmloco.models.gpt import GPT
-from swarmloco.node.simulate import (
+from swarmloco.sim.simulate import (
     allreduce_bytes_per_worker, codec_transform, run_data_parallel, run_diloco, worker_streams,
 )
 

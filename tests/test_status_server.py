@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from swarmloco.node.metrics import escape_label_value, render_metrics
-from swarmloco.node.status_server import StatusServer
+from swarmloco.app.metrics import escape_label_value, render_metrics
+from swarmloco.app.status_server import StatusServer
 from swarmloco.tui.sources import load_recording
 
 RECORDING = Path(__file__).parent / "fixtures" / "monitor_recording.jsonl"

@@ -92,7 +92,7 @@ def test_demo_cli_smoke() -> None:
 
 
 def test_demo_line_averages_the_peers_that_report_a_loss() -> None:
-    from swarmloco.node.demo import format_step_line
+    from swarmloco.app.demo import format_step_line
 
     reports = [{"ok": True, "train_loss": 2.0, "eval_loss": 1.5, "digest": "d", "peers": 2},
                {"ok": True, "train_loss": float("nan"), "eval_loss": 1.5, "digest": "d", "peers": 2}]  # no inner step

@@ -263,7 +263,7 @@ async def test_dead_source_keeps_last_data() -> None:
 
 
 def test_node_source_reads_status_server() -> None:
-    from swarmloco.node.status_server import StatusServer
+    from swarmloco.app.status_server import StatusServer
 
     with StatusServer(lambda: FRAMES[0]["status"], port=0) as server:
         source = NodeSource(server.port)
@@ -393,8 +393,9 @@ async def test_the_loss_chart_has_a_labelled_scale() -> None:
 
 
 def test_units_peer_ids_and_round_time_are_one_system() -> None:
-    from swarmloco.node.console import fmt_bytes, format_round_line, round_parts
-    from swarmloco.node.demo import format_step_line
+    from swarmloco.app.console import format_round_line
+    from swarmloco.display import fmt_bytes, round_parts
+    from swarmloco.app.demo import format_step_line
     from swarmloco.tui import fmt
     from swarmloco.tui.node_view import round_time
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from swarmloco.config import SwarmConfig
-from swarmloco.protocol.identity import Identity
+from swarmloco.protocol.identity import Identity, load_identity, p2pd_key_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ class Swarm:
         if isinstance(identity, Identity):
             self.identity = identity
         else:
-            from swarmloco.node.launcher import load_identity
-
             self.identity = load_identity(str(identity) if identity else self.config.identity_path)
         self.dht = None
         self._transports: list[Any] = []
@@ -68,7 +66,6 @@ class Swarm:
         if dht is not None:
             self.dht = dht
             return self
-        from swarmloco.node.launcher import p2pd_key_file
         from swarmloco.protocol.transport import start_dht
 
         # (start_dht forks hivemind's processes into process groups of their own, dying with us)

@@ -1,6 +1,6 @@
 """Rounds that run behind the next inner steps, and streaming fragments: the update rules as tensor math.
 
-The peer (:mod:`swarmloco.node.overlapped`) and the simulator (:mod:`swarmloco.node.simulate`) both use these
+The peer (:mod:`swarmloco.node.overlapped`) and the simulator (:mod:`swarmloco.sim.simulate`) both use these
 functions, so a swarm and its simulation follow one rule. For one round of one peer, over the parameters it
 syncs (all of them, or one fragment): ``theta`` the global parameters when the round starts, ``local`` the
 peer's own parameters at that moment, ``delta = theta - local`` its pseudo-gradient, ``avg`` the group's

@@ -245,3 +245,30 @@ class Identity:
     def __reduce__(self):
         # Ed25519PrivateKey does not pickle; ship the seed so identities can cross processes.
         return (Identity.from_seed, (self.seed,))
+
+
+def load_identity(path: str) -> Identity:
+    """The peer's key: loaded from ``path`` (created there if missing), or fresh for this run if empty.
+    Raises ValueError with a one-line reason for an unreadable key file."""
+    if not path:
+        return Identity.generate()
+    try:
+        if not os.path.exists(path):
+            identity = Identity.generate()
+            identity.write_libp2p_key(path)
+            logger.info("generated a new identity %s at %s", identity.libp2p_peer_id(), path)
+            return identity
+        return Identity.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"identity file {path}: the folder {Path(path).parent} does not exist") from None
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ValueError(f"identity file {path}: {reason}") from None
+
+
+def p2pd_key_file(identity: Identity, workdir: str) -> str:
+    """Write ``identity`` as the libp2p key p2pd reads (0600, in a private temp dir): p2pd then runs with the
+    same key that signs our records, so our peer id inlines our public key."""
+    path = os.path.join(workdir, "p2pd.key")
+    identity.write_libp2p_key(path)
+    return path

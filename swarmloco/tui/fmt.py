@@ -7,7 +7,7 @@ import re
 import time
 from typing import Any
 
-from swarmloco.node.console import PEER_ID_CHARS, fmt_bytes
+from swarmloco.display import PEER_ID_CHARS, fmt_bytes
 
 DASH = "–"
 

@@ -1,6 +1,6 @@
 """The single-node view: losses, round progress, where the round's time went, traffic, events.
 
-Round time is the one definition of :mod:`swarmloco.node.console` (a round's start to the next, split
+Round time is the one definition of :mod:`swarmloco.display` (a round's start to the next, split
 into compute / wait / averaging / other); bytes are SI; peer ids are their last 8 characters.
 """
 
@@ -13,10 +13,10 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import ProgressBar, RichLog, Sparkline, Static
 
-from swarmloco.node.console import round_parts
+from swarmloco.display import round_parts
 from swarmloco.tui import fmt
 
-PHASES = (  # part of a round (console.round_parts), legend label, bar colour
+PHASES = (  # part of a round (display.round_parts), legend label, bar colour
     ("compute", "compute", "green"),
     ("wait", "wait", "yellow"),
     ("averaging", "averaging", "magenta"),

@@ -3,7 +3,7 @@
 The first peer starts the swarm and writes its multiaddrs to a file; the others join through it.
 Each peer trains on its own shard of the corpus (shard i for peer i) and prints machine-readable
 round summaries that this launcher folds into one line per outer step (units, peer ids and round time
-as everywhere: :mod:`swarmloco.node.console`).
+as everywhere: :mod:`swarmloco.app.console`).
 
 Stopping: Ctrl-C, SIGTERM or SIGHUP once (to the demo or its whole process group; the peers run in
 sessions of their own) prints one line, sends SIGTERM to every peer, waits for their clean exit (each
@@ -29,8 +29,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from swarmloco.config import RunConfig, dump_toml
-from swarmloco.node.console import fmt_bytes, say
-from swarmloco.node.launcher import start_monitor, stop_monitor
+from swarmloco.app.console import say
+from swarmloco.display import fmt_bytes
+from swarmloco.app.launcher import start_monitor, stop_monitor
 from swarmloco.node.status import JsonLinesReporter
 from swarmloco.protocol.processes import signal_session
 

@@ -1,28 +1,19 @@
 """In-process simulations of multi-worker training, for quality benchmarks and tests.
 
-Two ways of training ``workers`` replicas on disjoint data shards, both on one device and one
-process, with workers simulated one after the other (deterministic, no networking):
+Both train ``workers`` replicas on disjoint data shards in one process on one device, the workers run one
+after the other (deterministic, no networking):
 
-* :func:`run_data_parallel` -- synchronous data parallelism: every step each worker computes the
-  gradient of its own shard's batch, the gradients are averaged (as an all-reduce would), and one
-  AdamW step is taken. Implemented as ``workers`` micro-batches with gradient accumulation, i.e.
-  exactly one AdamW on a ``workers``-times larger batch. ``workers=1`` is a plain single worker.
-* :func:`run_diloco` -- DiLoCo (Douillard et al. 2023, arXiv:2311.08105): each worker owns an
-  :class:`~swarmloco.node.inner_loop.InnerTrainer` (its AdamW state is kept across rounds) and runs
-  ``H`` inner steps on its shard; the pseudo-gradients ``global - local`` are averaged with equal
-  weights, :class:`~swarmloco.outer_optim.nesterov.OuterNesterov` steps the global parameters, and
-  every worker is reset to the new global parameters.
+* :func:`run_data_parallel`: synchronous data parallelism, i.e. one AdamW step per step on the gradient
+  averaged over the workers' batches (gradient accumulation); ``workers=1`` is a plain single worker.
+* :func:`run_diloco`: DiLoCo (Douillard et al. 2023, arXiv:2311.08105): each worker's
+  :class:`~swarmloco.app.inner_loop.InnerTrainer` (AdamW state kept across rounds) runs ``H`` inner steps,
+  the pseudo-gradients are averaged with equal weights (optionally through a codec: :func:`codec_transform`),
+  the outer optimizer steps the global parameters and every worker lands on them.
 
-A pseudo-gradient codec can be simulated by passing ``transform(worker, tensors) -> tensors`` to
-:func:`run_diloco` (applied to each worker's pseudo-gradient before averaging, e.g. an
-encode/decode round trip), together with the codec's ``bytes_per_value`` for the traffic count.
-
-Both return a JSON-serialisable dict: ``final_eval_loss``, ``curve`` (one point per evaluation:
-``step``, ``eval_loss``, ``train_loss`` = mean training loss since the previous point),
-``wall_s``, ``tokens`` (trained on, all workers), ``num_params`` and ``bytes_sent_per_worker``
-(ring all-reduce model: each worker sends ``2(n-1)/n`` times the payload per synchronisation).
-The inner lr schedule follows ``inner_cfg`` as given: set ``inner_cfg.total_steps = steps`` for a
-cosine decay over the whole run.
+Both return a JSON-serialisable dict: ``final_eval_loss``, ``curve`` (per evaluation: ``step``, ``eval_loss``,
+``train_loss`` = mean since the previous point), ``wall_s``, ``tokens`` (all workers), ``num_params`` and
+``bytes_sent_per_worker`` (ring all-reduce model: ``2(n-1)/n`` times the payload per synchronisation).
+The inner lr schedule follows ``inner_cfg`` as given: ``inner_cfg.total_steps = steps`` decays over the run.
 """
 
 from __future__ import annotations
@@ -36,7 +27,7 @@ import torch
 
 from swarmloco.config import CodecConfig, InnerConfig, ModelConfig, OuterConfig
 from swarmloco.data.text import Corpus
-from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_lr
+from swarmloco.app.inner_loop import InnerTrainer, evaluate, inner_lr
 from swarmloco.models import build_model, lm_loss, num_params
 from swarmloco.outer_optim import apply_outer_step, build_outer_optimizer
 from swarmloco.outer_optim.overlap import (apply_correction, fragment_partition, landing_correction, proxy_step,

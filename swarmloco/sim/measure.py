@@ -69,7 +69,7 @@ def real_pseudo_gradient(steps: int = 30, seed: int = 0, n_layer: int = 4, n_emb
     """Flat (initial - trained) parameters of swarmloco's GPT after ``steps`` AdamW steps on CPU."""
     from swarmloco.config import DataConfig, InnerConfig, ModelConfig  # noqa: PLC0415 (keep codecs import-light)
     from swarmloco.data.text import Corpus  # noqa: PLC0415
-    from swarmloco.node.inner_loop import InnerTrainer  # noqa: PLC0415
+    from swarmloco.app.inner_loop import InnerTrainer  # noqa: PLC0415
     from swarmloco.models.gpt import GPT  # noqa: PLC0415
 
     model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, block_size=block_size)

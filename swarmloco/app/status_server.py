@@ -1,7 +1,7 @@
 """A tiny local HTTP endpoint that exposes a node's status to ``swarmloco monitor`` and Prometheus.
 
 Routes: ``GET /status`` (JSON of the status dict), ``GET /metrics`` (Prometheus text, see
-``swarmloco.node.metrics``); anything else is 404. It binds 127.0.0.1 only: the status carries
+``swarmloco.app.metrics``); anything else is 404. It binds 127.0.0.1 only: the status carries
 peer ids and addresses, and nothing here is meant for the open internet. A failing ``get_status``
 answers 500 with a one-line JSON error and the server keeps serving.
 """
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from swarmloco.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from swarmloco.node.metrics import render_metrics
+from swarmloco.app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from swarmloco.app.metrics import render_metrics
 
 logger = logging.getLogger(__name__)
 

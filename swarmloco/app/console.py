@@ -5,16 +5,6 @@
 the run move without reading logs::
 
     outer  12 | train 2.3317 | eval 2.4853 | peers 3 | sent 2.6 MB recv 2.6 MB | round 6.8s (compute 5.9, wait 0.4, averaging 0.4, other 0.1)
-
-**Units and names, everywhere** (console, demo, monitor): bytes in SI units (1 kB = 1000 B, 1 MB =
-10^6 B), peer ids shortened to their last 8 characters, and one *round time*: the wall time of a
-round, from the start of its inner steps to the end of its outer step and held-out eval (the next
-round starts right after, once a checkpoint due then is written), with its parts: compute (inner
-steps), wait (the ready barrier), averaging (matchmaking and all-reduce), other (outer step, eval,
-re-runs). With rounds overlapped (``outer.overlap``) a round's barrier and averaging run behind the next
-inner steps: the round time is the time between two rounds landing, *wait* is what the round cost the
-training loop (starting it, waiting for it to land, applying it), and the barrier and averaging time that
-ran behind training is named after the parts.
 """
 
 from __future__ import annotations
@@ -25,21 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-PEER_ID_CHARS = 8
-
-
-def fmt_bytes(n: float) -> str:
-    """Bytes in SI units: '512 B', '2.6 MB' (one unit system in every line and screen)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # not reached
-
-
-def short_id(peer_id: str) -> str:
-    """The last characters of a peer id (libp2p ids share their first ones): the same length everywhere."""
-    return peer_id[-PEER_ID_CHARS:] if isinstance(peer_id, str) else "?"
+from swarmloco.display import fmt_bytes, round_parts
+from swarmloco.protocol.clock import explain_refusal
 
 
 def say(line: str, stream=None) -> None:
@@ -50,22 +27,12 @@ def say(line: str, stream=None) -> None:
         pass
 
 
-def round_parts(last_round: dict[str, Any] | None, round_time: float | None) -> dict[str, float]:
-    """The parts of a round's time (see the module docstring); 'other' is what the named parts leave."""
-    last = last_round or {}
-
-    def part(key: str) -> float:
-        v = last.get(key)
-        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
-
-    if last.get("overlapped"):  # the barrier and the averaging ran behind the inner steps: wait = what they cost them
-        parts = {"compute": part("compute_s"), "wait": part("blocked_s"), "averaging": 0.0}
-    else:
-        parts = {"compute": part("compute_s"), "wait": part("barrier_s"),
-                 "averaging": part("matchmaking_s") + part("allreduce_s")}
-    if isinstance(round_time, (int, float)) and math.isfinite(round_time):
-        parts["other"] = max(0.0, float(round_time) - sum(parts.values()))
-    return parts
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (hivemind's errors can carry p2pd's whole output; its refusal of a clock
+    off the swarm's says what to do)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = explain_refusal(text) or text
+    return text[:300] + "..." if len(text) > 300 else text
 
 
 def _loss(value: Any) -> str:
@@ -133,5 +100,4 @@ class ConsoleReporter:
         pass  # events that matter to an operator are logged as warnings where they happen
 
 
-__all__ = ["ConsoleReporter", "PEER_ID_CHARS", "fmt_bytes", "format_round_line", "lost_work_warning", "round_parts",
-           "say", "short_id"]
+__all__ = ["ConsoleReporter", "format_round_line", "lost_work_warning", "one_line", "say"]

@@ -17,38 +17,13 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from swarmloco import __version__
-from swarmloco.config import ConfigError, load_config, show_value
-from swarmloco.node.console import say
+from swarmloco.app.console import one_line, say
+from swarmloco.app.flags import (EXIT_CODES, Refusal, add_peer_flags, add_swarm_flags, check_peer_flags, load,
+                                 peer_overrides, start_peer, swarm_overrides)
 
 log = logging.getLogger("swarmloco")
-
-EXIT_CODES = """\
-exit codes:
-  0  done, or stopped by Ctrl-C / SIGTERM / SIGHUP (once: it stops cleanly)
-  1  could not start (a port is taken, the initial peers are unreachable)
-  2  bad flags, config or data (one line names the flag or field)
-  3  refused by the swarm (another manifest, no access token, no owner-signed manifest)
-  130  a second signal: exit at once"""
-
-# config fields a flag sets: an error in the value names the flag, as the user typed it
-FLAG_OF_FIELD = {
-    "swarm.initial_peers": "--initial-peers", "swarm.host_maddrs": "--host-maddrs",
-    "swarm.announce_maddrs": "--announce-maddrs", "swarm.identity_path": "--identity",
-    "checkpoint.dir": "--checkpoint-dir", "status.port": "--status-port", "swarm.min_peers": "--min-peers",
-    "run_id": "--run-id",
-}
-
-
-class Refusal(Exception):
-    """A bad input found by the CLI itself: one line, an exit code."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the full usage is one ``--help`` away)."""
@@ -61,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 def _setup_logging(verbose: int, log_file: str | None, stop: threading.Event) -> None:
     """Console: warnings and errors (``-v``: info, ``-vv``: debug, hivemind's too); a ``--log-file``
     gets info. After a stop signal the console stays quiet (see ``stopping.QuietAfterStop``)."""
-    from swarmloco.node.stopping import OneLineFormatter, QuietAfterStop
+    from swarmloco.app.stopping import OneLineFormatter, QuietAfterStop
 
     level = logging.DEBUG if verbose > 1 else logging.INFO if (verbose or log_file) else logging.WARNING
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -89,131 +64,19 @@ def _thread_died(args) -> None:
                                            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
-def _load(path: str | None, overrides: dict[str, Any]) -> Any:
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return load_config(path, given)
-    except ConfigError as e:
-        flag = FLAG_OF_FIELD.get(e.field)
-        if flag and e.field in given:
-            value = e.value if isinstance(e.value, (str, int)) and not isinstance(e.value, bool) else show_value(e.value)
-            raise Refusal(f"{flag} {value}: {e.why}") from None
-        raise Refusal(str(e)) from None
-    except ValueError as e:
-        raise Refusal(str(e)) from None
-
-
-def _swarm_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "swarm.initial_peers": args.initial_peers or None,
-        "swarm.host_maddrs": args.host_maddrs or None,
-        "swarm.announce_maddrs": args.announce_maddrs or None,
-        "swarm.client_mode": True if args.client_mode else None,
-        "swarm.use_auto_relay": True if args.auto_relay else None,
-        "swarm.identity_path": args.identity,
-    }
-
-
-def _add_swarm_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("network (libp2p)")
-    g.add_argument("--initial-peers", action="append", metavar="MADDR",
-                   help="multiaddr of a live peer to join through, ending in /p2p/<peer id> (repeatable)")
-    g.add_argument("--host-maddrs", action="append", metavar="MADDR",
-                   help="listen multiaddr, e.g. /ip4/0.0.0.0/tcp/31337 or /ip4/0.0.0.0/udp/31337/quic (repeatable)")
-    g.add_argument("--announce-maddrs", action="append", metavar="MADDR",
-                   help="public multiaddr to announce (port forwarding)")
-    g.add_argument("--client-mode", action="store_true",
-                   help="behind NAT without port forwarding: outgoing connections only")
-    g.add_argument("--auto-relay", action="store_true", help="find and use libp2p relays automatically")
-    g.add_argument("--identity", metavar="PATH", help="persistent libp2p identity key file (keeps the peer id)")
-
-
-def _peer_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {**_swarm_overrides(args), "checkpoint.dir": args.checkpoint_dir, "status.port": args.status_port,
-            "swarm.min_peers": args.min_peers}
-
-
-def check_peer_flags(args: argparse.Namespace, cfg: Any = None, *, listening: bool = True) -> None:
-    """The flags of ``run`` / ``join`` that can be checked before anything starts (Refusal if bad).
-    ``cfg``: the run's config if known (``join`` knows it only once the manifest is fetched)."""
-    from swarmloco.node import preflight
-
-    try:
-        if args.inner_steps is not None and args.inner_steps < 1:
-            raise preflight.Refused(f"--inner-steps {args.inner_steps}: must be >= 1 (inner steps per outer step)")
-        if args.max_outer_steps is not None and args.max_outer_steps < 1:
-            raise preflight.Refused(f"--max-outer-steps {args.max_outer_steps}: must be >= 1")
-        if args.shard is not None and args.shard < 0:
-            raise preflight.Refused(f"--shard {args.shard}: must be >= 0")
-        if cfg is not None:
-            preflight.check_peer_options(cfg, shard=args.shard, inner_steps=args.inner_steps,
-                                         max_outer_steps=args.max_outer_steps, resume=args.resume)
-        preflight.check_device(args.device)
-        if args.identity:
-            preflight.check_key_path(args.identity, "--identity")
-        if args.checkpoint_dir:
-            preflight.check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
-        if args.status_port:
-            if not 0 < args.status_port < 65536:
-                raise preflight.Refused(f"--status-port {args.status_port}: must be from 0 (off) to 65535")
-            preflight.check_port_free(args.status_port, "--status-port")
-        if listening and args.host_maddrs:
-            preflight.check_listen_maddrs(args.host_maddrs, "--host-maddrs")
-    except preflight.Refused as e:
-        raise Refusal(str(e), e.exit_code) from None
-
-
-def _start_peer(cfg: Any, args: argparse.Namespace, **kwargs: Any) -> int:
-    from swarmloco.node.launcher import run_peer
-    from swarmloco.node.peer import PeerOptions
-
-    try:
-        check_peer_flags(args, cfg, listening=kwargs.get("dht") is None)
-    except Refusal:
-        if kwargs.get("dht") is not None:  # (join: its DHT node is already up)
-            from swarmloco.protocol.transport import shutdown_dht
-
-            shutdown_dht(kwargs["dht"])
-        raise
-    options = PeerOptions(shard=args.shard, device=args.device, max_outer_steps=args.max_outer_steps,
-                          resume=args.resume, inner_steps=args.inner_steps)
-    out = _to_log if args.tui else say
-    return run_peer(cfg, options, json_events=args.json_events, maddrs_file=args.maddrs_file,
-                    status_server_factory=_status_server_factory(), tui=args.tui, stop=args.stop, out=out, **kwargs)
-
-
-def _to_log(line: str) -> None:
-    """Under ``--tui`` the monitor owns the terminal: the peer's lines go to the log file."""
-    logging.getLogger("swarmloco.console").info(line)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args.config, _peer_overrides(args))
-    return _start_peer(cfg, args)
-
-
-def _status_server_factory():
-    try:
-        from swarmloco.node.status_server import StatusServer
-    except ImportError:
-        return None
-
-    def make(get_status, port):
-        server = StatusServer(get_status, port)
-        server.start()
-        return server
-
-    return make
+    cfg = load(args.config, peer_overrides(args))
+    return start_peer(cfg, args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from swarmloco.node.demo import run_demo
+    from swarmloco.app.demo import run_demo
 
     if args.peers < 1 or args.outer_steps < 1 or (args.inner_steps is not None and args.inner_steps < 1):
         bad = next(f"{flag} {v}" for flag, v in (("--peers", args.peers), ("--outer-steps", args.outer_steps),
                                                  ("--inner-steps", args.inner_steps)) if v is not None and v < 1)
         raise Refusal(f"{bad}: must be >= 1")
-    cfg = _load(args.config, {"run_id": args.run_id})
+    cfg = load(args.config, {"run_id": args.run_id})
     if args.workdir and Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         raise Refusal(f"--workdir {args.workdir}: exists and is not a directory")
     return run_demo(cfg, peers=args.peers, outer_steps=args.outer_steps, inner_steps=args.inner_steps,
@@ -221,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
+    from swarmloco.app.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.tui import MonitorApp, NodeSource
 
     node = swarm = None
@@ -233,7 +96,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.node is not None:
         node = NodeSource(_port_of(args.node))
     if args.initial_peers:
-        from swarmloco.node.joining import JoinError, RunSpec
+        from swarmloco.app.joining import JoinError, RunSpec
         from swarmloco.protocol.progress import SwarmWatcher
         from swarmloco.protocol.transport import DhtClient, route_hivemind_logs
 
@@ -242,14 +105,14 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         except JoinError as e:
             raise Refusal(f"--run {args.run}: {e}") from None
         route_hivemind_logs()
-        cfg = _load(None, {**_swarm_overrides(args), "swarm.client_mode": True,
+        cfg = load(None, {**swarm_overrides(args), "swarm.client_mode": True,
                            "swarm.host_maddrs": args.host_maddrs or ["/ip4/0.0.0.0/tcp/0"]})
         install_stop_handlers(args.stop, NODE_STOP)  # while the DHT starts; the app takes over the signals
         try:
             dht = DhtClient(cfg.swarm)
             swarm = SwarmWatcher(dht, args.run, ttl=cfg.swarm.heartbeat_ttl)
         except Exception as e:  # noqa: BLE001
-            reason = f"could not join the swarm's DHT: {_one_line(e)}"
+            reason = f"could not join the swarm's DHT: {one_line(e)}"
             if node is None:
                 raise Refusal(reason, 1) from None
             swarm = _NoSwarm(reason)  # the node view still works (a demo whose swarm already finished)
@@ -287,7 +150,7 @@ def _recording(path: str):
     except (OSError, UnicodeDecodeError) as e:
         raise Refusal(f"--replay {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     except ValueError as e:
-        raise Refusal(f"--replay {path}: not a JSON or JSON-lines recording ({_one_line(e)})") from None
+        raise Refusal(f"--replay {path}: not a JSON or JSON-lines recording ({one_line(e)})") from None
     if not frames:
         raise Refusal(f"--replay {path}: the recording holds no frames")
     return (RecordedSource(frames, key="status", loop=True),
@@ -300,12 +163,6 @@ def _port_of(value: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise Refusal(f"--node {value}: give a port (1-65535) or http://127.0.0.1:PORT")
     return int(text)
-
-
-def _one_line(e: BaseException) -> str:
-    from swarmloco.node.launcher import one_line
-
-    return one_line(e)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -330,16 +187,17 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """A DHT-only peer with a stable address: no model, no GPU. With ``--run``, it validates those runs'
     records like their peers do (a node without validators stores anything)."""
-    from swarmloco.node import joining, preflight
-    from swarmloco.node.launcher import load_identity, start_dht_node, write_maddrs
-    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
+    from swarmloco.app import joining, preflight
+    from swarmloco.app.launcher import start_dht_node, write_maddrs
+    from swarmloco.protocol.identity import load_identity
+    from swarmloco.app.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.protocol.transport import route_hivemind_logs
 
     install_stop_handlers(args.stop, NODE_STOP)
     route_hivemind_logs()
-    overrides = _swarm_overrides(args)
+    overrides = swarm_overrides(args)
     overrides["swarm.host_maddrs"] = args.host_maddrs or ["/ip4/0.0.0.0/tcp/31337"]
-    cfg = _load(None, overrides)
+    cfg = load(None, overrides)
     try:
         specs = [joining.RunSpec.parse(r) for r in args.run or []]
         if args.identity:
@@ -355,7 +213,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     try:
         dht = start_dht_node(cfg.swarm, identity, [joining.join_validator(s) for s in specs])
     except Exception as e:  # noqa: BLE001
-        raise Refusal(f"could not start the bootstrap peer: {_one_line(e)}", 1) from None
+        raise Refusal(f"could not start the bootstrap peer: {one_line(e)}", 1) from None
     try:
         for m in dht.visible_maddrs():
             say(f"swarmloco: bootstrap peer listening on {m}")
@@ -371,23 +229,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_peer_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shard", type=int, default=None, help="data shard of this peer (default: from the peer id)")
-    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (overrides checkpoint.dir)")
-    p.add_argument("--max-outer-steps", type=int, default=None, help="exit 0 after this many outer steps")
-    p.add_argument("--inner-steps", type=int, default=None, help="override inner.steps locally (H, >= 1)")
-    p.add_argument("--resume", action="store_true",
-                   help="resume from this run's newest checkpoint in the checkpoint directory (needs one)")
-    p.add_argument("--min-peers", type=int, default=None, help="wait for this many peers before the first round")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--status-port", type=int, default=None, help="serve status on 127.0.0.1:PORT (0: off)")
-    p.add_argument("--json-events", action="store_true", help="print machine-readable round lines on stdout")
-    p.add_argument("--tui", action="store_true", help="show this node in the terminal monitor (logs: --log-file)")
-    p.add_argument("--log-file", default=None, help="write logs here instead of stderr (default with --tui: swarmloco.log)")
-    p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
-    _add_swarm_flags(p)
-
-
 def _sub(sub, name: str, help_text: str, epilog: str, **kwargs) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
                           epilog=f"{epilog}\n\n{EXIT_CODES}", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -400,7 +241,7 @@ PEER_STOP_NOTE = """stopping: Ctrl-C, SIGTERM or SIGHUP (also to the whole proce
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from swarmloco.cli_public import cmd_init_run, cmd_join, cmd_token
+    from swarmloco.app.public import cmd_init_run, cmd_join, cmd_token
 
     parser = _Parser(
         prog="swarmloco", description="DiLoCo training over a volunteer swarm.",
@@ -445,7 +286,7 @@ work was dropped.
 
 {PEER_STOP_NOTE}""")
     p.add_argument("config", help="TOML config file")
-    _add_peer_flags(p)
+    add_peer_flags(p)
     p.set_defaults(func=cmd_run)
 
     p = _sub(sub, "join", "join an owned run: the manifest comes from the DHT, signed by its owner",
@@ -463,7 +304,7 @@ Takes every flag of 'run' except the config file.
     p.add_argument("--trust-data-path", action="store_true",
                    help="allow a manifest that reads training data from a local path")
     p.add_argument("--manifest-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
-    _add_peer_flags(p)
+    add_peer_flags(p)
     p.set_defaults(func=cmd_join)
 
     p = _sub(sub, "init-run", "sign and publish a run's manifest as its owner; serve it",
@@ -477,7 +318,7 @@ stopping: Ctrl-C, SIGTERM or SIGHUP once: it leaves the swarm and exits 0; a sec
     p.add_argument("--valid-days", type=float, default=30.0, help="the signed manifest's lifetime (default 30)")
     p.add_argument("--once", action="store_true", help="publish through --initial-peers and exit")
     p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
-    _add_swarm_flags(p)
+    add_swarm_flags(p)
     p.set_defaults(func=cmd_init_run)
 
     p = _sub(sub, "token", "as a private run's owner, let a peer's key in",
@@ -488,7 +329,7 @@ example:
     p.add_argument("run", metavar="RUN", help="run name")
     p.add_argument("peer", metavar="PEER", help="the peer's public key (hex) or peer id")
     p.add_argument("--valid-days", type=float, default=30.0, help="token lifetime (default 30)")
-    _add_swarm_flags(p)
+    add_swarm_flags(p)
     p.set_defaults(func=cmd_token)
 
     p = _sub(sub, "monitor", "terminal UI of a node and of the swarm",
@@ -504,7 +345,7 @@ stopping: Ctrl-C (in its screen: q), SIGTERM or SIGHUP: it leaves the swarm's DH
     p.add_argument("--run", default="demo", help="run id whose peers to list (default demo)")
     p.add_argument("--replay", default=None, metavar="FILE", help="replay a recorded status stream (JSON/JSONL)")
     p.add_argument("--attached", choices=("node", "demo"), default=None, help=argparse.SUPPRESS)
-    _add_swarm_flags(p)
+    add_swarm_flags(p)
     p.set_defaults(func=cmd_monitor)
 
     p = _sub(sub, "keygen", "make a persistent Ed25519 libp2p identity", """required: PATH.
@@ -523,13 +364,13 @@ stopping: Ctrl-C, SIGTERM or SIGHUP once: it leaves the swarm and exits 0; a sec
     p.add_argument("--run", action="append", metavar="RUN[@OWNER]",
                    help="validate this run's records like its peers do (repeatable; @OWNER: also its heartbeats)")
     p.add_argument("--maddrs-file", default=None, help=argparse.SUPPRESS)
-    _add_swarm_flags(p)
+    add_swarm_flags(p)
     p.set_defaults(func=cmd_bootstrap)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swarmloco.node import preflight
+    from swarmloco.app import preflight
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -552,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - never a traceback for the user; -v shows it
         if args.verbose:
             traceback.print_exc()
-        say(f"swarmloco: unexpected error: {type(e).__name__}: {_one_line(e)}"
+        say(f"swarmloco: unexpected error: {type(e).__name__}: {one_line(e)}"
             + ("" if args.verbose else " (run with -v for the traceback)"))
         return 1
 

@@ -180,7 +180,7 @@ def config_from_manifest(signed: SignedManifest, local: RunConfig, trust_data_pa
         cfg = config_from_dict({**shared, **{name: mine[name] for name in LOCAL_SECTIONS}})
     except ValueError as e:
         raise JoinError(f"the run's manifest is not a config this version understands: {e}", 3) from None
-    from swarmloco.node.peer import run_manifest
+    from swarmloco.app.peer import run_manifest
 
     rebuilt = run_manifest(cfg)
     if rebuilt.hash != signed.manifest.hash:

@@ -6,16 +6,17 @@ import argparse
 import math
 import time
 
-from swarmloco.cli import Refusal, _load, _one_line, _peer_overrides, _start_peer, _swarm_overrides, check_peer_flags
-from swarmloco.node.console import say
+from swarmloco.app.console import one_line, say
+from swarmloco.app.flags import Refusal, check_peer_flags, load, peer_overrides, start_peer, swarm_overrides
 
 
 def cmd_join(args: argparse.Namespace) -> int:
     """Join an owned run with no config file: the manifest comes from the DHT, signed by the owner."""
     from swarmloco.maddrs import maddr_problem
-    from swarmloco.node import joining
-    from swarmloco.node.launcher import load_identity, start_dht_node
-    from swarmloco.node.stopping import install_stop_handlers
+    from swarmloco.app import joining
+    from swarmloco.app.launcher import start_dht_node
+    from swarmloco.protocol.identity import load_identity
+    from swarmloco.app.stopping import install_stop_handlers
     from swarmloco.protocol.transport import route_hivemind_logs
 
     if why := maddr_problem(args.maddr, dial=True):
@@ -23,7 +24,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.manifest_timeout) and args.manifest_timeout > 0):
         raise Refusal(f"--manifest-timeout {args.manifest_timeout}: must be > 0 seconds")
     args.initial_peers = [args.maddr, *(args.initial_peers or [])]
-    local = _load(None, _peer_overrides(args))
+    local = load(None, peer_overrides(args))
     try:
         spec = joining.RunSpec.parse(args.run) if args.run else None
     except joining.JoinError as e:
@@ -39,7 +40,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     try:
         client = start_dht_node(local.swarm, identity, validators)
     except Exception as e:  # noqa: BLE001
-        raise Refusal(f"could not join the swarm's DHT: {_one_line(e)}", 1) from None
+        raise Refusal(f"could not join the swarm's DHT: {one_line(e)}", 1) from None
     try:
         spec = joining.find_run(client.get, spec)
         signed = joining.fetch_manifest(client.get, spec, timeout=args.manifest_timeout, stop=args.stop)
@@ -57,21 +58,21 @@ def cmd_join(args: argparse.Namespace) -> int:
         return 0
     say(f"swarmloco: joining run '{spec.run_id}' of owner {signed.author.hex()} (manifest "
         f"{signed.manifest.short}, signature checked)")
-    return _start_peer(cfg, args, identity=identity, dht=client.detach_dht())
+    return start_peer(cfg, args, identity=identity, dht=client.detach_dht())
 
 
 def cmd_init_run(args: argparse.Namespace) -> int:
     """Sign and publish a run's manifest; keep a DHT node up that serves it (and bootstraps the swarm)."""
-    from swarmloco.node import joining, preflight
-    from swarmloco.node.launcher import start_dht_node, write_maddrs
-    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
+    from swarmloco.app import joining, preflight
+    from swarmloco.app.launcher import start_dht_node, write_maddrs
+    from swarmloco.app.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.protocol.identity import Identity
     from swarmloco.protocol.transport import route_hivemind_logs
 
-    overrides = {**_swarm_overrides(args), "swarm.identity_path": None}
+    overrides = {**swarm_overrides(args), "swarm.identity_path": None}
     if not args.initial_peers:
         overrides["swarm.host_maddrs"] = args.host_maddrs or ["/ip4/0.0.0.0/tcp/31337"]
-    cfg = _load(args.config, overrides)
+    cfg = load(args.config, overrides)
     if not args.identity:
         raise Refusal("init-run needs --identity OWNER_KEY (make one with: swarmloco keygen PATH)")
     if not (math.isfinite(args.valid_days) and args.valid_days > 0):
@@ -86,7 +87,7 @@ def cmd_init_run(args: argparse.Namespace) -> int:
         raise Refusal(f"--identity {args.identity}: {reason} (make a key with: swarmloco keygen PATH)") from None
     except joining.JoinError as e:
         raise Refusal(str(e), e.exit_code) from None
-    from swarmloco.node.peer import prepare_config, run_manifest
+    from swarmloco.app.peer import prepare_config, run_manifest
 
     try:
         cfg = prepare_config(cfg)  # the owner pins the tokenizer's and pretrained weights' hashes
@@ -103,7 +104,7 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish
         client = start_dht_node(cfg.swarm, owner, [manifest.validator()])
     except Exception as e:  # noqa: BLE001
-        raise Refusal(f"could not start the DHT node: {_one_line(e)}", 1) from None
+        raise Refusal(f"could not start the DHT node: {one_line(e)}", 1) from None
     try:
         if args.stop.is_set():
             return 0
@@ -123,8 +124,8 @@ def cmd_init_run(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """The owner of a private run lets one peer key in: a signed token, published in the DHT."""
-    from swarmloco.node.joining import JoinError, RunSpec
-    from swarmloco.node.stopping import NODE_STOP, install_stop_handlers
+    from swarmloco.app.joining import JoinError, RunSpec
+    from swarmloco.app.stopping import NODE_STOP, install_stop_handlers
     from swarmloco.protocol.access import issue_token, token_subkey
     from swarmloco.protocol.identity import Identity, public_key_of_peer_id
     from swarmloco.protocol.manifest import tokens_key
@@ -156,13 +157,13 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise Refusal(f"RUN {args.run}: {e}") from None
     if not args.initial_peers:
         raise Refusal("token needs --initial-peers MADDR of the swarm to publish the token in")
-    cfg = _load(None, {**_swarm_overrides(args), "swarm.client_mode": True, "swarm.identity_path": None})
+    cfg = load(None, {**swarm_overrides(args), "swarm.client_mode": True, "swarm.identity_path": None})
     install_stop_handlers(args.stop, NODE_STOP)
     route_hivemind_logs()
     try:
         client = DhtClient(cfg.swarm)
     except Exception as e:  # noqa: BLE001
-        raise Refusal(f"could not join the swarm's DHT: {_one_line(e)}", 1) from None
+        raise Refusal(f"could not join the swarm's DHT: {one_line(e)}", 1) from None
     try:
         ok = client.store(tokens_key(args.run), token_subkey(owner.public_bytes, peer), token, expires)
     finally:

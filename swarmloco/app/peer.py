@@ -1,7 +1,7 @@
 """The CLI's peer: a model and data built from the run config, trained by the built-in loop through the
 public API (:class:`swarmloco.DiLoCo` on a :class:`swarmloco.Swarm`), exactly as a user's own loop would.
 
-The loop: one inner step (:class:`~swarmloco.node.inner_loop.InnerTrainer`: AdamW at the warmup+cosine
+The loop: one inner step (:class:`~swarmloco.app.inner_loop.InnerTrainer`: AdamW at the warmup+cosine
 schedule's learning rate, bf16 autocast on CUDA, grad clipping) on the peer's data shard, then
 ``diloco.step(samples, loss)``, which runs the outer round when it is due and reports it; until
 ``max_outer_steps`` rounds or a stop signal. Everything the swarm does - rounds, re-runs, catching up,
@@ -20,7 +20,7 @@ from swarmloco.config import RunConfig
 from swarmloco.data import build_corpus, prepare_data, shard_for_peer
 from swarmloco.models import build_model as build_model_of, check_vocab, lm_loss, num_params, prepare_model
 from swarmloco.node.diloco import DiLoCo, fingerprint
-from swarmloco.node.inner_loop import InnerTrainer, evaluate, inner_optimizer
+from swarmloco.app.inner_loop import InnerTrainer, evaluate, inner_optimizer
 from swarmloco.node.state_sync import params_digest
 from swarmloco.node.status import StatusBoard
 from swarmloco.protocol import faults

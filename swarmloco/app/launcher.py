@@ -1,17 +1,13 @@
 """Start one peer process: checks, status endpoint, transport, peer, clean shutdown.
 
-Order matters to an operator: every input is checked (:mod:`swarmloco.node.preflight`: device, codec,
-data, ports) and the status endpoint is bound *before* hivemind's DHT node and p2pd start
-and before a join address is printed, so a bad input is one line and exit 2 (or 1 for a taken port),
-never a peer that comes up and then dies.
+Order matters to an operator: every input is checked (:mod:`swarmloco.app.preflight`: device, codec,
+data, ports) and the status endpoint is bound *before* hivemind's DHT node and p2pd start and before a
+join address is printed, so a bad input is one line and exit 2 (or 1 for a taken port), never a peer
+that comes up and then dies.
 
-Stopping (:mod:`swarmloco.node.stopping`): a signal sets ``stop``; the peer abandons its current inner
-stretch, leaves a round in flight after a short grace, marks itself stopped in the DHT, writes its
-checkpoint, and the transport shuts hivemind's averager, DHT and p2pd down, then kills whatever is
-left of their process groups. hivemind's processes lead their own process groups, so a signal to this
-peer's group (a terminal's Ctrl-C, closing it, ``kill -- -PGID``) reaches only this process; they get
-``PR_SET_PDEATHSIG`` so they (p2pd too) die with a peer that is SIGKILLed. See
-:mod:`swarmloco.protocol.processes`.
+On a stop (:mod:`swarmloco.app.stopping`) the peer leaves the swarm and writes its checkpoint, then the
+transport shuts hivemind's averager, DHT and p2pd down and kills whatever is left of their process groups
+(:mod:`swarmloco.protocol.processes`: they lead their own groups and die with a peer that is SIGKILLed).
 """
 
 from __future__ import annotations
@@ -27,15 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from swarmloco.config import RunConfig
-from swarmloco.node import preflight
+from swarmloco.app import preflight
 from swarmloco.node.checkpoint import list_checkpoints
-from swarmloco.node.console import ConsoleReporter, say
+from swarmloco.app.console import ConsoleReporter, one_line, say
 from swarmloco.node.membership import AccessRefused
-from swarmloco.node.peer import Peer, PeerOptions, prepare_config
+from swarmloco.app.peer import Peer, PeerOptions, prepare_config
 from swarmloco.node.status import JsonLinesReporter, StatusBoard, TeeReporter
-from swarmloco.node.stopping import install_stop_handlers
-from swarmloco.protocol.clock import explain_refusal
-from swarmloco.protocol.identity import Identity
+from swarmloco.app.stopping import install_stop_handlers
+from swarmloco.protocol.identity import Identity, p2pd_key_file
 from swarmloco.protocol.manifest import ManifestMismatch
 from swarmloco.protocol.interface import TransportDied
 
@@ -78,33 +73,6 @@ def stop_monitor(monitor: subprocess.Popen | None, timeout: float = 15.0) -> Non
         monitor.wait(5)
 
 
-def load_identity(path: str) -> Identity:
-    """The peer's key: loaded from ``path`` (created there if missing), or fresh for this run if empty.
-    Raises ValueError with a one-line reason for an unreadable key file."""
-    if not path:
-        return Identity.generate()
-    try:
-        if not os.path.exists(path):
-            identity = Identity.generate()
-            identity.write_libp2p_key(path)
-            logger.info("generated a new identity %s at %s", identity.libp2p_peer_id(), path)
-            return identity
-        return Identity.load(path)
-    except FileNotFoundError:
-        raise ValueError(f"identity file {path}: the folder {Path(path).parent} does not exist") from None
-    except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-        raise ValueError(f"identity file {path}: {reason}") from None
-
-
-def p2pd_key_file(identity: Identity, workdir: str) -> str:
-    """Write ``identity`` as the libp2p key p2pd reads (0600, in a private temp dir): p2pd then runs with the
-    same key that signs our records, so our peer id inlines our public key."""
-    path = os.path.join(workdir, "p2pd.key")
-    identity.write_libp2p_key(path)
-    return path
-
-
 def write_maddrs(path: str, maddrs: list[str]) -> None:
     """Write this node's addresses atomically (tests and scripts wait for the file, then read it whole)."""
     tmp = Path(path).with_suffix(".tmp")
@@ -120,14 +88,6 @@ def start_dht_node(swarm, identity: Identity, record_validators=()):
     with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
         return DhtClient(swarm, identity_path=p2pd_key_file(identity, keydir),
                          record_validators=list(record_validators))
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one short line (hivemind's errors can carry p2pd's whole output; its refusal of a clock
-    off the swarm's says what to do)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    text = explain_refusal(text) or text
-    return text[:300] + "..." if len(text) > 300 else text
 
 
 def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,

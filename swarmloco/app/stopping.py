@@ -3,15 +3,14 @@
 The first signal prints one line and sets a stop flag; the command then finishes in order (a peer
 abandons its inner steps, leaves a round in flight after a short grace, marks itself stopped in the
 DHT, writes its checkpoint and shuts hivemind's processes down) and exits 0. hivemind's processes are
-not in the signalled process group (:mod:`swarmloco.protocol.processes`), so they are still there to
-be stopped in order. A second signal exits at once (130), after killing those processes. A stop that
-is not done after :data:`STOP_DEADLINE` seconds (a network call hung) is cut short the same way
-(exit 1), so no stop waits forever.
+outside the signalled process group (:mod:`swarmloco.protocol.processes`), so they are still there to
+be stopped in order. A second signal kills them and exits at once (130); a stop not done after
+:data:`STOP_DEADLINE` seconds (a network call hung) is cut short the same way (exit 1).
 
-After the first signal the console stays quiet: :class:`QuietAfterStop` drops log records below
-ERROR (and all of hivemind's) unless ``-v`` was given, in this process and in hivemind's helpers,
-which log through a copy of the same handler (they learn of the stop through a process-shared flag:
-they are not signalled themselves). :class:`OneLineFormatter` keeps tracebacks off the console.
+After the first signal the console stays quiet: :class:`QuietAfterStop` drops records below ERROR (and
+all of hivemind's) unless ``-v`` is given, here and in hivemind's helpers, which log through a copy of
+the same handler and learn of the stop through a process-shared flag. :class:`OneLineFormatter` keeps
+tracebacks off the console.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import signal
 import sys
 import threading
 
-from swarmloco.node.console import say
+from swarmloco.app.console import say
 from swarmloco.protocol.processes import reap_helpers
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

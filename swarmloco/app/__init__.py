@@ -1,0 +1,1 @@
+"""The CLI and its built-in peer: clients of the public API (``swarmloco.Swarm``, ``swarmloco.DiLoCo``)."""

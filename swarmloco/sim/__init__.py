@@ -1,0 +1,1 @@
+"""The simulator (K workers in one process, bit-identical with real peers) and codec measurements."""

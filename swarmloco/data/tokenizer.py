@@ -1,13 +1,12 @@
 """The run's tokenizer: a local ``tokenizer.json``, or a byte-level BPE trained reproducibly on the run's data.
 
-Every peer must tokenize alike, so the tokenizer is part of the run manifest through its sha256
-(``data.tokenizer_sha256``: the sha256 of its ``tokenizer.json`` bytes). A trained one is trained by
-each peer itself, on the first ``data.tokenizer_train_bytes`` of the run's own training text, with the
-``tokenizers`` library's BPE trainer: byte-level (GPT-2's pre-tokenizer and alphabet, so no text is ever
-unknown), the eos token as its only special token. That training is deterministic (same text, same
-``tokenizers`` version: the same bytes, whatever the process, hash seed or thread count), so the peers
-of a swarm end up holding the very same file and prove it by its hash. Trained tokenizers are cached
-on disk, keyed by a hash of everything they are trained from.
+Every peer must tokenize alike, so the manifest pins the sha256 of the ``tokenizer.json`` bytes
+(``data.tokenizer_sha256``). A trained tokenizer is trained by each peer itself on the first
+``data.tokenizer_train_bytes`` of the run's training text with the ``tokenizers`` BPE trainer: byte-level
+(GPT-2's pre-tokenizer and alphabet, so no text is unknown), the eos token its only special token. That
+training is deterministic (same text and ``tokenizers`` version: the same bytes, whatever the process, hash
+seed or thread count), so the peers hold the very same file and prove it by its hash. Trained tokenizers are
+cached on disk, keyed by a hash of everything they are trained from.
 """
 
 from __future__ import annotations

@@ -3,13 +3,12 @@
 Two ways to get one, both the same on every peer:
 
 * **from a config held in the manifest**: ``architecture = "LlamaForCausalLM"`` and a ``[model.config]``
-  table of its config class's fields. The weights are initialised by the architecture's own init,
-  drawn from torch's CPU generator seeded with the run seed (inside ``torch.random.fork_rng``, so the
-  caller's RNG state is untouched): the same seed, torch and transformers give every peer the same bytes;
-* **pretrained**: a local directory (``config.json`` and ``*.safetensors`` / ``pytorch_model*.bin``),
-  whose sha256 (``pretrained_sha256``, see ``pretrained_digest``) is in the manifest and checked before
-  anything is loaded; or a hub model id, downloaded only when the machine is online (offline, or not
-  downloadable: one line naming ``model.pretrained``).
+  table of its config class's fields, initialised by the architecture's own init from torch's CPU generator
+  seeded with the run seed (inside ``torch.random.fork_rng``: the caller's RNG state is untouched); the same
+  seed, torch and transformers give every peer the same bytes;
+* **pretrained**: a local directory (``config.json`` and ``*.safetensors`` / ``pytorch_model*.bin``), whose
+  sha256 (``pretrained_sha256``, :func:`pretrained_digest`) is in the manifest and checked before anything is
+  loaded; or a hub model id, downloaded only when online (else one line naming ``model.pretrained``).
 
 ``transformers`` is imported here only, and only when a run uses it (it takes seconds).
 """

@@ -1,27 +1,21 @@
 """All-gather of sparse pseudo-gradients over hivemind's p2p layer (top-k codecs).
 
-A sparse payload (indices + low-bit values) does not survive a part-by-part sum in a butterfly
-all-reduce: a reducer would have to send back the union of everyone's indices. Instead every member
-of the group sends its whole payload to every other member and each one sums all of them itself,
-as SparseLoCo and DeMo do.
+A sparse payload (indices + low-bit values) does not survive a butterfly all-reduce's part-by-part sum, so
+every member sends its whole payload to every other and each sums all of them itself (as SparseLoCo and DeMo).
 
-* **One stream per pair.** For members ``i < j``, ``i`` dials ``j`` (``rpc_aggregate_part``, the
-  averager's own RPC, routed to this runner by group id) and sends its payload; ``j`` answers on the
-  same stream with its own. A member that cannot be dialed (client mode, behind NAT) dials instead.
-  Each peer sends and receives ``(n-1) x payload`` bytes.
-* **Identical results.** Every member decodes the same n payloads (its own included, through the
-  same decoder) and sums them in fp32 in the group's order, weighted by samples; each coordinate is
-  divided by the weights of the members that sent it where the codec's payloads hold each sender's own
-  coordinates (``CodecInfo.per_sender``: SparseLoCo's mean over senders,
-  :func:`~swarmloco.protocol.robust.sender_mean`), else by all the weights (``rotate``'s hadamard basis and
-  ``hadtopk``: their payloads are averaged as coefficients and the mean is turned back once,
-  ``Codec.finish_mean``; the rotation is linear and keeps norms, so the clipping sees the same norms). The
-  average is the same bits on every member, like the exact all-reduce of :mod:`swarmloco.protocol.allreduce`.
-* **Checked.** A payload is accepted only with this run's codec tag, exactly the byte length this
-  codec produces for the vector (top-k's layout is fixed by the size), a sane weight, and values
-  that decode (:class:`~swarmloco.compression.base.CodecError` otherwise). Every wait has a deadline.
-* **Missing is failure.** If any member's payload is missing the round fails with
-  :class:`PartialAllReduce` naming the members whose stream broke (suspects) and those that timed out.
+* **One stream per pair.** For members ``i < j``, ``i`` dials ``j`` (the averager's ``rpc_aggregate_part``,
+  routed here by group id) and sends its payload; ``j`` answers on the same stream with its own. A member
+  that cannot be dialed (client mode) dials instead. Each peer sends and receives ``(n-1) x payload`` bytes.
+* **Identical results.** Every member decodes the same n payloads (its own too) and sums them in fp32 in the
+  group's order, weighted by samples. With ``CodecInfo.per_sender`` each coordinate is divided by the weights
+  of its senders (:func:`~swarmloco.protocol.robust.sender_mean`), else by all weights, and ``Codec.finish_mean``
+  turns the mean back once (``rotate``, ``hadtopk``: a linear, norm-keeping basis). The average is the same
+  bits on every member, like :mod:`swarmloco.protocol.allreduce`.
+* **Checked.** A payload needs this run's codec tag, exactly the codec's byte length for the vector, a sane
+  weight and values that decode (:class:`~swarmloco.compression.base.CodecError` otherwise). Every wait
+  has a deadline.
+* **Missing is failure.** A missing payload fails the round with :class:`PartialAllReduce`, naming the
+  members whose stream broke (suspects) and those that timed out.
 """
 
 from __future__ import annotations

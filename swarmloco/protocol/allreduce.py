@@ -139,7 +139,7 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
 
     def drain(self, timeout: float) -> bool:
         """Wait (at most ``timeout``) until this peer has sent its group mates every averaged part it owes
-        them: a peer leaving right after its last round otherwise cut its mates' round short."""
+        them: a peer leaving right after its last round would otherwise cut its mates' round short."""
         future = MPFuture()
         with self._pipe_lock:
             self._outer_pipe.send(("_drain", [], dict(timeout=timeout, future=future)))
@@ -163,10 +163,10 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
             matchmaking = self._matchmaking
             matchmaking.target_group_size = size
             matchmaking.potential_leaders.target_group_size = size
-            # not the group key manager's: it would sample a bucket per member from range(size) and raise once
-            # a group larger than this peer's barrier count took it in (another view of the ready set): the
-            # follower then never learned of a group that counted it in. We keep no group bits; None sizes the
-            # buckets by the group itself
+            # not the group key manager's: it would sample a bucket per member from range(size) and raise when
+            # a group larger than this peer's barrier count takes it in (another view of the ready set), and
+            # the follower would never learn of a group that counted it in. We keep no group bits; None sizes
+            # the buckets by the group itself
             matchmaking.group_key_manager.target_group_size = None
             future.set_result(None)
         except Exception as e:  # noqa: BLE001
@@ -177,9 +177,9 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
                                  context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
         """hivemind's handler, except for a stream of a group this peer is not running. hivemind waits until
         this peer registers *any* group (its leader's answer may be a moment behind a mate's stream). A
-        peer whose join request got no answer in time may have been counted in by that leader all the
-        same, and then held the whole group until its reducer timeout: such a peer (following no leader
-        now) answers BAD_GROUP_ID at once, and the others fail the round at once and re-run it. Any other
+        peer whose join request got no answer in time may be counted in by that leader all the same, and
+        would then hold the whole group until its reducer timeout: such a peer (following no leader)
+        answers BAD_GROUP_ID at once, and the others fail the round at once and re-run it. Any other
         wait is bounded by ``next_chunk_timeout``."""
         request = await anext(stream)
         if request.group_id not in self._running_groups and not self._pending_groups_registered.is_set():
@@ -256,8 +256,8 @@ class SwarmAverager(StateSharing, LineageSharing, DecentralizedAverager):
         or at once when the node aborts the round (its group mates already re-run it).
 
         Each stream has its own timeout, but a peer can still wait on a part whose reducer is itself
-        stuck behind a dead peer; without this, such a peer sat in a doomed round until
-        ``allreduce_timeout`` while its group had moved on.
+        stuck behind a dead peer; without this, such a peer would sit in a doomed round until
+        ``allreduce_timeout`` while its group has moved on.
         """
         async def consume() -> None:
             async for tensor, averaged in azip(as_aiter(*tensors), runner):

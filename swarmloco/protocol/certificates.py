@@ -5,19 +5,15 @@ every member signs the same **round header** with its Ed25519 key::
 
     ["swarmloco-round-v1", manifest hash, r, parent (32 B), digest (32 B), sha256(members), samples]
 
-where ``members`` are the group's public keys, sorted, and ``samples`` the samples the group processed
-(the round's gathered metadata, equal on every member). The **certificate** of the round is the header,
-the member list and the members' signatures (each member adds its own at once and collects the others'
-from their heartbeats, :mod:`swarmloco.protocol.progress`). A member counts as a contributor of the
-round only if its signature verifies; a member list nobody signed is no evidence at all.
+``members``: the group's public keys, sorted; ``samples``: what the group processed (equal on every
+member). The **certificate** is the header, the member list and the signatures (each member adds its own
+and collects the others' from their heartbeats, :mod:`swarmloco.protocol.progress`). Only a member whose
+signature verifies counts as a contributor; a member list nobody signed is no evidence.
 
-A chain of certificates links digests: certificate ``r`` starts from the digest certificate ``r-1``
-ends at. :func:`check_segment` verifies one that starts from a point the receiver already trusts (its
-own chain, the run's genesis) and ends at a claimed tip; that is what a peer asks before it adopts a
-state another one serves (:mod:`swarmloco.node.lineage`).
-
-Every byte string here may come from a hostile peer: :meth:`Certificate.decode` bounds sizes, types
-and counts, and every failure is a one-line :class:`CertificateError`.
+Certificate ``r`` starts from the digest certificate ``r-1`` ends at. :func:`check_segment` verifies a chain
+from a point the receiver trusts (its own chain, the genesis) to a claimed tip, before a peer adopts a state
+another serves (:mod:`swarmloco.node.lineage`). Input may be hostile: :meth:`Certificate.decode` bounds
+sizes, types and counts, and every failure is a one-line :class:`CertificateError`.
 """
 
 from __future__ import annotations

@@ -1,21 +1,18 @@
 """The exact butterfly all-reduce: hivemind's ``AllReduceRunner`` (1.1.12), made exact, strict and
 observable. :class:`~swarmloco.protocol.allreduce.SwarmAverager` runs it for every summable codec.
 
-1. **Bit-identical results.** hivemind's reducers send back ``average - part`` and each peer adds
-   that delta to its own tensor: ``x + (avg - x)`` differs from ``avg`` in the last bits, and from
-   peer to peer. Our reducers send the averaged part itself (encoded once with the run's codec) and
-   every peer, the reducer included, takes the decoded bytes as they are. Every member of a group
-   therefore ends the round with the same bits.
-2. **Who failed is known.** The peer ids of reducers whose stream broke (the peer is gone) travel
-   with the exception (``PartialAllReduce.suspects``), so the survivors can re-run the round without
-   waiting for them. Reducers that only timed out are named but not suspected: a live peer's reducer
-   is often late *because* another peer died (it waits for the dead peer's parts).
+1. **Bit-identical results.** hivemind's reducers send back ``average - part`` and each peer adds it to
+   its own tensor, which differs from ``avg`` in the last bits, and from peer to peer. Our reducers send
+   the averaged part itself (encoded once with the run's codec) and every peer, the reducer included,
+   takes the decoded bytes as they are, so every member ends the round with the same bits.
+2. **Who failed is known.** The peer ids of reducers whose stream broke travel with the exception
+   (``PartialAllReduce.suspects``), so the survivors re-run the round without them. Reducers that only
+   timed out are named, not suspected: a live reducer is often late because it waits for a dead peer.
 3. **Our codecs, checked.** Parts are decoded with :func:`swarmloco.compression.hivemind_bridge.decode_part`
-   (tag, size, finite values) instead of hivemind's enum-dispatched deserializer, and the bytes sent
-   and received are counted.
-4. **No live member lost to the transport.** A sender stops reading once it has every averaged part
-   and closes the stream first; the reducer keeps its finished stream open until then (p2pd reset a
-   stream its writer closed while the reader still wrote, losing the last parts).
+   (tag, size, finite values) instead of hivemind's deserializer, and the bytes sent and received are counted.
+4. **No live member lost to the transport.** A sender stops reading once it has every averaged part and
+   closes the stream first; the reducer keeps its finished stream open until then (p2pd can reset a stream
+   its writer closes while the reader still writes, losing the last parts).
 """
 
 from __future__ import annotations
@@ -166,7 +163,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         """hivemind's handler, plus one invariant: when a sender's stream ends, the sender either
         delivered every part or is banned. hivemind marks a sender active before it checks the request,
         and some exits (a rejected request, a stream reset in the p2p layer) skip the ban: our reducer
-        then waited forever for parts that would never come, and held every peer of the group."""
+        would then wait forever for parts that never come, holding every peer of the group."""
         serving.add()
         answered = 0
         try:
@@ -181,10 +178,10 @@ class ExactAllReduceRunner(AllReduceRunner):
                 if self.tensor_part_reducer.num_parts_received[index] < self.tensor_part_reducer.num_parts:
                     await self._ban_sender(sender)
         if answered == self.tensor_part_reducer.num_parts:
-            # let the sender close the stream once it has read our last part (_communicate_with_peer): when
-            # the reducer closed first, p2pd sometimes reset the stream with our last parts still in flight,
-            # and a live, healthy sender saw it end short ("sent k parts, expected n") and failed the round
-            # the others committed. hivemind's stream handler cancels this wait at the close.
+            # let the sender close the stream once it has read our last part (_communicate_with_peer): a
+            # reducer that closes first can have p2pd reset the stream with our last parts in flight, and a
+            # live, healthy sender sees it end short ("sent k parts, expected n") and fails a round the
+            # others commit. hivemind's stream handler cancels this wait at the close.
             await asyncio.sleep(LINGER_S)
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:

@@ -1,28 +1,18 @@
-"""Injected faults for tests and benchmarks (off unless ``SWARMLOCO_FAULT`` is set).
+"""Injected faults for tests and benchmarks, chosen by ``SWARMLOCO_FAULT=KIND:ARG`` (unset or malformed: none).
 
-``SWARMLOCO_FAULT=hang_allreduce:N`` makes this peer's N-th all-reduce (1-based, counted in the
-averager process) hang as a reducer: it takes the others' parts and never sends the average back
-(with a sparse codec: it joins the all-gather and never sends its payload). It prints one
-``@@swarmloco {"type": "event", "kind": "fault", ...}`` line on stdout and hang there. A test that
-reads that line knows the peer is in the middle of an all-reduce and kills it at that exact moment,
-with no sleeps. ``SWARMLOCO_FAULT=stall_allreduce:1`` hangs in every all-reduce: a staller, a peer that joins
-groups and never answers.
+* ``hang_allreduce:N``: this peer's N-th all-reduce (1-based, counted in the averager process) hangs as a
+  reducer: it takes the others' parts and never sends the average (sparse codec: it joins the all-gather and
+  never sends its payload). ``stall_allreduce:1`` does so in every all-reduce: a peer that never answers.
+* ``hang_at_barrier:N``: the peer stops dead right after its N-th ready barrier found the round's group, just
+  before its mates ask it to lead.
+* ``slow_steps:SECONDS``: each inner step takes SECONDS longer (heterogeneous-speed tests).
+* A hostile peer: ``poison_scale:K`` scales the pseudo-gradient it sends by K, ``poison_random:S`` sends
+  Gaussian noise of standard deviation S, ``poison_nan:1`` sends NaN, ``poison_weight:K`` claims K times its
+  samples, ``poison_bytes:1`` inverts every encoded part or payload (what a peer not running our code sends).
+* ``no_dht:1``: starting a DHT node raises, so the CLI tests prove bad input is refused before p2pd starts.
 
-``SWARMLOCO_FAULT=hang_at_barrier:N`` makes the peer stop dead right after its N-th ready barrier found the
-round's group (before its matchmaking: its mates are about to ask it to lead), with the same announcement:
-a test that reads it kills the whole peer there, a crash at the moment its mates count on it.
-
-``SWARMLOCO_FAULT=slow_steps:SECONDS`` adds SECONDS to each inner step: a slow peer, for the
-heterogeneous-speed tests.
-
-A hostile peer, for the robustness tests: ``poison_scale:K`` multiplies the pseudo-gradient it sends by
-K, ``poison_random:S`` sends Gaussian noise of standard deviation S instead, ``poison_nan:1`` sends NaN,
-``poison_weight:K`` claims K times the samples it processed, ``poison_bytes:1`` sends undecodable bytes
-(every encoded part or payload inverted after encoding: what a peer not running our code can send).
-
-``SWARMLOCO_FAULT=no_dht:1`` makes starting a DHT node fail with a message saying so: the CLI input
-tests use it to prove that a bad input is refused before any DHT node (and p2pd) starts.
-Nothing else reads the variable; unset or malformed means no fault.
+A hang prints one ``@@swarmloco {"type": "event", "kind": "fault", ...}`` line on stdout first: a test that
+reads it kills the peer at that exact moment, with no sleeps.
 """
 
 from __future__ import annotations

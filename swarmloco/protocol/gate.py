@@ -1,21 +1,18 @@
 """Who may average with this peer: access control and exclusion at matchmaking.
 
-The node decides (access tokens read from the DHT, peers caught sending invalid or far-too-large
-updates) and pushes its decision into the averager process as a :class:`Gate`. hivemind's matchmaking
-then consults it at the three points where a peer can get into a group:
+The node decides (access tokens read from the DHT, peers caught sending invalid or far-too-large updates)
+and pushes its decision into the averager process as a :class:`Gate`, which hivemind's matchmaking consults
+wherever a peer can get into a group:
 
 * as a **leader**, a join request from a refused peer is answered ``PROTOCOL_VIOLATION`` (hivemind's
   "go away" code), so it never enters the group this peer assembles;
 * as a **follower**, a refused peer is never asked to lead (it is skipped in the leader queue);
-* a group a leader assembled with a refused member is not run (the round fails for this peer, which is
-  what a leader that admits strangers deserves).
+* a group a leader assembled with a refused member is not run (the round fails for this peer).
 
-In a private run, state downloads are refused to peers without a token too (the model is private);
-excluded peers may still download (an honest peer with a bug must be able to catch up).
-
-Identity: libp2p authenticates every connection (Noise) as its peer id, and a swarmloco peer id
-inlines its Ed25519 public key (:func:`~swarmloco.protocol.identity.public_key_of_peer_id`), so the key
-a token names is the key the connection proved it holds.
+In a private run, state downloads are refused to peers without a token too (the model is private); excluded
+peers may still download (an honest peer with a bug must be able to catch up). libp2p authenticates every
+connection (Noise) as its peer id, which inlines the Ed25519 public key
+(:func:`~swarmloco.protocol.identity.public_key_of_peer_id`), so a token's key is the key the connection holds.
 """
 
 from __future__ import annotations

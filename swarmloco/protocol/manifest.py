@@ -1,20 +1,19 @@
 """The run manifest: the part of the config every peer of a swarm must share.
 
 Its hash is part of every DHT key and of the averager's group prefix, so peers whose model, data,
-optimizer, codec or access settings differ can never average together. The manifest itself is
-published under the run's name (``sl_<run>_manifest``) as a signed record (``records.py``, kind
-``manifest``), so that a peer with a different manifest is told which fields differ and exits instead
-of silently training alone, and so that ``swarmloco join`` can build a peer from it:
+optimizer, codec or access settings differ never average together. The manifest is published under the
+run's name (``sl_<run>_manifest``) as a signed record (``records.py``, kind ``manifest``), so a peer with a
+different one is told which fields differ and exits instead of training alone, and ``swarmloco join`` can
+build a peer from it:
 
-* an **owned** run (``access.owner`` set, by ``swarmloco init-run``) counts only the manifest signed by
-  that owner; the DHT validators of its peers accept no other author under the key. Its peers
-  re-publish the owner's record as it is (it stays valid: the owner's key signed it), so the manifest
-  lives as long as the swarm does, until the expiry the owner chose;
-* an **unowned** run (``swarmloco run CONFIG`` without an owner): each peer publishes the manifest it
-  runs, signed by itself. ``join`` refuses such runs: nobody vouches for them.
+* an **owned** run (``access.owner`` set by ``swarmloco init-run``) counts only the manifest its owner
+  signed, and its peers' DHT validators accept no other author under the key. Peers re-publish the owner's
+  record as it is, so it lives as long as the swarm, until the expiry the owner chose;
+* an **unowned** run: each peer publishes the manifest it runs, signed by itself. ``join`` refuses such
+  runs: nobody vouches for them.
 
-Peers also list their run in a small directory (``sl_index_runs``), so ``swarmloco join MADDR`` can
-find the run when the swarm runs only one.
+Peers also list their run in a small directory (``sl_index_runs``), so ``swarmloco join MADDR`` can find the
+run of a swarm that runs only one.
 """
 
 from __future__ import annotations

@@ -1,31 +1,22 @@
 """The round's group, formed from the members the ready barrier already knows.
 
-hivemind's matchmaking finds a group through the DHT: every peer declares itself under the round's group key
-with an expiration time, reads the others' declarations, and asks the one with the earliest expiration to
-lead. With the ready barrier before it, every member already knows who is in the round
-(:meth:`swarmloco.node.sync.Synchronizer.wait_for_peers`), so the DHT round trips only cost time: 0.2-0.35 s of
-a blocking round at 2 peers on loopback (BENCHMARKS.md). Here the members agree on a leader from that set at
-once, the smallest peer id among those that announce an address (a peer in client mode cannot lead), and
+hivemind finds a group through the DHT (declare under the round's group key, ask the earliest declared to
+lead). After the ready barrier every member knows who is in the round
+(:meth:`swarmloco.node.sync.Synchronizer.wait_for_peers`), so those round trips only cost time (0.2-0.35 s of a
+blocking round at 2 peers on loopback, BENCHMARKS.md). The members agree on a leader at once instead: the
+smallest peer id among those that announce an address (a peer in client mode cannot lead).
 
-* a **follower** asks it directly, again every ``RETRY_S`` while it is not looking for a group yet (it may
-  still be at its barrier), for at most half of ``matchmaking_time`` (a request already sent to a leader still
-  connected is left the whole ``matchmaking_time`` for its answer: given up sooner, the leader could count
-  the follower into a group it never learns of, and the round would fail for all; a leader that died is not
-  waited for past that half); then it falls back to hivemind's search through the DHT with no expectation
-  left (a leader that died, or a barrier view of another set of peers);
-* the **leader** declares itself (for members that fall back), accepts the members of its set whatever
-  expiration they declared (hivemind would send a member with an earlier one away to lead itself) and follows
-  nobody; the group starts as soon as the target size (the barrier's count) has joined, or when its
-  declaration expires with the members that did.
+* A **follower** asks it directly, again every ``RETRY_S`` while the leader is not looking for a group yet,
+  for at most half of ``matchmaking_time`` (a request that reached a live leader keeps the whole
+  ``matchmaking_time``: given up sooner, the leader could count the follower into a group it never learns
+  of), then falls back to hivemind's DHT search (a dead leader, or a different barrier view).
+* The **leader** declares itself (for members that fall back), accepts the members of its set whatever
+  expiration they declared, and follows nobody; the group starts once the barrier's count has joined, or
+  when its declaration expires with those that did.
 
-The leader keeps each join stream open after its last message (``BEGIN_ALLREDUCE``, or a rejection) until the
-follower, which closes the stream once it has read it, does (at most ``LINGER_S``): when the leader closed
-first, p2pd sometimes reset the stream with that message still in flight (as with the all-reduce's parts,
-``allreduce.py``), and a follower that lost ``BEGIN_ALLREDUCE`` was counted into a group it never learned of:
-the group's all-reduce failed for every member, and the follower lost the round (seen on a loaded machine).
-
-Everything else (the gate, the group's all-reduce, timeouts) is unchanged: a member whose view differs ends
-in hivemind's search, at worst in a failed attempt that the round's re-run repairs.
+The leader keeps each join stream open after its last message until the follower closes it (at most
+``LINGER_S``): p2pd can reset a stream its writer closes first, losing ``BEGIN_ALLREDUCE``. The gate, the
+all-reduce and the timeouts are hivemind's.
 """
 
 from __future__ import annotations

@@ -1,23 +1,18 @@
 """hivemind's helper processes: out of the caller's process group, dying with it, reaped when it leaves.
 
-A peer runs hivemind's DHT process (which starts the ``p2pd`` go-libp2p daemon) and its averager
-process. A terminal's Ctrl-C, closing the terminal (SIGHUP), ``kill -TERM -- -PGID``, ``timeout`` and
-most process supervisors signal *every process of the foreground process group*. If the helpers got
-those signals too, they (and p2pd, which ignores no SIGTERM: Go installs its own handler) would die
-before the peer has left the swarm, and the peer would block in its last DHT store. So:
+A peer runs hivemind's DHT process (which starts the ``p2pd`` daemon) and its averager process. A terminal's
+Ctrl-C or SIGHUP, ``kill -TERM -- -PGID``, ``timeout`` and most supervisors signal the whole foreground
+process group; helpers that got those signals (p2pd handles SIGTERM itself) would die before the peer left
+the swarm, and the peer would block in its last DHT store. So:
 
-* every Python-level fork made inside :func:`isolated_helpers` (hivemind forks its DHT and averager
-  processes there) puts the child in a process group of its own (``setpgid``) and gives it
-  ``PR_SET_PDEATHSIG`` = SIGKILL (Linux). The DHT process inherits the hook and is still "inside" when
-  it starts p2pd (uvloop runs Python's fork hooks), so p2pd too leads its own group and dies with the DHT
-  process. Group signals then reach only the peer, which stops them in order; a peer that dies without
-  cleaning up (SIGKILL, the OOM killer) takes all of them with it;
-* :func:`reap_helpers` SIGKILLs whatever is left of those groups (a helper that did not stop in time).
-  The transport calls it after its shutdown, the second-signal path before ``os._exit``, and ``atexit``
-  at the end: no process of the peer's session outlives it.
+* every Python-level fork inside :func:`isolated_helpers` puts the child in a process group of its own
+  (``setpgid``) with ``PR_SET_PDEATHSIG`` = SIGKILL (Linux). The DHT process inherits the hook when it starts
+  p2pd (uvloop runs Python's fork hooks), so p2pd too leads its own group and dies with it. Group signals
+  reach only the peer, which stops its helpers in order; a peer killed outright takes them all with it;
+* :func:`reap_helpers` SIGKILLs whatever is left of those groups; the transport calls it after its shutdown,
+  the second-signal path before ``os._exit``, and ``atexit`` at the end.
 
-Only processes of this session and of a group we created are ever signalled (a pid reused by another
-program is left alone).
+Only processes of this session and of a group we created are signalled (a reused pid is left alone).
 """
 
 from __future__ import annotations

@@ -5,18 +5,12 @@ Wire format (msgpack map, schema version 1)::
     {"v": 1, "kind": str, "author": 32-byte Ed25519 public key, "expires": float (unix time),
      "key": str, "body": {str: any}, "sig": 64-byte Ed25519 signature}
 
-``sig`` signs the msgpack encoding of the same map *without* ``sig``, packed in the field
-order above.  The verifier re-packs the decoded fields instead of slicing the input, so the
-signature covers the meaning of the record rather than one particular byte encoding (an
-attacker can re-encode a record losslessly, but cannot change anything it says).
-
-``key`` binds a record to the raw DHT key it was written for (empty = not bound).  Without it
-a peer's signed record could be replayed under another run's keys; the DHT validator requires
-it to match (see ``validators.py``).
-
-Every byte string here may come from a hostile peer, so ``decode_record`` bounds the input
-size before parsing, parses with strict msgpack limits, checks every field's type, and turns
-any failure into a one-line ``RecordError`` instead of an arbitrary exception.
+``sig`` signs the msgpack encoding of the same map without ``sig``, in the field order above. The verifier
+re-packs the decoded fields rather than slicing the input, so the signature covers what the record says,
+not one byte encoding of it. ``key`` binds a record to the raw DHT key it is written for (empty = unbound),
+so a signed record cannot be replayed under another run's keys; the DHT validator requires it to match
+(``validators.py``). Input may be hostile: ``decode_record`` bounds the size before parsing, parses with
+strict msgpack limits, checks every field's type, and turns any failure into a one-line ``RecordError``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,16 @@
 """Rejoining the DHT after this node fell out of everyone's routing table, itself included.
 
-hivemind's DHT (Kademlia) drops a node from its routing table when a request to it goes unanswered, and
-learns nodes only from traffic. A peer frozen for longer than its mates' request timeouts (a laptop lid
-closed: SIGSTOP to its whole process group, p2pd included; a network that went away) therefore wakes up
-with an empty routing table (its requests in flight failed at once) and absent from its mates' tables
-(theirs to it failed while it slept). Nobody then sends anybody a request, so it would train alone for
-good, and its mates never see it again. hivemind bootstraps from ``initial_peers`` only at start.
+hivemind's DHT (Kademlia) drops a node from its routing table when a request to it goes unanswered, learns
+nodes only from traffic, and bootstraps from ``initial_peers`` only at start. A peer frozen longer than its
+mates' request timeouts (a closed laptop lid: SIGSTOP to its whole process group, p2pd included; a network
+gone away) wakes with an empty routing table and absent from its mates' tables: nobody sends anybody a
+request, so it would train alone for good.
 
 :class:`Rejoiner` checks, at most every ``REJOIN_PERIOD`` seconds and without blocking its caller (the
-heartbeat's DHT reads call it), whether the node's routing table is empty; if so it dials the initial
-peers again and pings them (which puts them in its table and it in theirs), then looks itself up to learn
-their neighbours: what hivemind's bootstrap does at start. It also pings the last ``KNOWN_PEERS`` peers its
-table held while it was not empty (p2pd still knows their addresses), so the first peer of a swarm, which
-has no initial peers, finds its way back too, and a node whose initial peers are gone reaches the others.
+heartbeat's DHT reads call it), whether the routing table is empty; if so it dials and pings the initial
+peers again (which puts them in its table and it in theirs) and looks itself up to learn their neighbours,
+as hivemind's bootstrap does. It also pings the last ``KNOWN_PEERS`` peers its table held (p2pd still knows
+their addresses), so the swarm's first peer, which has no initial peers, finds its way back too.
 """
 
 from __future__ import annotations

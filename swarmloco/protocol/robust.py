@@ -1,22 +1,17 @@
 """Contributions are checked before they are averaged: a peer sending garbage moves nobody far.
 
-Every reducer (of the butterfly all-reduce) and every member (of the sparse all-gather) combines the
-contributions it holds with :func:`robust_combine` instead of a plain weighted mean:
+Every reducer (butterfly all-reduce) and every member (sparse all-gather) combines the contributions it
+holds with :func:`robust_combine` instead of a plain weighted mean:
 
-* a contribution whose L2 norm exceeds ``clip_factor`` x the **lower median** of the contributions'
-  non-zero norms is scaled down to that bound (a x1000 or random-noise update counts as at most
-  ``clip_factor`` honest ones);
-* a claimed weight (samples processed) above ``clip_factor`` x the lower median weight is capped the
-  same way (a peer cannot buy the average by claiming a billion samples);
-* non-finite values never get here: decoders reject NaN/Inf before (``CodecError``).
+* a contribution whose L2 norm exceeds ``clip_factor`` x the **lower median** of the non-zero norms is
+  scaled down to that bound (a x1000 or random-noise update counts as at most ``clip_factor`` honest ones);
+* a claimed weight (samples) above ``clip_factor`` x the lower median weight is capped the same way;
+* non-finite values never get here: decoders reject NaN/Inf (``CodecError``).
 
-The references are taken over the contributors that did work this round (a peer that only just
-joined sends zeros), and only when there are at least three of them: with two, nothing tells the
-honest one apart (and a fast and a slow honest peer differ by design). The lower median (the smaller
-middle value for an even count) keeps one attacker among three or four from raising the bound. The
-sum runs in a fixed order (sender index), so the result is the same bits wherever it is computed,
-and every peer of the group receives the reducer's one result. With ``clip_factor`` 0 the
-combination is the plain weighted mean.
+The references count only contributors that did work this round (a joiner sends zeros), and only when there
+are at least ``MIN_CONTRIBUTORS``: with two, nothing tells the honest one apart. The lower median keeps one
+attacker among three or four from raising the bound. The sum runs in sender order, so the result is the same
+bits wherever it is computed. With ``clip_factor`` 0 the combination is the plain weighted mean.
 """
 
 from __future__ import annotations

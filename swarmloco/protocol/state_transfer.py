@@ -1,20 +1,17 @@
 """Serving and downloading a peer's state (late joiners, restarts, peers that fell behind).
 
-A mixin for :class:`~swarmloco.protocol.allreduce.SwarmAverager`, running in hivemind's averager
-process. The state is whatever the node's provider returns: msgpack-able metadata plus tensors.
+A mixin for :class:`~swarmloco.protocol.allreduce.SwarmAverager`, running in hivemind's averager process.
+The state is whatever the node's provider returns: msgpack-able metadata plus tensors.
 
-* **Sharded, from several peers at once.** A joiner asks each of up to ``parallel`` sources for one
-  shard (``rpc_download_shard``): the state's tensors cut into ``k`` contiguous groups of about equal
-  bytes, by a rule every source computes alike from the tensor sizes. Shards arrive concurrently, so
-  a joiner behind a fast link is not limited by one volunteer's upload. Every shard carries the
-  source's state metadata; the shards are combined only if all of them describe the same state and
-  cover every tensor exactly once.
-* **Whole, from one peer.** If a sharded download fails for any reason (a source died, sources hold
-  different states, a shard is malformed), the joiner falls back to hivemind's ``rpc_download_state``
-  from one source after another.
+* **Sharded, from several peers at once.** A joiner asks each of up to ``parallel`` sources for one shard
+  (``rpc_download_shard``): the tensors cut into ``k`` contiguous groups of about equal bytes, by a rule
+  every source computes alike, so one volunteer's upload does not bound the download. Shards are combined
+  only if all carry the same state metadata and together cover every tensor exactly once.
+* **Whole, from one peer.** If a sharded download fails for any reason, the joiner falls back to hivemind's
+  ``rpc_download_state`` from one source after another.
 
-Every stream is bounded by ``timeout`` per message and all of them together by ``max_bytes``. What
-comes back is not trusted: the node checks shapes, values and the digest before adopting it
+Every stream is bounded by ``timeout`` per message and all of them together by ``max_bytes``. The result is
+not trusted: the node checks shapes, values and the digest before adopting it
 (:func:`swarmloco.node.state_sync.unpack_state`).
 """
 

@@ -1,31 +1,20 @@
 """hivemind record validator for swarmloco's signed DHT records.
 
-Which keys are protected
-    hivemind hands validators only ``DHTID(key)`` (a SHA-1 of the raw key), never the raw
-    key, so "every key starting with ``sl_``" cannot be recognised from a record alone.  Like
-    hivemind's ``SchemaValidator``, the validator is therefore given the concrete raw keys it
-    protects (all must start with ``prefix``; ``for_run(run_id)`` registers a run's three
-    keys).  Records under any other key are passed through, so hivemind's own averager keys
-    keep working.  More keys can be added to a running DHT with
-    ``dht.add_validators([SignedRecordValidator([...])])``: ``merge_with`` folds them in.
+hivemind hands a validator only ``DHTID(key)`` (a SHA-1 of the raw key), so the validator is given the
+raw keys it protects (each starts with ``prefix`` and ends with a suffix of ``SUFFIX_KINDS``;
+``for_run(run_id)`` registers a run's keys). Records under any other key pass through, so hivemind's
+own averager keys keep working. A protected entry is accepted (``validate`` never raises) only if:
 
-What a protected entry must satisfy (``validate`` returns False otherwise, never raises)
-    * it is a dictionary entry (stored with a ``subkey``), not a plain value;
-    * **subkey rule**: the subkey is a ``str`` equal to the author's public key in lowercase
-      hex (64 chars), optionally followed by ``":"`` and a tag of 1-128 chars from
-      ``[A-Za-z0-9_.:-]`` (e.g. a token's subject).  Only the holder of that key can produce a
-      valid value for it, so no peer can overwrite another's entries;
-    * the value is our msgpack record (stored as ``bytes`` through ``dht.store``) that
-      ``decode_record`` accepts: schema v1, at most ``max_size`` bytes, good signature;
-    * the record's signed ``key`` is the raw DHT key and its ``kind`` is the one the key's
-      suffix calls for (``_progress`` -> progress, ``_manifest`` -> manifest, ``_tokens`` ->
-      token); optionally its author must be one of the key's allowed authors;
-    * the DHT expiration is at most the signed ``expires`` + ``slack``: a stale record cannot
-      be re-published with a fresh DHT expiration, and since hivemind keeps the entry with
-      the latest expiration, an old record can never displace its author's newer one;
-    * the signed ``expires`` has not passed, with ``slack`` seconds of grace.  The grace
-      matters: hivemind rejects a *whole dictionary* returned by a peer if any one entry
-      fails, so an entry that expires while in flight must not poison its neighbours.
+* it is a dictionary entry whose subkey is the author's public key in lowercase hex, optionally
+  followed by ``":"`` and a tag of 1-128 chars from ``[A-Za-z0-9_.:-]``: only the key's holder can
+  write it, so no peer can overwrite another's entries;
+* its value is a record (bytes) that ``decode_record`` accepts, bound to this raw key, of the kind the
+  key's suffix calls for, and by one of the key's allowed authors if it has any;
+* its DHT expiration is at most the signed ``expires`` + ``slack``: a stale record cannot be
+  re-published fresh, and as hivemind keeps the latest expiration, an old record never displaces its
+  author's newer one;
+* its signed ``expires`` has not passed, with ``slack`` seconds of grace: hivemind rejects a whole
+  dictionary if one entry fails, so an entry that expires in flight must not poison its neighbours.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 
@@ -11,13 +12,13 @@ from hivemind.compression.base import CompressionInfo
 
 from swarmloco.compression import CodecError, codec_names, get_codec
 from swarmloco.compression.bits import ef_sizes
-from swarmloco.compression.error_feedback import ErrorFeedback
+from swarmloco.compression.error_feedback import ErrorFeedback, error_feedback_for
 from swarmloco.compression.header import HEADER_SIZE, MAGIC
 from swarmloco.compression.hivemind_bridge import HivemindCodec, decode_part
 from swarmloco.compression.int4 import Int4Codec
 from swarmloco.compression.int8 import Int8Codec
-from swarmloco.compression.topk import TopKCodec
-from swarmloco.config import CodecConfig
+from swarmloco.compression.topk import TopKCodec, TopKSettings
+from swarmloco.config import CodecConfig, ConfigError
 
 ALL = ["none", "fp16", "bf16", "int8", "int4", "topk"]
 HEADERED = ["int8", "int4", "topk"]
@@ -50,6 +51,38 @@ def test_registry_has_every_codec_and_validates_config():
             codec(name, block_size=70000)
     with pytest.raises(ValueError, match="topk_chunk"):
         codec("topk", topk_chunk=70000)
+
+
+def test_the_codec_section_is_gathered_from_the_codecs_own_settings():
+    """[codec] holds name, each registered codec's settings fields (with their defaults) and error_feedback;
+    a config's ``settings`` are the named codec's, and the codec is built from them."""
+    from swarmloco.compression.registry import CODECS
+
+    fields = {f.name: f for f in dataclasses.fields(CodecConfig)}
+    assert list(fields)[0] == "name" and list(fields)[-1] == "error_feedback"
+    gathered = {}
+    for name, codec_class in CODECS.items():
+        settings_fields = dataclasses.fields(codec_class.settings_class)
+        gathered.update((f.name, f.default) for f in settings_fields)
+        cfg = CodecConfig(name=name)
+        assert type(cfg.settings) is codec_class.settings_class
+        assert dataclasses.asdict(cfg.settings) == {f.name: getattr(cfg, f.name) for f in settings_fields}
+        assert type(get_codec(cfg)) is codec_class
+    assert gathered == {k: f.default for k, f in fields.items() if k not in ("name", "error_feedback")}
+    assert CodecConfig(name="topk", topk_fraction=0.02).settings == TopKSettings(topk_fraction=0.02)
+    assert TopKCodec().fraction == TopKSettings.topk_fraction and TopKCodec().chunk == TopKSettings.topk_chunk
+    with pytest.raises(ConfigError, match=r"codec\.topk_decay"):  # a codec's own checks, with its keys' names
+        TopKSettings(topk_decay=2.0)
+
+
+def test_error_feedback_decays_as_the_codec_settings_say():
+    """topk's accumulator decays by topk_decay (SparseLoCo's beta), every other codec's keeps all."""
+    for name in ALL:
+        cfg = CodecConfig(name=name, topk_decay=0.9)
+        ef = error_feedback_for(cfg, get_codec(cfg))
+        assert (ef is None) == (name == "none")
+        assert ef is None or ef.decay == (0.9 if name == "topk" else 1.0)
+    assert error_feedback_for(CodecConfig(name="topk", error_feedback=False), codec("topk")) is None
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -111,3 +111,24 @@ def test_a_codec_tuned_with_its_own_outer_step_brings_it_where_the_config_leaves
     assert OuterConfig.for_codec(CodecConfig(name="rotate")) == OuterConfig()
     with pytest.raises(ValueError, match="outer.lr"):  # still checked
         config_from_dict({"codec": {"name": "hadtopk"}, "outer": {"lr": -1.0}})
+
+
+def test_the_sections_owned_by_lower_rooms_never_import_the_config_back() -> None:
+    """swarmloco.config gathers [outer], [codec] and the local sections from their rooms and re-exports them;
+    those rooms (and the shared checks) import nothing of it, not even lazily."""
+    import ast
+    from pathlib import Path
+
+    import swarmloco
+    from swarmloco import checks, compression, config, local_config, outer_optim
+
+    root = Path(swarmloco.__file__).parent
+    rooms = [*(root / "compression").glob("*.py"), *(root / "outer_optim").glob("*.py"), root / "checks.py",
+             root / "local_config.py"]
+    for path in rooms:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "swarmloco.config" or n.startswith("swarmloco.config.") for n in names), path
+    assert config.CodecConfig is compression.CodecConfig and config.OuterConfig is outer_optim.OuterConfig
+    assert config.SwarmConfig is local_config.SwarmConfig and config.ConfigError is checks.ConfigError

@@ -62,6 +62,12 @@ def test_bad_outer_hyperparameters_are_refused(kwargs) -> None:
         OuterNesterov(_params(0), **kwargs)
 
 
+def test_the_outer_step_defaults_are_the_runs() -> None:
+    """A bare OuterNesterov steps as a run that sets nothing in [outer]: one source for lr and momentum."""
+    defaults = build_outer_optimizer(_params(0), OuterConfig()).defaults
+    assert OuterNesterov(_params(0)).defaults == defaults == dict(lr=1.0, momentum=0.7, nesterov=True)
+
+
 @pytest.mark.parametrize("cfg", [OuterConfig(), OuterConfig(lr=0.7, momentum=0.9),
                                  OuterConfig(lr=0.8, momentum=0.5, nesterov=False),
                                  OuterConfig(lr=1.0, momentum=0.0, nesterov=False)], ids=str)

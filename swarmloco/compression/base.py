@@ -3,12 +3,19 @@
 A codec turns a float32 tensor into bytes and back. ``decode`` receives bytes from the network:
 it must never trust them. Anything malformed (truncated, oversized, wrong header, NaN/Inf scales)
 raises :class:`CodecError` with a one-line reason; the caller treats it as a failed contribution.
+
+A codec brings its own knowledge: its settings (a :class:`CodecSettings` dataclass whose fields are its
+``[codec]`` keys, with their defaults and checks), the rule of its error feedback
+(:attr:`CodecSettings.feedback_decay`) and, in its :class:`CodecInfo`, the outer step it was tuned with and
+where its unsent rest stays. The ``[codec]`` config section is gathered from the registered codecs' settings
+(:mod:`~swarmloco.compression.registry`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -39,13 +46,42 @@ class CodecInfo:
     outer: tuple[float, float] | None = None
     """The Nesterov outer step (lr, momentum) this codec was tuned with, where it differs from dense DiLoCo's
     default: a run that names the codec and leaves ``outer.lr`` or ``outer.momentum`` unset gets its value
-    (:meth:`swarmloco.config.OuterConfig.for_codec`)."""
+    (:meth:`swarmloco.outer_optim.config.OuterConfig.for_codec`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodecSettings:
+    """A codec's own ``[codec]`` keys (none here: the settings of a codec without any, e.g. ``fp16``).
+
+    A codec with settings subclasses this as a frozen, keyword-only dataclass whose fields are named as the
+    TOML keys (``topk_fraction``, not ``fraction``: every codec's keys share the one ``[codec]`` table), each
+    with its default and a docstring, checked in ``__post_init__`` with a
+    :class:`~swarmloco.checks.ConfigError` naming ``codec.<key>``. Every codec's settings are checked, the
+    run's codec's or not, so a config holds no value that a later switch of ``codec.name`` would refuse.
+    """
+
+    def check_use(self) -> None:
+        """The checks that bind only when the run's codec uses these settings (``rotate``: a power-of-two chunk
+        with the hadamard basis), after the field checks of ``__post_init__``; none by default."""
+
+    @property
+    def feedback_decay(self) -> float:
+        """How much of the error-feedback residual is carried into the next round: 1.0 (every dropped bit is
+        sent later) unless the codec's settings say otherwise (``topk``: ``topk_decay``)."""
+        return 1.0
 
 
 class Codec(ABC):
     """Encode float32 tensors to bytes and back. Stateless and deterministic."""
 
     info: CodecInfo
+    settings_class: ClassVar[type[CodecSettings]] = CodecSettings
+    """The codec's settings: the ``[codec]`` keys it reads (:class:`CodecSettings` itself: none)."""
+
+    @classmethod
+    def from_settings(cls, settings: CodecSettings) -> Codec:
+        """The codec a run's settings (a :attr:`settings_class` instance) describe."""
+        return cls()
 
     @abstractmethod
     def encode(self, tensor: torch.Tensor) -> bytes:

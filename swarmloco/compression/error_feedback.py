@@ -30,6 +30,9 @@ from collections.abc import Hashable
 
 import torch
 
+from swarmloco.compression.base import Codec
+from swarmloco.compression.registry import CodecConfig
+
 
 class ErrorFeedback:
     """Residuals keyed by tensor name or index (``in_model``: kept in the peer's parameters, see the module doc)."""
@@ -94,15 +97,15 @@ class ErrorFeedback:
         self.decay, self.residuals = float(decay), loaded
 
 
-def error_feedback_for(cfg, codec) -> ErrorFeedback | None:
-    """The error feedback a peer of a run with codec config ``cfg`` keeps, or None (off, or lossless codec).
+def error_feedback_for(cfg: CodecConfig, codec: Codec) -> ErrorFeedback | None:
+    """The error feedback a peer of a run with codec config ``cfg`` and its ``codec`` keeps, or None (off, or
+    lossless).
 
-    The sparse ``topk`` codec's accumulator decays by ``cfg.topk_decay`` (SparseLoCo's beta: with
-    ``e = beta * e + delta; send C(e); e -= C(e)`` it plays the outer momentum); the dense codecs'
-    does not decay (every dropped bit is sent later); the ``rotate`` and ``hadtopk`` codecs' rest stays in
-    the peer's parameters (``in_model``: ``CodecInfo.rest_in_model``). The peer and the simulator both build it here.
+    The codec's settings say how fast the accumulator decays (``CodecSettings.feedback_decay``: ``topk``'s
+    ``topk_decay``, SparseLoCo's beta; the others' 1.0, every dropped bit is sent later), its info whether the
+    rest stays in the peer's parameters (``in_model``: ``CodecInfo.rest_in_model``, ``rotate`` and ``hadtopk``).
+    The peer and the simulator both build it here.
     """
     if not (cfg.error_feedback and codec.info.lossy):
         return None
-    return ErrorFeedback(decay=cfg.topk_decay if codec.info.name == "topk" else 1.0,
-                         in_model=codec.info.rest_in_model)
+    return ErrorFeedback(decay=cfg.settings.feedback_decay, in_model=codec.info.rest_in_model)

@@ -29,9 +29,12 @@ increasing indices inside their chunk.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from swarmloco.compression.base import Codec, CodecError, CodecInfo
+from swarmloco.checks import check, is_int, is_number
+from swarmloco.compression.base import Codec, CodecError, CodecInfo, CodecSettings
 from swarmloco.compression.bits import ef_encode, pack_bits, unpack_bits
 from swarmloco.compression.hadamard import is_power_of_two, rotate_chunks, unrotate_chunks
 from swarmloco.compression.header import (
@@ -46,13 +49,33 @@ three seeds, 2.7% below it at H=10; dense DiLoCo's 1.0 / 0.7 leaves parts that a
 step): what a run that names ``hadtopk`` and leaves ``outer.lr`` / ``outer.momentum`` unset uses."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class HadTopKSettings(CodecSettings):
+    """The ``hadtopk`` codec's settings."""
+
+    hadtopk_fraction: float = 0.03125
+    """Fraction of each chunk's coefficients sent (1/32: 128 of 4096, 126x below fp32)."""
+    hadtopk_chunk: int = 4096
+    """Values per chunk (a power of two); each chunk is turned and sends its own largest coefficients
+    and one bf16 level; tensors shorter than a chunk are sent whole."""
+
+    def __post_init__(self) -> None:
+        check(is_number(self.hadtopk_fraction) and 0.0 < self.hadtopk_fraction <= 1.0,
+              "codec.hadtopk_fraction", self.hadtopk_fraction, "must be in (0, 1]")
+        check(is_int(self.hadtopk_chunk) and 1 <= self.hadtopk_chunk <= MAX_BLOCK_SIZE
+              and is_power_of_two(self.hadtopk_chunk), "codec.hadtopk_chunk", self.hadtopk_chunk,
+              f"must be a power of two in 1..{MAX_BLOCK_SIZE}")
+
+
 class HadTopKCodec(ChunkedTopK, Codec):
     """The ``ceil(fraction * chunk)`` largest Hadamard coefficients of each ``chunk``-value chunk, one sign bit
     each, Elias-Fano positions, one bf16 level per chunk."""
 
     NAME = "hadtopk"
+    settings_class = HadTopKSettings
 
-    def __init__(self, chunk: int = 4096, fraction: float = 1 / 32):
+    def __init__(self, chunk: int = HadTopKSettings.hadtopk_chunk,
+                 fraction: float = HadTopKSettings.hadtopk_fraction):
         if not isinstance(chunk, int) or not 1 <= chunk <= MAX_BLOCK_SIZE or not is_power_of_two(chunk):
             raise ValueError(f"config: codec.hadtopk_chunk={chunk!r} is invalid: must be a power of two in "
                              f"1..{MAX_BLOCK_SIZE}")
@@ -64,6 +87,10 @@ class HadTopKCodec(ChunkedTopK, Codec):
         level): above this such a sum could overflow, so encode and decode refuse such levels."""
         self.info = CodecInfo(name=self.NAME, bits_per_value=(self._row_bits(chunk) + 16) / chunk, lossy=True,
                               summable=False, per_sender=False, rest_in_model=True, outer=TUNED_OUTER)
+
+    @classmethod
+    def from_settings(cls, settings: HadTopKSettings) -> HadTopKCodec:
+        return cls(settings.hadtopk_chunk, settings.hadtopk_fraction)
 
     def _row_bits(self, length: int, keep: int | None = None) -> int:
         """Bit-field bits of one chunk of ``length`` values keeping ``keep`` (default: a full chunk's share)."""
@@ -138,4 +165,4 @@ class HadTopKCodec(ChunkedTopK, Codec):
         return out
 
 
-__all__ = ["HadTopKCodec"]
+__all__ = ["HadTopKCodec", "HadTopKSettings"]

@@ -11,6 +11,9 @@ float32 scales that follow it are 4-byte aligned and can be viewed in place.
 Encoding works on chunks of about a million values (whole blocks each): the float32 temporaries
 then stay in cache and the allocator reuses them, which is what makes the quantizers run at several
 GB/s on one core. Within a chunk everything is vectorized; the Python loop is over chunks only.
+
+The blockwise quantizers (``int8``, ``int4``) share their setting (:class:`BlockSettings`) and their
+construction (:class:`BlockwiseCodec`) here as well.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from swarmloco.compression.base import CodecError
+from swarmloco.checks import check, is_int
+from swarmloco.compression.base import Codec, CodecError, CodecInfo, CodecSettings
 
 MAGIC = 0x5C
 VERSION = 1
@@ -47,6 +52,36 @@ def check_block_size(block_size: int, name: str) -> int:
         raise ValueError(f"config: codec.block_size={block_size!r} is invalid for {name}: "
                          f"must be in 1..{MAX_BLOCK_SIZE}")
     return block_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockSettings(CodecSettings):
+    """The settings of the blockwise quantizers (``int8``, ``int4``)."""
+
+    block_size: int = 256
+    """Values per scale block for the blockwise quantizers (int8, int4)."""
+
+    def __post_init__(self) -> None:
+        check(is_int(self.block_size) and self.block_size > 0, "codec.block_size", self.block_size,
+              "must be a positive integer")
+
+
+class BlockwiseCodec(Codec):
+    """A blockwise absmax quantizer (``int8``, ``int4``): ``BITS`` per value plus a float32 scale per block of
+    ``block_size`` values."""
+
+    NAME: str
+    BITS: int
+    settings_class = BlockSettings
+
+    def __init__(self, block_size: int = BlockSettings.block_size):
+        self.block_size = check_block_size(block_size, self.NAME)
+        self.info = CodecInfo(name=self.NAME, bits_per_value=self.BITS + 32 / self.block_size, lossy=True,
+                              summable=True)
+
+    @classmethod
+    def from_settings(cls, settings: BlockSettings) -> BlockwiseCodec:
+        return cls(settings.block_size)
 
 
 def pack_header(codec_id: int, numel: int, block_size: int) -> bytes:

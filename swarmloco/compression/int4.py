@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from swarmloco.compression.base import Codec, CodecError, CodecInfo
+from swarmloco.compression.base import CodecError
 from swarmloco.compression.header import (
-    CODEC_IDS, HEADER_SIZE, as_blocks, block_absmax, check_block_size, check_length, check_scales, chunks,
+    CODEC_IDS, HEADER_SIZE, BlockwiseCodec, as_blocks, block_absmax, check_length, check_scales, chunks,
     dequantize_into, flat_float32, pack_header, payload_tensor, quantize_blocks, read_header,
 )
 
@@ -49,14 +49,10 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return out.view(torch.int8)
 
 
-class Int4Codec(Codec):
+class Int4Codec(BlockwiseCodec):
     """Blockwise absmax 4-bit (levels -7..7): 4 + 32 / block_size bits per value."""
 
-    NAME = "int4"
-
-    def __init__(self, block_size: int = 256):
-        self.block_size = check_block_size(block_size, self.NAME)
-        self.info = CodecInfo(name=self.NAME, bits_per_value=4 + 32 / self.block_size, lossy=True, summable=True)
+    NAME, BITS = "int4", 4
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         flat = flat_float32(tensor)

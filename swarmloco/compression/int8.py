@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import torch
 
-from swarmloco.compression.base import Codec, CodecError, CodecInfo
+from swarmloco.compression.base import CodecError
 from swarmloco.compression.header import (
-    CODEC_IDS, HEADER_SIZE, as_blocks, block_absmax, check_block_size, check_length, check_scales, chunks,
+    CODEC_IDS, HEADER_SIZE, BlockwiseCodec, as_blocks, block_absmax, check_length, check_scales, chunks,
     dequantize_into, flat_float32, pack_header, payload_tensor, quantize_blocks, read_header,
 )
 
 LEVELS = 127
 
 
-class Int8Codec(Codec):
+class Int8Codec(BlockwiseCodec):
     """Blockwise absmax int8 (INTELLECT-1): 8 + 32 / block_size bits per value."""
 
-    NAME = "int8"
-
-    def __init__(self, block_size: int = 256):
-        self.block_size = check_block_size(block_size, self.NAME)
-        self.info = CodecInfo(name=self.NAME, bits_per_value=8 + 32 / self.block_size, lossy=True, summable=True)
+    NAME, BITS = "int8", 8
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         flat = flat_float32(tensor)

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import copy
 import struct
+from dataclasses import dataclass
 
 import torch
 
-from swarmloco.compression.base import Codec, CodecError, CodecInfo
+from swarmloco.checks import check, is_int, show_value
+from swarmloco.compression.base import Codec, CodecError, CodecInfo, CodecSettings
 from swarmloco.compression.bits import pack_bits, unpack_bits
 from swarmloco.compression.hadamard import is_power_of_two, rotate_chunks, unrotate_chunks
 from swarmloco.compression.header import (
@@ -51,13 +53,43 @@ MAX_EVERY = 256
 BASES = ("hadamard", "coords")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RotateSettings(CodecSettings):
+    """The ``rotate`` codec's settings."""
+
+    rotate_every: int = 4
+    """Each coordinate is sent once every this many rounds (a round sends 1 / rotate_every of them)."""
+    rotate_chunk: int = 4096
+    """Values per chunk (a multiple of rotate_every; a power of two with the hadamard basis); each chunk
+    sends one bf16 level, and tensors shorter than a chunk are sent whole."""
+    rotate_basis: str = "hadamard"
+    """"hadamard" sends a share of each chunk's coefficients after a fixed random rotation (every value
+    moves a little each round; the better one, BENCHMARKS.md), "coords" a share of the values themselves."""
+
+    def __post_init__(self) -> None:
+        check(is_int(self.rotate_every) and 1 <= self.rotate_every <= MAX_EVERY, "codec.rotate_every",
+              self.rotate_every, f"must be an integer in 1..{MAX_EVERY}")
+        check(is_int(self.rotate_chunk) and 1 <= self.rotate_chunk <= MAX_BLOCK_SIZE
+              and self.rotate_chunk % self.rotate_every == 0, "codec.rotate_chunk", self.rotate_chunk,
+              f"must be an integer in 1..{MAX_BLOCK_SIZE} and a multiple of rotate_every = {self.rotate_every}")
+        check(self.rotate_basis in BASES, "codec.rotate_basis", self.rotate_basis,
+              "must be " + " or ".join(map(show_value, BASES)))
+
+    def check_use(self) -> None:
+        """The hadamard basis turns chunks of 2^k values."""
+        check(self.rotate_basis != "hadamard" or is_power_of_two(self.rotate_chunk),
+              "codec.rotate_chunk", self.rotate_chunk, 'must be a power of two with rotate_basis = "hadamard"')
+
+
 class RotateCodec(Codec):
     """Every ``every``-th value (``basis = "coords"``) or coefficient (``"hadamard"``) of each ``chunk``-value
     chunk, shifted by the round's phase; one sign bit each and one bf16 level per chunk."""
 
     NAME = "rotate"
+    settings_class = RotateSettings
 
-    def __init__(self, chunk: int = 4096, every: int = 4, basis: str = "coords"):
+    def __init__(self, chunk: int = RotateSettings.rotate_chunk, every: int = RotateSettings.rotate_every,
+                 basis: str = "coords"):
         if not isinstance(every, int) or not 1 <= every <= MAX_EVERY:
             raise ValueError(f"config: codec.rotate_every={every!r} is invalid: must be in 1..{MAX_EVERY}")
         if not isinstance(chunk, int) or not every <= chunk <= MAX_BLOCK_SIZE or chunk % every:
@@ -78,6 +110,10 @@ class RotateCodec(Codec):
         None (a codec not bound to a round) encodes phase 0 and decodes any."""
         self.info = CodecInfo(name=self.NAME, bits_per_value=(chunk // every + 16) / chunk, lossy=True, summable=False,
                               per_sender=basis == "coords", rest_in_model=True)
+
+    @classmethod
+    def from_settings(cls, settings: RotateSettings) -> RotateCodec:
+        return cls(settings.rotate_chunk, settings.rotate_every, settings.rotate_basis)
 
     def for_round(self, step: int) -> RotateCodec:
         """This codec for the round of outer step ``step`` (its phase: ``step mod every``): it encodes that
@@ -202,4 +238,4 @@ class RotateCodec(Codec):
         return out
 
 
-__all__ = ["RotateCodec"]
+__all__ = ["RotateCodec", "RotateSettings"]

@@ -32,10 +32,12 @@ exactly ``k`` strictly increasing indices inside their chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from swarmloco.compression.base import Codec, CodecError, CodecInfo
+from swarmloco.checks import check, is_int, is_number
+from swarmloco.compression.base import Codec, CodecError, CodecInfo, CodecSettings
 from swarmloco.compression.bits import bits_int, ef_decode, ef_encode, ef_sizes, int_bits, pack_bits, unpack_bits
 from swarmloco.compression.header import (
     CODEC_IDS, HEADER_SIZE, MAX_BLOCK_SIZE, block_absmax, check_length, check_levels, chunks, flat_float32,
@@ -43,6 +45,33 @@ from swarmloco.compression.header import (
 )
 
 CODE_BITS = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopKSettings(CodecSettings):
+    """The ``topk`` codec's settings (SparseLoCo's defaults)."""
+
+    topk_fraction: float = 0.015625
+    """Fraction of each chunk's values sent (SparseLoCo: 64 of 4096, 1.56%)."""
+    topk_chunk: int = 4096
+    """Values per chunk; each chunk sends its own largest entries."""
+    topk_decay: float = 0.95
+    """Decay of the error-feedback accumulator (SparseLoCo's beta; it acts as the outer momentum,
+    so use it with outer.momentum = 0). The dense codecs' error feedback does not decay."""
+
+    def __post_init__(self) -> None:
+        check(is_number(self.topk_fraction) and 0.0 < self.topk_fraction <= 1.0,
+              "codec.topk_fraction", self.topk_fraction, "must be in (0, 1]")
+        check(is_int(self.topk_chunk) and 1 <= self.topk_chunk <= MAX_BLOCK_SIZE, "codec.topk_chunk",
+              self.topk_chunk, f"must be an integer in 1..{MAX_BLOCK_SIZE}")
+        check(is_number(self.topk_decay) and 0.0 <= self.topk_decay <= 1.0, "codec.topk_decay",
+              self.topk_decay, "must be in [0, 1]")
+
+    @property
+    def feedback_decay(self) -> float:
+        """``topk_decay``: with ``e = beta * e + delta; send C(e); e -= C(e)`` the accumulator plays the outer
+        momentum (SparseLoCo)."""
+        return self.topk_decay
 
 
 class ChunkedTopK:
@@ -99,8 +128,9 @@ class TopKCodec(ChunkedTopK, Codec):
     """Top ``fraction`` of |values| of each ``chunk``-value chunk, 2-bit values, Elias-Fano indices."""
 
     NAME = "topk"
+    settings_class = TopKSettings
 
-    def __init__(self, chunk: int = 4096, fraction: float = 1 / 64):
+    def __init__(self, chunk: int = TopKSettings.topk_chunk, fraction: float = TopKSettings.topk_fraction):
         if not isinstance(chunk, int) or not 1 <= chunk <= MAX_BLOCK_SIZE:
             raise ValueError(f"config: codec.topk_chunk={chunk!r} is invalid: must be in 1..{MAX_BLOCK_SIZE}")
         if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
@@ -108,6 +138,10 @@ class TopKCodec(ChunkedTopK, Codec):
         self.chunk, self.fraction = chunk, float(fraction)
         self.info = CodecInfo(name=self.NAME, bits_per_value=self._row_bits(chunk) / chunk, lossy=True,
                               summable=False, per_sender=True)
+
+    @classmethod
+    def from_settings(cls, settings: TopKSettings) -> TopKCodec:
+        return cls(settings.topk_chunk, settings.topk_fraction)
 
     def _row_bits(self, length: int, keep: int | None = None) -> int:
         """Bits of one chunk of ``length`` values keeping ``keep`` (default: a full chunk's share)."""
@@ -188,4 +222,4 @@ def _check_levels(levels: torch.Tensor, name: str) -> None:
         raise CodecError(f"{name}: a chunk's low level is above its high level")
 
 
-__all__ = ["ChunkedTopK", "TopKCodec"]
+__all__ = ["ChunkedTopK", "TopKCodec", "TopKSettings"]

@@ -22,12 +22,15 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from swarmloco.outer_optim.config import OuterConfig
+
 
 class OuterNesterov(torch.optim.Optimizer):
-    """SGD with (Nesterov) momentum; ``.grad`` holds the averaged pseudo-gradient."""
+    """SGD with (Nesterov) momentum; ``.grad`` holds the averaged pseudo-gradient. Its defaults are a run's
+    (:class:`~swarmloco.outer_optim.config.OuterConfig`)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.7, momentum: float = 0.9,
-                 nesterov: bool = True):
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = OuterConfig.lr,
+                 momentum: float = OuterConfig.momentum, nesterov: bool = OuterConfig.nesterov):
         if not lr > 0:
             raise ValueError(f"outer lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -72,10 +75,10 @@ def apply_outer_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Te
         p.grad = None
 
 
-def build_outer_optimizer(params: Sequence[torch.Tensor], cfg) -> OuterNesterov:
-    """The outer optimizer of a run's ``[outer]`` config (:class:`~swarmloco.config.OuterConfig`).
+def build_outer_optimizer(params: Sequence[torch.Tensor], cfg: OuterConfig) -> OuterNesterov:
+    """The outer optimizer of a run's ``[outer]`` config.
 
-    The one constructor of the outer step: the peer (``node/peer.py``) and the simulator
-    (``node/simulate.py``) both call it, so a swarm and its simulation apply the same update rule.
+    The one constructor of the outer step: the peer (``node/diloco.py``) and the simulator
+    (``sim/simulate.py``) both call it, so a swarm and its simulation apply the same update rule.
     """
     return OuterNesterov(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)

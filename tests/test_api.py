@@ -63,6 +63,35 @@ def test_any_module_and_optimizer_factory_run_an_outer_round_every_inner_steps_c
         assert isinstance(diloco.inner_optimizer, torch.optim.SGD)
 
 
+def test_attach_runs_the_outer_rounds_from_an_unchanged_loop_as_explicit_steps_do() -> None:
+    """``diloco.attach()``: a post-step hook on the inner optimizer, so the user's loop calls only opt.step();
+    the rounds and the global parameters are the same as with diloco.step() after every opt.step()."""
+    def run(attached: bool) -> tuple[list, list[torch.Tensor]]:
+        model = mlp()
+        diloco = swarmloco.DiLoCo(LoneSwarm(), model, functools.partial(torch.optim.AdamW, lr=1e-2), inner_steps=3)
+        opt, g, steps = diloco.inner_optimizer, torch.Generator().manual_seed(1), []
+        handle = diloco.attach(samples=4) if attached else None
+        for _ in range(7):
+            x = torch.randn(4, 8, generator=g)
+            (model(x) - x.sum(1, keepdim=True)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if not attached:
+                diloco.step(samples=4)
+            steps.append(diloco.outer_step)
+        if handle is not None:
+            handle.remove()
+            opt.step()  # detached: no more inner steps are counted
+            assert diloco.inner_step == 7
+        result = (steps, [p.clone() for p in diloco.global_params])
+        diloco.close()
+        return result
+
+    (steps, params), (hooked_steps, hooked_params) = run(attached=False), run(attached=True)
+    assert hooked_steps == steps == [0, 0, 1, 1, 1, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(params, hooked_params))
+
+
 def test_state_dict_leaves_the_model_alone_and_load_state_dict_resumes() -> None:
     model = mlp()
     diloco = swarmloco.DiLoCo(LoneSwarm(), model, functools.partial(torch.optim.AdamW, lr=1e-2), inner_steps=3)

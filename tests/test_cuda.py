@@ -13,7 +13,6 @@ import torch
 
 from swarmloco.config import RunConfig
 from swarmloco.app.peer import Peer, PeerOptions
-from swarmloco.node.round import pseudo_gradient
 from swarmloco.protocol.identity import Identity
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -100,7 +99,7 @@ def test_the_pseudo_gradient_from_the_gpu_equals_the_cpu_computation() -> None:
     with torch.no_grad():
         for p in peer.model.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
-    staged = pseudo_gradient(peer.diloco, range(len(peer.diloco.global_params)))
+    staged = peer.diloco.buffers.pseudo_gradient(range(len(peer.diloco.global_params)))
     expected = [g - p.detach().cpu().float() for g, p in zip(peer.diloco.global_params, peer.model.parameters())]
     assert all(torch.equal(a, b) for a, b in zip(staged, expected))
 

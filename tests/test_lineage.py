@@ -271,9 +271,9 @@ def test_a_peer_certifies_every_round_it_commits_and_resumes_its_lineage(tmp_pat
     assert (chain.root_step, chain.root_digest, chain.tip_step) == (0, genesis_digest, 3)
     assert chain.tip_digest.hex() == peer.diloco.digest
     assert all(c.signers() == {swarm.identity.public_bytes} for c in chain.certs)
-    assert [step for step, _ in peer.diloco._progress().attest] == [0, 1, 2]  # its signatures ride on heartbeats
+    assert [step for step, _ in peer.diloco.heartbeats.progress().attest] == [0, 1, 2]  # its signatures ride on heartbeats
     assert swarm.transport.lineage[:2] == (0, genesis_digest)  # and the averager serves the chain as proof
 
     again = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", resume=True, max_outer_steps=1))
-    again.diloco.maybe_resume()
+    again.diloco.state.maybe_resume()
     assert again.outer_step == 3 and [c.encode() for c in again.diloco.chain.certs] == [c.encode() for c in chain.certs]

@@ -59,7 +59,7 @@ def test_a_lone_peer_keeps_its_unsent_rest_in_the_model_as_the_simulator_does(tm
         assert torch.equal(mine.detach(), got - ef.rest(i)), f"{name}: the model is not global - rest"
     # resuming from the checkpoint puts the rest back into the model
     again = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", max_outer_steps=rounds, shard=0, resume=True))
-    again.diloco.maybe_resume()
+    again.diloco.state.maybe_resume()
     assert again.diloco.outer_step == rounds
     for mine, restored in zip(peer.model.parameters(), again.model.parameters()):
         assert torch.equal(mine.detach(), restored.detach())

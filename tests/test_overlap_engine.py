@@ -40,29 +40,29 @@ def test_a_lone_peers_overlapped_rounds_equal_the_simulators(outer) -> None:
     assert [h["outer_step"] for h in history] == list(range(1, rounds + 1))
 
 
-def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_are_not_run(monkeypatch) -> None:
+def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_are_not_run() -> None:
     """Streaming with tau > H / F: several rounds in flight, their exchanges one after another. When one ends
     without a commit, the rounds started after it (for the steps after it) are not run, the next round to
     start is for its step again (its fragment), and training goes on: every step commits once, in order."""
-    from swarmloco.node import overlapped
     from swarmloco.protocol.interface import RoundOutcome
 
     torch.set_num_threads(1)
-    real_exchange, failed, queued = overlapped.exchange, [], threading.Event()
+    real_exchange, failed, queued = None, [], threading.Event()
 
-    def exchange(engine, work):
+    def exchange(work):
         if work.step == 2 and not failed:  # the first try of outer step 2 fails, once step 3 started behind it
             failed.append(work.index)
             assert queued.wait(30), "the round of step 3 was not started while the one of step 2 ran"
             work.outcome = RoundOutcome(ok=False, error="injected")
             return
-        real_exchange(engine, work)
+        real_exchange(work)
 
-    monkeypatch.setattr(overlapped, "exchange", exchange)
     cfg = tiny_config(inner={"steps": 4}, outer={"overlap": "delayed", "fragments": 4, "overlap_steps": 3})
     peer = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", max_outer_steps=6, shard=0))
-    launched = peer.diloco._launched
-    peer.diloco._launched = lambda step: (launched(step), step == 3 and queued.set())
+    real_exchange, peer.diloco.rounds.exchange = peer.diloco.rounds.exchange, exchange
+    flight = peer.diloco.flight
+    launched = flight.launched
+    flight.launched = lambda step: (launched(step), step == 3 and queued.set())
     history, board_round_done = [], peer.board.round_done
     peer.board.round_done = lambda summary: (history.append(summary), board_round_done(summary))
     assert peer.run() == 6
@@ -79,35 +79,34 @@ def test_a_round_that_fails_with_rounds_queued_behind_it_is_run_again_and_they_a
     assert peer.diloco.parts[2] == failed[0]
 
 
-def test_a_heavier_lineage_found_with_rounds_queued_behind_drops_them_and_adopts_once(monkeypatch) -> None:
+def test_a_heavier_lineage_found_with_rounds_queued_behind_drops_them_and_adopts_once() -> None:
     """A round whose barrier finds a heavier lineage ends in that adoption when it lands: the rounds queued behind
     it are not run, dropped without a correction, and the adoption happens once; training goes on from there."""
-    from swarmloco.node import overlapped
     from swarmloco.node.round import RoundReport
 
     torch.set_num_threads(1)
-    real_exchange, queued, adoptions = overlapped.exchange, threading.Event(), []
+    real_exchange, queued, adoptions = None, threading.Event(), []
 
-    def exchange(engine, work):
+    def exchange(work):
         if work.step == 2 and not adoptions:  # its barrier finds a heavier lineage, once step 3 started behind it
             assert queued.wait(30), "the round of step 3 was not started while the one of step 2 ran"
             work.behind = "a prepared lineage"
             return
-        real_exchange(engine, work)
+        real_exchange(work)
 
-    monkeypatch.setattr(overlapped, "exchange", exchange)
     cfg = tiny_config(inner={"steps": 4}, outer={"overlap": "delayed", "fragments": 4, "overlap_steps": 3})
     peer = Peer(cfg, LoneSwarm(), PeerOptions(device="cpu", max_outer_steps=5, shard=0))
     diloco = peer.diloco
-    launched = diloco._launched
-    diloco._launched = lambda step: (launched(step), step == 3 and queued.set())
+    real_exchange, diloco.rounds.exchange = diloco.rounds.exchange, exchange
+    launched = diloco.flight.launched
+    diloco.flight.launched = lambda step: (launched(step), step == 3 and queued.set())
 
     def adopt(pending, inner, t0, taken=None):  # (a stand-in: the state stays this peer's own)
-        adoptions.append((pending, len(diloco._flying)))
+        adoptions.append((pending, len(diloco.flight)))
         return RoundReport(outer_step=diloco.outer_step, ok=True, adopted=True, peers=1, train_loss=float("nan"),
                            eval_loss=float("nan"), round_time=0.0)
 
-    diloco._catch_up_instead_of_round = adopt
+    diloco.rounds.adopt = adopt
     history, board_round_done = [], peer.board.round_done
     peer.board.round_done = lambda summary: (history.append(summary), board_round_done(summary))
     assert peer.run() == 5

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from swarmloco.config import SwarmConfig
 from swarmloco.node.status import StatusBoard
 from swarmloco.protocol.access import read_tokens
-from swarmloco.protocol.identity import Identity
+from swarmloco.protocol.identity import Identity, peer_id_of_public_key
 from swarmloco.protocol.manifest import (INDEX_KEY, ManifestMismatch, RunManifest, SignedManifest,
                                          check_against_swarm, read_manifests, sign_index_entry, sign_manifest)
 from swarmloco.protocol.interface import RoundOutcome, Transport
@@ -190,6 +190,10 @@ class Membership:
                 self.push_gate()
                 until = None
         return until is not None
+
+    def counts(self, public_key: bytes, outer_step: int) -> bool:
+        """Whether a certificate's signer counts as a contributor: admitted (private runs), not excluded."""
+        return self.admits(public_key) and not self.refused(peer_id_of_public_key(public_key), outer_step)
 
     def excluded_peers(self) -> list[str]:
         with self._lock:

@@ -1,50 +1,21 @@
 """One sync round: wait for the round's peers, average pseudo-gradients, decide whether it commits.
 
-Life of a round for outer step ``r`` (see ARCHITECTURE.md):
+For outer step ``r`` (ARCHITECTURE.md, "The life of one outer step"):
 
-1. **Ready barrier.** The peer heartbeats ``state=ready, outer_step=r`` and polls the DHT until every
-   live peer at step ``r`` on the same state (its heartbeat's digest; one at ``r`` on another lineage
-   is left to the catch-up below, not waited for) is ready too (and, before its first round, at least
-   ``swarm.min_peers`` peers are), bounded by ``swarm.ready_timeout``. Without it, fast peers would
-   average alone before slow ones are even visible.
-2. **Averaging.** ``Transport.start_round`` runs DHT matchmaking (a window that grows with each re-run:
-   :func:`matchmaking_window`) plus the exact butterfly all-reduce in the background, the
-   pseudo-gradient weighted by the samples this peer processed. The handle can be waited on later, so
-   training can go on beside a round (overlap comes with it).
-3. **Commit decision** from data every group member shares (the gathered metadata): the round
-   commits only if all members were at outer step ``r`` on the same parent state and the group holds a
-   **quorum**: more than half of the live peers any member saw (the union of the members' views, each a
-   list of the peers heartbeating, not joining and not excluded, sent with the round; capped at
-   ``max_group_size``).
-   Any failure - no group, timeout, a dead reducer, a partial result, a bad part, no quorum - is a
-   :class:`RoundOutcome` with ``ok=False``.
+1. **Ready barrier**: every live peer at step ``r`` on the same state is ready (before the first round, at
+   least ``swarm.min_peers``), bounded by ``swarm.ready_timeout``; a peer at ``r`` on another lineage is
+   left to the catch-up (:mod:`swarmloco.node.catch_up`), which may return ``behind`` instead.
+2. **Averaging**: ``Transport.start_round`` (matchmaking in :func:`matchmaking_window`, the exact
+   all-reduce), weighted by samples; the handle is waited on later, so training may go on beside it.
+3. **Commit decision** from the gathered metadata every member shares: all members at ``r`` on the same
+   parent state, and a **quorum** (more than half of the live peers any member saw). Any failure is a
+   :class:`RoundOutcome` with ``ok=False``. A peer alone in the swarm commits its own pseudo-gradient.
 
-A peer alone in the swarm (nobody else live) skips the network and commits its own pseudo-gradient; a
-peer alone while others live commits nothing (no quorum): it keeps its inner progress and joins them.
-
-**Failures.** When a round fails (a peer died mid-all-reduce), the survivors re-run it at once (``attempt`` 1,
-2, ... up to ``swarm.round_retries``) with the same pseudo-gradients. Reducers whose stream broke are
-*suspects*: the re-run's barrier does not wait for them, nor does any later one until they heartbeat again (a
-frozen peer that wakes up is welcome back; a reducer that answered with an error code is alive, no suspect).
-Peers of the round that have not reported the failure yet are waited for ``swarm.retry_grace`` seconds, and
-those still heartbeating ``averaging`` (inside the failed all-reduce, late because of the dead peer) up to the
-reducer timeout (2 x ``swarm.next_chunk_timeout``) more: they fail soon and join the re-run. A peer whose
-heartbeats stopped (``STALE_BEATS`` periods without one: the dead peer itself, seen ``averaging`` by a
-survivor that abandoned its attempt before it learned the suspects) is not waited for past the grace. While
-this peer waits for a round's result it watches its group mates' heartbeats: once one of them heartbeats a
-re-run of the same step, this attempt already failed for them, and it is abandoned at once
-(:meth:`Synchronizer.wait`) instead of waiting out its timeouts - unless that mate's group *decided* not to
-commit (no quorum, mixed states: heartbeat ``rerun="decided"``): it was then in another group, and this one
-may still commit. A re-run's heartbeat names its suspects, and a peer abandoning the attempt takes those among
-the attempt's members as its own (:meth:`Synchronizer.take_hint`): its re-run does not wait for the dead
-reducer either (a hint, not proof: a live peer named falsely is alive again at its next heartbeat). A re-run
-commits only with a quorum like any round, so a survivor that blames live peers and re-runs alone commits
-nothing.
-
-**Behind the swarm.** A heartbeat's step and digest are claims, verified in the background
-(:mod:`swarmloco.node.catch_up`). The barrier returns ``behind`` when a heavier lineage has been proven
-and its state downloaded; before it forms a round it waits (a few seconds at most) for the verdict on
-a claim of this peer's recent group mates.
+**Re-runs.** Survivors re-run a failed round at once (up to ``swarm.round_retries``). Reducers whose stream
+broke are *suspects*, not waited for until they heartbeat again; peers still inside the failed attempt are
+waited for a bounded grace. A mate heartbeating a ``broken`` re-run of the step ends this peer's attempt at
+once (:meth:`Synchronizer.wait`) and hands over its suspects (:meth:`Synchronizer.take_hint`: a hint, not
+proof); a ``decided`` re-run (no quorum in another group) does not. A re-run commits only with a quorum.
 """
 
 from __future__ import annotations

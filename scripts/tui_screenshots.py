@@ -1,4 +1,4 @@
-"""Render README screenshots of ``swarmloco monitor`` from the recorded fixture.
+"""Render the screenshots of docs/monitor.md of ``swarmloco monitor`` from the recorded fixture.
 
     python scripts/tui_screenshots.py [--size 100x32] [--out docs]
 

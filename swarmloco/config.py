@@ -1,14 +1,14 @@
 """Run configuration: one frozen dataclass per component, loaded from TOML and validated at the edge.
 
-The ``model``, ``data``, ``inner``, ``outer`` and ``codec`` sections (plus ``run_id`` and ``seed``) are the
-*run manifest*: every peer of a swarm must hold exactly the same values (their hash keys every DHT entry).
+The ``model``, ``data``, ``inner``, ``outer``, ``codec`` and ``access`` sections (plus ``run_id`` and ``seed``)
+are the *run manifest*: every peer of a swarm must hold exactly the same values (their hash keys every DHT entry).
 The ``swarm``, ``checkpoint`` and ``status`` sections are local to one peer and may differ between peers.
 
 A component that owns its settings declares them in its own room and this module gathers them:
 ``[outer]`` is the outer step's (:mod:`swarmloco.outer_optim.config`), ``[codec]`` the codecs'
 (:mod:`swarmloco.compression.registry`: each codec's module declares its keys), the local sections are in
 :mod:`swarmloco.local_config`, and the checks every section shares in :mod:`swarmloco.checks`. Every name
-below stays importable from here.
+below is importable from here.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ MANIFEST_SECTIONS = ("model", "data", "inner", "outer", "codec", "access")
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Everything one peer needs. See README.md for a commented example."""
+    """Everything one peer needs: every section of the TOML file (docs/operating.md, "Configuration")."""
 
     run_id: str = "swarmloco"
     """Name of the run; peers of one swarm share it."""

@@ -1,5 +1,5 @@
 """Every bad input is refused before anything starts: one line on stderr naming the flag or field as
-the user wrote it, the README's exit code (2 bad input, 1 could not start), no traceback, and no DHT
+the user wrote it, the exit code of docs/operating.md (2 bad input, 1 could not start), no traceback, and no DHT
 node started (``SWARMLOCO_FAULT=no_dht`` makes any DHT start fail loudly, so a case that got that
 far would exit 1 with that message instead)."""
 

@@ -96,7 +96,7 @@ def test_excluded_or_unadmitted_signers_do_not_count() -> None:
     sybils = grow(shared, 3, KEYS[4:8], "sybil")  # four keys nobody admitted (a private run)
     admitted = {k.public_bytes for k in KEYS[:4]}
     assert not compare(honest, sybils, admitted.__contains__).theirs_heavier
-    assert compare(honest, sybils, everyone).theirs_heavier  # in an open run, keys are cheap: see README
+    assert compare(honest, sybils, everyone).theirs_heavier  # in an open run, keys are cheap: see docs/lineage.md
 
 
 def test_a_chain_survives_a_checkpoint_and_a_tampered_one_is_refused() -> None:

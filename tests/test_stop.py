@@ -28,7 +28,7 @@ from swarmloco.protocol.processes import session_processes, signal_session
 pytestmark = pytest.mark.slow
 
 STOP_BOUND = 20.0
-"""Seconds from the signal to the exit (README: "Stopping"); a round in flight adds up to 5 s."""
+"""Seconds from the signal to the exit (docs/operating.md, "Stopping"); a round in flight adds up to 5 s."""
 
 
 def gone_within(pid: int, seconds: float) -> list[int]:

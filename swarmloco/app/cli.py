@@ -165,25 +165,6 @@ def _port_of(value: str) -> int:
     return int(text)
 
 
-def cmd_keygen(args: argparse.Namespace) -> int:
-    from swarmloco.protocol.identity import Identity
-
-    path = Path(args.path)
-    if path.is_dir():
-        raise Refusal(f"{args.path}: is a directory; give a file name for the key")
-    if path.exists() and not args.force:
-        raise Refusal(f"{args.path} exists (use --force to overwrite)")
-    if not path.parent.is_dir():
-        raise Refusal(f"{args.path}: the folder {path.parent} does not exist")
-    identity = Identity.generate()
-    try:
-        identity.write_libp2p_key(args.path)
-    except OSError as e:
-        raise Refusal(f"{args.path}: cannot write it ({e.strerror or e})") from None
-    print(f"peer id {identity.libp2p_peer_id()}\npublic key {identity.public_hex}\nwritten to {args.path} (mode 0600)")
-    return 0
-
-
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """A DHT-only peer with a stable address: no model, no GPU. With ``--run``, it validates those runs'
     records like their peers do (a node without validators stores anything)."""
@@ -241,7 +222,7 @@ PEER_STOP_NOTE = """stopping: Ctrl-C, SIGTERM or SIGHUP (also to the whole proce
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from swarmloco.app.public import cmd_init_run, cmd_join, cmd_token
+    from swarmloco.app.public import cmd_init_run, cmd_join, cmd_keygen, cmd_token
 
     parser = _Parser(
         prog="swarmloco", description="DiLoCo training over a volunteer swarm.",

@@ -1,7 +1,7 @@
 """Everything a peer is given, checked before anything starts.
 
 The CLI refuses bad input in one line that names the flag or field as the user wrote it, with the
-README's exit code (2: bad flag, config or data; 1: could not start, e.g. a port is taken), *before*
+exit code of docs/operating.md (2: bad flag, config or data; 1: could not start, e.g. a port is taken), *before*
 the DHT node and its p2pd start and before a join address is printed: a user should not watch a peer
 come up, print where others can join, and then die on a typo. Each check raises :class:`Refused`.
 """

@@ -1,10 +1,11 @@
-"""``swarmloco join | init-run | token``: owned runs and private swarms (see README "Public swarms")."""
+"""``swarmloco keygen | join | init-run | token``: identities, owned runs and private swarms (docs/public-swarms.md)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import time
+from pathlib import Path
 
 from swarmloco.app.console import one_line, say
 from swarmloco.app.flags import Refusal, check_peer_flags, load, peer_overrides, start_peer, swarm_overrides
@@ -171,4 +172,24 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not ok:
         raise Refusal("the DHT did not store the token", 1)
     say(f"swarmloco: token for {peer.hex()} in run '{args.run}' published, valid {args.valid_days:g} days")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A persistent Ed25519 libp2p identity: an owner's key, or a peer's stable peer id."""
+    from swarmloco.protocol.identity import Identity
+
+    path = Path(args.path)
+    if path.is_dir():
+        raise Refusal(f"{args.path}: is a directory; give a file name for the key")
+    if path.exists() and not args.force:
+        raise Refusal(f"{args.path} exists (use --force to overwrite)")
+    if not path.parent.is_dir():
+        raise Refusal(f"{args.path}: the folder {path.parent} does not exist")
+    identity = Identity.generate()
+    try:
+        identity.write_libp2p_key(args.path)
+    except OSError as e:
+        raise Refusal(f"{args.path}: cannot write it ({e.strerror or e})") from None
+    print(f"peer id {identity.libp2p_peer_id()}\npublic key {identity.public_hex}\nwritten to {args.path} (mode 0600)")
     return 0

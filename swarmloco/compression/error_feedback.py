@@ -1,26 +1,21 @@
 """Error feedback: what compression dropped this round is added to the next round's pseudo-gradient.
 
-A lossy codec C sends C(x) instead of x. Error feedback (Seide et al., 2014, "1-bit SGD";
-Karimireddy et al., 2019, "Error Feedback Fixes SignSGD") keeps the residual e = x - C(x) locally and
-compensates the next tensor: x' = g + e. The sum of what was sent over T rounds is then the sum of
-the true tensors minus the last residual, so nothing is lost for good, only delayed. SparseLoCo and
-DeMo rely on it to make top-k at 1-3% density work; Streaming DiLoCo's low-bit outer gradients
-benefit too. ``decay`` < 1 (SparseLoCo's beta) shrinks old residuals before they are re-added.
-
-Usage per outer step and tensor ``i``::
+A lossy codec C sends C(x) instead of x. Error feedback (Seide et al., 2014, "1-bit SGD"; Karimireddy et al.,
+2019, "Error Feedback Fixes SignSGD") keeps the residual e = x - C(x) and compensates the next tensor,
+x' = g + e: what is sent over T rounds sums to the true tensors minus the last residual, so nothing is lost,
+only delayed. ``decay`` < 1 (SparseLoCo's beta) shrinks old residuals before they are re-added. Per outer
+step and tensor ``i``::
 
     compensated = ef.compensate(i, pseudo_grad)
     payload = codec.encode(compensated)
     ef.update(i, compensated, codec.decode(payload, compensated.numel()).view_as(compensated))
 
-**Rest in the model** (``in_model``; the ``rotate`` codec's): the residual is not added to the next tensor
-but kept in the peer's own parameters: after the outer step they are the new global parameters minus the
-residual (:meth:`ErrorFeedback.rest`), so the next pseudo-gradient ``global - local`` holds it again, and the
-model trains on from where it was instead of re-learning the unsent part from the global parameters (an
-accumulator outside the parameters re-adds the part the model re-learned: +46% held-out loss in
-BENCHMARKS.md's "Where the sparse gap comes from"). ``compensate`` then returns the tensor unchanged.
-
-The residuals are part of a peer's state: ``state_dict``/``load_state_dict`` put them in checkpoints.
+**Rest in the model** (``in_model``; ``rotate``, ``hadtopk``): the residual stays in the peer's own parameters
+instead, which after the outer step are the new global ones minus it (:meth:`ErrorFeedback.rest`), so the next
+pseudo-gradient ``global - local`` carries it and the model trains on from where it was (an accumulator outside
+the parameters re-adds what the model re-learned; BENCHMARKS.md, "Where the sparse gap comes from");
+``compensate`` then returns the tensor unchanged. The residuals are part of a peer's state: ``state_dict`` /
+``load_state_dict`` put them in checkpoints.
 """
 
 from __future__ import annotations

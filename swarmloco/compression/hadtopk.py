@@ -2,29 +2,21 @@
 
 Each whole chunk of ``chunk`` values is turned by the fixed random rotation of
 :mod:`~swarmloco.compression.hadamard` (the ``rotate`` codec's), and of its coefficients the peer sends the
-``k = ceil(fraction * chunk)`` of largest magnitude: one **sign bit** each, their positions Elias-Fano coded
-(:mod:`~swarmloco.compression.bits`, 7 bits each at the default 128 of 4096), and one bf16 level per chunk
-(the mean |coefficient| sent: the bin-mean reconstruction of a 1-bit quantizer). A tensor's tail shorter than a
-chunk keeps ``ceil(fraction * its length)`` of its own values; a tensor shorter than a chunk (biases, norms'
-gains) is sent whole, one bit per value. At the default that is 0.254 bits per value, 126x below fp32 (as
-``rotate``).
+``k = ceil(fraction * chunk)`` of largest magnitude: one sign bit each, their positions Elias-Fano coded
+(:mod:`~swarmloco.compression.bits`), and one bf16 level per chunk (the mean |coefficient| sent). A tensor's
+tail shorter than a chunk keeps ``ceil(fraction * its length)`` of its own values; a tensor shorter than a
+chunk is sent whole, one bit per value. At the default that is 0.254 bits per value.
 
-What a round does not send stays **in the peer's own parameters** (the error feedback's "rest in the model",
-:class:`~swarmloco.compression.error_feedback.ErrorFeedback`, as with ``rotate``): the peer lands at the new
-global parameters minus its rest, and the next pseudo-gradient carries the rest again. Unlike ``rotate``'s
-shared quarter, each peer picks its own coefficients (the ones that grew largest, so a big change goes out at
-once instead of waiting for its turn): a coefficient that three peers did not send counts as zero from them.
-The round averages over the whole group (``CodecInfo.per_sender`` is false: each peer's rest reaches the
-global model a quarter at a time, as in dense averaging), in the rotated basis (:meth:`decode_for_mean`),
-turning the group's mean back once (:meth:`finish_mean`). Where ``rotate`` and this codec part: at K=4,
-H=30 (67 rounds) this one ends within +0.5% of dense DiLoCo with each of three seeds (outer step Nesterov
-1.6 / 0.6), the quarter +1.9% at its best (BENCHMARKS.md).
+What a round does not send stays in the peer's own parameters (error feedback's ``in_model``). Each peer picks
+its own coefficients, so one that a peer did not send counts as zero from it: the round averages over the whole
+group (``CodecInfo.per_sender`` is false) in the rotated basis (:meth:`decode_for_mean`), turning the group's
+mean back once (:meth:`finish_mean`). Why and how well, against ``rotate``: docs/codecs.md.
 
 Payload: 16-byte header (block_size = chunk) | bf16 levels [chunks] | bit fields, packed LSB first: for the
 whole chunks, then the short last one: sign bits (1: negative), Elias-Fano low bits, Elias-Fano high bitmaps.
 The layout is fixed by the tensor's size; ``decode`` rejects a wrong chunk, a wrong length, non-zero padding
-bits, non-finite, negative or overflowing levels, and index sets that are not exactly ``k`` strictly
-increasing indices inside their chunk.
+bits, non-finite, negative or overflowing levels, and index sets that are not exactly ``k`` strictly increasing
+indices inside their chunk.
 """
 
 from __future__ import annotations

@@ -4,14 +4,10 @@ Every quantized payload starts with the same 16-byte little-endian header::
 
     magic u8 | version u8 | codec id u8 | reserved u8 (0) | numel u64 | block_size u32
 
-so that a receiver rejects a confused or hostile payload (wrong codec, wrong tensor, absurd block
-size, wrong length) *before* it allocates or computes anything. The header is 16 bytes so that the
-float32 scales that follow it are 4-byte aligned and can be viewed in place.
-
-Encoding works on chunks of about a million values (whole blocks each): the float32 temporaries
-then stay in cache and the allocator reuses them, which is what makes the quantizers run at several
-GB/s on one core. Within a chunk everything is vectorized; the Python loop is over chunks only.
-
+so that a receiver rejects a confused or hostile payload (wrong codec, wrong tensor, absurd block size, wrong
+length) *before* it allocates or computes anything; 16 bytes keep the float32 scales that follow it 4-byte
+aligned, viewable in place. Encoding works on chunks of about a million values (whole blocks each), so the
+float32 temporaries stay in cache and the allocator reuses them: the quantizers run at several GB/s on one core.
 The blockwise quantizers (``int8``, ``int4``) share their setting (:class:`BlockSettings`) and their
 construction (:class:`BlockwiseCodec`) here as well.
 """
@@ -43,7 +39,8 @@ if sys.byteorder != "little":  # payloads are little-endian; views below assume 
 
 CODEC_IDS = {"fp16": 1, "bf16": 2, "int8": 3, "int4": 4, "topk": 6, "rotate": 7, "rotate-hadamard": 8,
              "hadtopk": 9}
-"""5 was the first top-k codec (int8 values, plain indices), retired: its payloads are refused as a wrong codec."""
+"""Id 5 is reserved: a top-k format (int8 values, plain indices) no codec here decodes. Its payloads are refused
+as a wrong codec, so no codec may take the id."""
 
 
 def check_block_size(block_size: int, name: str) -> int:

@@ -1,19 +1,17 @@
 """Blockwise absmax int8: the quantizer of INTELLECT-1's int8 all-reduce.
 
-INTELLECT-1 (Jaghouar et al., 2024, "INTELLECT-1 Technical Report") sends DiLoCo pseudo-gradients as
-int8 and reports no loss in convergence at a 4x smaller payload. We quantize per block of
-``block_size`` values: scale = absmax / 127 (float32), q = round(x / scale) in [-127, 127]. A shared
-scale per block (rather than per tensor) keeps one outlier from flattening a whole tensor to zero.
-
-Error bound: every value is off by at most scale / 2 = absmax_block / 254, so the relative L2 error
-is about rms(absmax_block) / (127 * sqrt(12) * rms(x)): ~0.7% on Gaussian data with 256-value blocks,
-~0.5% on a real pseudo-gradient. Heavy tails *within* a block raise absmax / rms: i.i.d. Laplace data
-gives ~1.0% and Student-t(3) ~1.7% at 256-value blocks, both <= 1% at 32-value blocks.
+INTELLECT-1 (Jaghouar et al., 2024, "INTELLECT-1 Technical Report") sends DiLoCo pseudo-gradients as int8 and
+reports no loss in convergence at a 4x smaller payload. Per block of ``block_size`` values: scale = absmax / 127
+(float32), q = round(x / scale) in [-127, 127]; a scale per block, not per tensor, keeps one outlier from
+flattening a whole tensor to zero. Every value is off by at most scale / 2, a relative L2 error of about
+rms(absmax_block) / (127 * sqrt(12) * rms(x)): ~0.7% on Gaussian data with 256-value blocks, ~0.5% on a real
+pseudo-gradient, more with heavy tails within a block (Laplace: ~1.0%, Student-t(3): ~1.7%; both <= 1% at
+32-value blocks).
 
 Payload: 16-byte header (see :mod:`header`) | float32 scales [ceil(n / block_size)] | int8 values [n].
-Deterministic: the same input gives the same bytes; decoding is one float32 multiply per value, so
-every peer reconstructs bit-identical values. ``decode`` rejects anything an honest encoder would not
-produce: wrong header or length, negative/non-finite/overflowing scales, and the unused level -128.
+Deterministic: the same input gives the same bytes; decoding is one float32 multiply per value, so every peer
+reconstructs bit-identical values. ``decode`` rejects anything an honest encoder would not produce: wrong header
+or length, negative/non-finite/overflowing scales, and the unused level -128.
 """
 
 from __future__ import annotations

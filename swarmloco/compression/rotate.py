@@ -1,29 +1,15 @@
 """A shared rotating share of the coordinates at one bit each: no indices, every peer sends the same ones.
 
-Each round every peer sends, of each chunk of ``chunk`` values, every ``every``-th coordinate, starting at
-``(phase + chunk index) mod every``, where ``phase`` is the round's outer step mod ``every`` (:meth:`for_round`):
-each coordinate goes out once every ``every`` rounds, and since all peers of a round send the same
-coordinates, no index is sent and the payloads line up. Each sent value is one **sign bit**; its magnitude is
-the chunk's mean |value| sent (one bf16 level per chunk: the bin-mean reconstruction of a 1-bit quantizer).
-Tensors shorter than one chunk (biases, norms' gains) are sent whole at one bit per value, one level.
+Of each chunk of ``chunk`` values every peer sends every ``every``-th coordinate, starting at ``(phase + chunk
+index) mod every`` with ``phase`` the round's outer step mod ``every`` (:meth:`for_round`), so the payloads of a
+round line up without indices. A sent value is one sign bit; its magnitude is the chunk's mean |value| sent (one
+bf16 level per chunk). The unsent rest stays in the peer's parameters (error feedback's ``in_model``); payloads
+travel by all-gather (1-bit values do not survive a part-by-part sum). Why and how well: docs/codecs.md.
 
-What a round does not send is not lost: the peer keeps it in its own parameters (the error feedback's "rest in
-the model" mode, :class:`~swarmloco.compression.error_feedback.ErrorFeedback`): after the outer step its
-parameters are the new global ones minus what it did not send, so the next pseudo-gradient carries it again,
-and the model trains on from where it was. At ``every = 4`` that is 1/4 + 1/256 bits per value, 126x below
-fp32 (105x for the quality benchmark's small model, headers included), and at 200 rounds level with dense
-DiLoCo (hadamard basis: -0.17%; coords: +0.23%; BENCHMARKS.md). Like top-k it travels by all-gather (1-bit
-values do not survive a part-by-part sum).
-
-**Basis.** With ``basis = "hadamard"`` (the config's default) every whole chunk is first turned by a fixed
-random rotation (:mod:`~swarmloco.compression.hadamard`: random signs, then the orthonormal Walsh-Hadamard
-transform; ``chunk`` a power of two), and the round's share is taken of the chunk's *coefficients*: the
-receiver decodes them and turns them back, so each round moves every value a little instead of a quarter of
-the values fully, and one bit per coefficient loses less than one bit per value. A tensor's tail shorter than
-a chunk, and tensors shorter than a chunk, stay in their own basis. Such payloads carry their own codec id
-(``rotate-hadamard``): a peer of the other basis refuses them. Decoded, a payload is dense: the round
-averages over the whole group (``CodecInfo.per_sender`` is false), where the plain basis averages each
-coordinate over the peers that sent it (all of the round's members, unless a chunk was all zeros).
+With ``basis = "hadamard"`` each whole chunk is first turned by :mod:`~swarmloco.compression.hadamard` and the
+share is taken of its coefficients. Such payloads carry their own codec id (``rotate-hadamard``) and decode to
+dense values averaged over the whole group (``CodecInfo.per_sender`` false); the plain basis averages each
+coordinate over the peers that sent it.
 
 Payload: 16-byte header (block_size = chunk) | u32 phase | bf16 levels [chunks] | sign bits (1: negative),
 packed LSB first, chunk after chunk. The layout is fixed by the tensor's size and the phase; ``decode`` rejects

@@ -1,32 +1,20 @@
 """SparseLoCo's compressor: chunked top-k with 2-bit values and Elias-Fano indices.
 
-SparseLoCo (Sarfi et al., 2025, arXiv:2508.15706; it ran Covenant-72B) sends, per chunk of ``chunk``
-values of the error-feedback accumulator, only the ``k = ceil(fraction * chunk)`` entries of largest
-magnitude, quantized to 2 bits, and keeps the rest in the error-feedback buffer (which, decayed by
-``beta``, acts as the outer momentum; see :mod:`swarmloco.compression.error_feedback` and
-:func:`swarmloco.outer_optim.build_outer_optimizer`). Its default is 64 of every 4096 values (1.56%).
-
-Per chunk we send:
-
-* **2 bits per kept value**: its sign and whether its magnitude is above the mean magnitude of the
-  chunk's kept values; the magnitude decoded is the mean magnitude of that half (two bf16 levels per
-  chunk: the bin-mean reconstruction of a 2-level quantizer, exact on average for each half);
-* **the indices within the chunk**, Elias-Fano coded (:mod:`swarmloco.compression.bits`): 8 bits per
-  index at 64 of 4096 instead of 12.
-
-That is ``(2k + k*l + k + (C-1 >> l) + 1 + 32) / C`` bits per value (l = floor(log2(C / k))):
-0.164 at 64 of 4096, 195x fewer bytes than fp32. A tensor's last chunk may be shorter (it keeps
-``ceil(fraction * its length)``). A tensor shorter than one chunk (biases, norms' gains: ~1% of a
-transformer's values) is sent whole, 2 bits per value and no indices, as SparseLoCo's reference does
-(it chunks 1-D tensors so finely that top-k keeps every value). Sparse payloads from different peers
-do not add up part by part, so ``info.summable`` is False: they travel by all-gather, and each
+SparseLoCo (Sarfi et al., 2025, arXiv:2508.15706) sends, per chunk of ``chunk`` values of the error-feedback
+accumulator, the ``k = ceil(fraction * chunk)`` entries of largest magnitude and keeps the rest in the
+accumulator, which, decayed by ``beta``, acts as the outer momentum (:mod:`swarmloco.compression.error_feedback`).
+A kept value is 2 bits: its sign and whether its magnitude is above the mean of the chunk's kept ones, decoded as
+the mean magnitude of that half (two bf16 levels per chunk); its index is Elias-Fano coded
+(:mod:`swarmloco.compression.bits`). That is 0.164 bits per value at 64 of 4096. A tensor's last chunk keeps
+``ceil(fraction * its length)``; a tensor shorter than a chunk is sent whole, 2 bits per value and no indices.
+Sparse payloads do not add up part by part (``info.summable`` is False): they travel by all-gather, and each
 coordinate is averaged over the peers that sent it (:func:`swarmloco.protocol.robust.sender_mean`).
 
-Payload: 16-byte header (block_size = chunk) | bf16 levels [chunks x 2: low, high] | bit fields,
-packed LSB first: for the full chunks, then the short last one: 2-bit codes, Elias-Fano low bits,
-Elias-Fano high bitmaps. The layout is fixed by the tensor's size; ``decode`` rejects a wrong chunk,
-length, non-zero padding bits, non-finite, negative or unordered levels, and index sets that are not
-exactly ``k`` strictly increasing indices inside their chunk.
+Payload: 16-byte header (block_size = chunk) | bf16 levels [chunks x 2: low, high] | bit fields, packed LSB
+first, for the full chunks, then the short last one: 2-bit codes, Elias-Fano low bits, Elias-Fano high bitmaps.
+The layout is fixed by the tensor's size; ``decode`` rejects a wrong chunk or length, non-zero padding bits,
+non-finite, negative or unordered levels, and index sets that are not exactly ``k`` strictly increasing indices
+inside their chunk.
 """
 
 from __future__ import annotations

@@ -1,28 +1,19 @@
 """Catching up with the swarm: claims verified in the background, the heaviest lineage adopted.
 
-A heartbeat's outer step and digest are a **claim**, never proof: a peer does not stop training, skip a
-round or download anything because of one. Every claim that is not a point of this peer's own chain is
-checked here, in a thread of its own, while training goes on:
+A heartbeat's outer step and digest are a **claim**, never proof: a peer does not stop training, skip a round
+or download anything because of one. Each claim that is not a point of this peer's chain is checked here, in
+a thread of its own, while training goes on (ARCHITECTURE.md, "Catching up"): ask a holder for its **proof**
+(``Transport.fetch_lineage``: its certificates since the newest point it shares with this chain), verify it
+(:func:`~swarmloco.protocol.certificates.check_segment`, through the claimed step and digest), and weigh it
+against this chain since the fork (:func:`~swarmloco.node.lineage.compare`). A lighter or equal lineage is
+only remembered; a heavier one has its state downloaded and checked (its digest must be on the proven chain)
+*before* the training loop hears of it: the loop then drops its unfinished inner work and adopts it.
 
-1. ask a peer that makes the claim for its **proof** (``Transport.fetch_lineage``): the certificates
-   of its rounds since the newest point it shares with this peer's chain (the locator);
-2. verify it: it starts on this peer's chain, links digest to digest, every round is of this run and
-   signed by a member (:func:`~swarmloco.protocol.certificates.check_segment`), and it goes through
-   the claimed step and digest;
-3. weigh it against this peer's own chain since the fork (:func:`~swarmloco.node.lineage.compare`:
-   distinct contributors first). A lighter or equal lineage is only remembered (its peers will come to
-   ours); a heavier one has its state downloaded and checked (its digest must be on the proven chain)
-   *before* the training loop hears of it: the loop then drops its unfinished inner work and adopts it.
-
-A claimer that serves an invalid proof, or keeps heartbeating a claim its proof does not hold, or serves
-none at all while it keeps heartbeating (two tries a heartbeat period apart), is named, logged and
-excluded like a cheater (``swarm.exclude_rounds``); a peer that only died is not blamed (it stops
-heartbeating). So one signed heartbeat claiming outer step 1,000,000, or the current step with a digest
-nobody serves, costs the swarm nothing but that check.
-
-The ready barrier also asks for a verdict on claims of this peer's recent group mates (they committed a
-round this peer failed) before it forms a round, bounded by a few seconds, so a survivor adopts its
-mates' state at once instead of averaging alone.
+A claimer that serves an invalid proof, keeps heartbeating a claim its proof does not hold, or serves none
+while it keeps heartbeating (two tries a heartbeat period apart), is excluded like a cheater
+(``swarm.exclude_rounds``); a peer that only died is not blamed. The ready barrier asks for a verdict on its
+recent group mates' claims before it forms a round (a few seconds at most), so a survivor adopts its mates'
+state at once instead of averaging alone.
 """
 
 from __future__ import annotations

@@ -1,24 +1,17 @@
 """Checkpoints: the agreed global model, the outer optimizer, the outer step and the manifest hash.
 
-Written atomically (temp file in the same directory, fsync, ``os.replace``), so a crash or a full
-disk mid-write never leaves a torn checkpoint behind: the previous one stays valid. Any failure to
-write (full disk, read-only or missing directory, I/O error; ``torch.save`` raises ``RuntimeError``
-for some of them) is one :class:`CheckpointError` with a one-line reason: the peer logs it and
-trains on. Format (``torch.save`` of a dict, loaded with ``weights_only=True``)::
+Written atomically (temp file in the same directory, fsync, ``os.replace``), so a crash or a full disk
+mid-write leaves the previous checkpoint valid. Any failure to write (full disk, read-only or missing
+directory, I/O error; ``torch.save`` raises ``RuntimeError`` for some) is one :class:`CheckpointError` with a
+one-line reason: the peer logs it and trains on. Format: ``torch.save`` of a dict, loaded with
+``weights_only=True``; its keys are in docs/operating.md, "Checkpoints" (``format`` 1, ``outer_step``,
+``manifest_hash``, ``model``, ``outer_optimizer``, ...), and keys this module does not know are kept as they are.
 
-    {"format": 1, "outer_step": int, "manifest_hash": str,
-     "model": state_dict (global params), "outer_optimizer": optimizer state_dict,
-     "inner_optimizer": AdamW state_dict (optional, this peer's own), "time": float, ...}
-
-Keys this module does not know are written and read back as they are.
-
-**Which files are this run's** is decided by their content, never by their name: a file is a
-checkpoint of a run when it loads as a dict of this format whose ``manifest_hash`` is the run's; its
-``outer_step`` says how new it is. Another run's checkpoints, unreadable files and anything else in
-the directory are never pruned, resumed from or overwritten. Pruning keeps the newest ``keep``
-checkpoints of the run up to the one just written, and never deletes one newer than it (a restart
-that did not ``--resume`` must not erase the longer run's work). Files are named
-``outer_<step>-<manifest hash>.pt`` so two runs sharing a directory do not collide.
+**Which files are this run's** is decided by their content, never by their name: a dict of this format whose
+``manifest_hash`` is the run's; its ``outer_step`` says how new it is. Anything else in the directory is never
+pruned, resumed from or overwritten. Pruning keeps the newest ``keep`` checkpoints of the run up to the one just
+written and never deletes a newer one (a restart without ``--resume`` must not erase the longer run's work).
+Files are named ``outer_<step>-<manifest hash>.pt`` so two runs sharing a directory do not collide.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """DiLoCo over a swarm, wrapped around the user's own model, inner optimizer and training loop.
 
-    swarm = swarmloco.Swarm("my-run", initial_peers=[...]).start()
-    diloco = swarmloco.DiLoCo(swarm, model, partial(torch.optim.AdamW, lr=3e-4), inner_steps=100)
-    for x, y in loader:
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        diloco.inner_optimizer.step()
-        diloco.inner_optimizer.zero_grad()
-        diloco.step(samples=len(x), loss=loss)   # every inner_steps-th call runs the outer round
-    diloco.close()
-
-``DiLoCo`` wires the parts that do the work (ARCHITECTURE.md, "The engine"): :class:`RoundBuffers`
-(global parameters and a round's copies), :class:`InnerPhase` (when a round is due), :class:`PeerState`
-(the agreed state: commit, adoption, checkpoints), :class:`Heartbeats`, :class:`Rounds` (one round, from its
-pseudo-gradient to its landing) and :class:`InFlight` (rounds behind the inner steps). Every peer of a run
-shares its manifest: the model's fingerprint and initial digest, ``inner_steps``, the outer, codec and access
-settings and ``run_config``; build the model identically (the same seed) on every peer.
+The user calls :meth:`DiLoCo.step` after each inner optimizer step (or :meth:`DiLoCo.attach` once); every
+``inner_steps``-th call runs the outer round (docs/api.md; a whole peer: examples/own_model.py). ``DiLoCo``
+wires the parts that do the work, each owning its state (ARCHITECTURE.md, "The engine", has their table).
+Every peer of a run shares its manifest: the model's fingerprint and initial digest, ``inner_steps``, the
+outer, codec and access settings and ``run_config``; build the model identically (the same seed) on every peer.
 """
 
 from __future__ import annotations
@@ -55,7 +44,7 @@ def fingerprint(model: torch.nn.Module) -> dict[str, str]:
 
 
 class DiLoCo:
-    """One peer's DiLoCo over ``swarm`` (see the module doc)."""
+    """One peer's DiLoCo over ``swarm`` (see the module doc); the first :meth:`step` calls :meth:`start`."""
 
     def __init__(self, swarm, model: torch.nn.Module, inner_optimizer, *, inner_steps: int = 50,
                  outer: OuterConfig | None = None, codec: CodecConfig | None = None,
@@ -159,9 +148,8 @@ class DiLoCo:
 
     # ----- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> DiLoCo:
-        """Resume (if asked), check the manifest and access against the swarm's (ManifestMismatch,
-        AccessRefused), announce this peer, adopt the swarm's state if its lineage outweighs ours, and
-        start the heartbeat and catch-up threads. :meth:`step` calls it the first time."""
+        """Resume (if asked), check manifest and access (ManifestMismatch, AccessRefused), announce this peer,
+        adopt the swarm's state if its lineage outweighs ours, start the heartbeat and catch-up threads."""
         if self._started:
             return self
         self.state.push_lineage(0)
@@ -239,8 +227,7 @@ class DiLoCo:
             lambda _opt, _args, _kwargs: self.step(samples=samples))
 
     def sync_now(self) -> RoundReport:
-        """Run the outer round now (with whatever inner steps were done since the last one) and wait for it,
-        also with rounds overlapped (a round in flight lands first)."""
+        """Run the outer round now on the inner steps since the last and wait for it (rounds in flight land first)."""
         if not self._started:
             self.start()
         if self.overlapped:
@@ -252,8 +239,7 @@ class DiLoCo:
         return report
 
     def wait_for_round(self) -> RoundReport | None:
-        """Land the rounds in flight now (waiting for them if need be) and return the last one's report; None
-        if there is none. For a loop that stops: the last round it started is applied before it leaves."""
+        """Land the rounds in flight, waiting if need be (a loop that stops calls it last); the last report or None."""
         return self.flight.land_all()
 
     def _next_phase(self) -> None:

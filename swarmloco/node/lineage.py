@@ -1,22 +1,18 @@
 """A peer's lineage: the chain of certified rounds behind its global parameters, and the fork choice.
 
 Every peer keeps the certificates (:mod:`swarmloco.protocol.certificates`) of all rounds its state went
-through, from a root it trusts: the run's **genesis** (the digest of the model every peer initialises
-from the run seed) or, for a checkpoint written before lineages existed, its own resumed state.
-Certificate ``r`` moves the state from the digest at step ``r`` to the digest at step ``r + 1``.
+through, from a root it trusts: the run's **genesis** (the digest of the model every peer initialises from the
+run seed) or, resumed from a checkpoint that holds no usable lineage, its own resumed state. Certificate ``r``
+moves the state from the digest at step ``r`` to the digest at step ``r + 1``.
 
-**The fork choice.** Two chains that share a point and then differ have *forked* there (a partition, a
-loner, a restart on an old fork, a round one survivor re-ran apart). A peer follows the chain whose
-rounds since the fork have the most **distinct contributors** (members whose signature is on a
-certificate and who count: in a private run only token holders; never an excluded peer); ties go to
-the most contributions (signatures), then the most samples, then the higher step, then the larger
-digest: an order every peer computes alike from the same certificates. So three peers' 24 joint rounds
-outweigh one peer's 60 solo rounds, the larger side of a partition wins whatever step each side
-reached, and a claim of step 1,000,000 weighs what its signatures prove. A peer that is only behind
-(its tip is on the other chain) is the special case of an empty side.
+**The fork choice** (docs/lineage.md). Of two chains that share a point and then differ, a peer follows the one
+whose rounds since the fork have the most **distinct contributors** (members whose signature is on a
+certificate and who count: in a private run only token holders; never an excluded peer); ties go to the most
+signatures, then the most samples, then the higher step, then the larger digest: an order every peer computes
+alike from the same certificates. A peer that is only behind is the special case of an empty side.
 
-**Cost.** A certificate is about 100 bytes per member; the chain is kept whole, in memory and in
-checkpoints (4 members, 10,000 rounds: ~4 MB).
+**Cost.** A certificate is about 100 bytes per member; the chain is kept whole, in memory and in checkpoints
+(4 members, 10,000 rounds: ~4 MB).
 """
 
 from __future__ import annotations

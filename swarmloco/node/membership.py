@@ -1,19 +1,17 @@
 """This peer's standing in the swarm: the manifest it runs, who may join, whom it refuses.
 
 * **Manifest.** On start, the manifest published under the run's name is checked against ours
-  (:class:`~swarmloco.protocol.manifest.ManifestMismatch` names the differing fields). In an owned run
-  only the owner's signed manifest counts and this peer re-publishes the owner's record as it is; in an
-  unowned run it publishes its own, signed by itself. Either way it lists the run in the directory
-  ``swarmloco join MADDR`` reads.
-* **Access (private runs).** The owner's tokens are read from the DHT (and re-published, so they live as
-  long as the swarm); a peer without a valid token is refused at start (:class:`AccessRefused`), its
-  heartbeats are ignored and matchmaking and state download refuse it (:mod:`swarmloco.protocol.gate`).
-  An expired token drops its peer at the next refresh.
-* **Exclusion.** A peer that sent invalid data in a round (NaN/Inf, undecodable, wrong size or weight) is
-  excluded at once; one whose update norm was clipped (far above the group's median) in two rounds in a
-  row is excluded too, and so is one that timed out in two failed attempts in a row in which no peer
-  died or cheated (a live peer is only late because of a dead one when someone did die). Excluded peers are refused at matchmaking and not waited for, for
-  ``swarm.exclude_rounds`` outer steps; then they are welcome again (and excluded again if they go on).
+  (:class:`~swarmloco.protocol.manifest.ManifestMismatch` names the differing fields). In an owned run only
+  the owner's signed manifest counts and this peer re-publishes the owner's record as it is; in an unowned run
+  it publishes its own, signed by itself. Either way it lists the run in the directory ``swarmloco join`` reads.
+* **Access (private runs).** The owner's tokens are read from the DHT (and re-published, so they live as long
+  as the swarm); a peer without a valid token is refused at start (:class:`AccessRefused`), its heartbeats are
+  ignored and matchmaking and state download refuse it (:mod:`swarmloco.protocol.gate`). An expired token drops
+  its peer at the next refresh.
+* **Exclusion** for ``swarm.exclude_rounds`` outer steps (refused at matchmaking, not waited for; then welcome
+  again): a peer that sent invalid data in a round (NaN/Inf, undecodable, wrong size or weight), one whose
+  update was clipped in two rounds in a row, and one that timed out in two failed attempts in a row in which no
+  peer died or cheated (a live peer is only late because of a dead one when someone did die).
 """
 
 from __future__ import annotations

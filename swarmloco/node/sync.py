@@ -3,19 +3,19 @@
 For outer step ``r`` (ARCHITECTURE.md, "The life of one outer step"):
 
 1. **Ready barrier**: every live peer at step ``r`` on the same state is ready (before the first round, at
-   least ``swarm.min_peers``), bounded by ``swarm.ready_timeout``; a peer at ``r`` on another lineage is
-   left to the catch-up (:mod:`swarmloco.node.catch_up`), which may return ``behind`` instead.
-2. **Averaging**: ``Transport.start_round`` (matchmaking in :func:`matchmaking_window`, the exact
-   all-reduce), weighted by samples; the handle is waited on later, so training may go on beside it.
-3. **Commit decision** from the gathered metadata every member shares: all members at ``r`` on the same
-   parent state, and a **quorum** (more than half of the live peers any member saw). Any failure is a
-   :class:`RoundOutcome` with ``ok=False``. A peer alone in the swarm commits its own pseudo-gradient.
+   least ``swarm.min_peers``), bounded by ``swarm.ready_timeout``; a peer at ``r`` on another lineage is left
+   to the catch-up (:mod:`swarmloco.node.catch_up`), which may return ``behind`` instead.
+2. **Averaging**: ``Transport.start_round`` (matchmaking in :func:`matchmaking_window`, the exact all-reduce),
+   weighted by samples; the handle is waited on later, so training may go on beside it.
+3. **Commit decision** from the gathered metadata every member shares: all members at ``r`` on the same parent
+   state, and a **quorum** (more than half of the live peers any member saw); else a :class:`RoundOutcome`
+   with ``ok=False``. A peer alone in the swarm commits its own pseudo-gradient.
 
-**Re-runs.** Survivors re-run a failed round at once (up to ``swarm.round_retries``). Reducers whose stream
-broke are *suspects*, not waited for until they heartbeat again; peers still inside the failed attempt are
-waited for a bounded grace. A mate heartbeating a ``broken`` re-run of the step ends this peer's attempt at
-once (:meth:`Synchronizer.wait`) and hands over its suspects (:meth:`Synchronizer.take_hint`: a hint, not
-proof); a ``decided`` re-run (no quorum in another group) does not. A re-run commits only with a quorum.
+**Re-runs** (at once, up to ``swarm.round_retries``): reducers whose stream broke are *suspects*, not waited for
+until they heartbeat again; peers still inside the failed attempt get a bounded grace. A mate heartbeating a
+``broken`` re-run of the step ends this peer's attempt (:meth:`Synchronizer.wait`) and hands over its suspects
+(:meth:`Synchronizer.take_hint`: a hint, not proof); a ``decided`` one (no quorum in another group) does not.
+A re-run commits only with a quorum.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def matchmaking_window(matchmaking_time: float, attempt: int) -> float:
     """How long the round's leader waits for its group at most: ``matchmaking_time``, once more for each
     re-run (up to 4x). A group whose expected peers all joined starts at once, so the longer window only
     costs time when a group is not full - which is when, on slow links or a loaded machine, matchmaking
-    had split the round's peers into groups too small for a quorum."""
+    splits the round's peers into groups too small for a quorum."""
     return matchmaking_time * min(1 + attempt, MAX_WINDOW_FACTOR)
 
 

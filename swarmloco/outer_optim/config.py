@@ -22,7 +22,7 @@ class OuterConfig:
     """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradient."""
 
     lr: float = 1.0
-    """Outer learning rate (DiLoCo's paper: 0.7; 1.0 with momentum 0.7 was the best of BENCHMARKS.md's grid
+    """Outer learning rate (DiLoCo's paper: 0.7; 1.0 with momentum 0.7 is the best of BENCHMARKS.md's grid
     at K=4, H=30, and meets the H=100 target). lr=1, momentum=0 is plain parameter averaging."""
     momentum: float = 0.7
     """Outer momentum (DiLoCo's paper: 0.9, which over-shoots at tens of rounds: BENCHMARKS.md)."""

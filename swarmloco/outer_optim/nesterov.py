@@ -1,19 +1,17 @@
 """The DiLoCo outer optimizer: SGD with Nesterov momentum over the global parameters.
 
-The averaged pseudo-gradient (global params minus the locally trained params, averaged over the
-round's peers) is put into ``.grad`` of the global parameters and one step is taken, as in
-DiLoCo (Douillard et al. 2023, arXiv:2311.08105) and torchft's ``DiLoCo.perform_sync``.
-
-Update (identical, operation for operation, to ``torch.optim.SGD(nesterov=True, foreach=False)``
-with no dampening or weight decay)::
+The averaged pseudo-gradient (global params minus the locally trained params, averaged over the round's peers)
+is put into ``.grad`` of the global parameters and one step is taken, as in DiLoCo (Douillard et al. 2023,
+arXiv:2311.08105) and torchft's ``DiLoCo.perform_sync``. Update (identical, operation for operation, to
+``torch.optim.SGD(nesterov=True, foreach=False)`` with no dampening or weight decay)::
 
     buf = g                     (first step)      buf = momentum * buf + g   (later steps)
     d   = g + momentum * buf    (nesterov)        d   = buf                  (heavy ball)
     p   = p - lr * d
 
-With lr=1 and momentum=0 the step sets p to the mean of the peers' local params: plain averaging
-(federated averaging). Everything runs on whatever device the params are on; the node keeps the
-global params on the CPU in fp32 so every peer computes bit-identical results.
+With lr=1 and momentum=0 the step sets p to the mean of the peers' local params (federated averaging). It runs
+on whatever device the params are on; the node keeps the global params on the CPU in fp32 so every peer
+computes bit-identical results.
 """
 
 from __future__ import annotations

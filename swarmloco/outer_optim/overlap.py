@@ -1,34 +1,19 @@
 """Rounds that run behind the next inner steps, and streaming fragments: the update rules as tensor math.
 
 The peer (:mod:`swarmloco.node.overlapped`) and the simulator (:mod:`swarmloco.sim.simulate`) both use these
-functions, so a swarm and its simulation follow one rule. For one round of one peer, over the parameters it
-syncs (all of them, or one fragment): ``theta`` the global parameters when the round starts, ``local`` the
-peer's own parameters at that moment, ``delta = theta - local`` its pseudo-gradient, ``avg`` the group's
-average of the deltas, ``tau`` = ``outer.overlap_steps``, ``alpha`` = ``outer.overlap_alpha``.
-
-* ``overlap = "none"``: training waits; ``theta' = outer_step(theta, avg)``; ``local := theta'``.
-* ``"delayed"``: the proxy ``p = local`` (training goes on from the peer's own parameters).
-* ``"eager"`` (after Kale et al. 2025, arXiv 2502.12996): ``p = outer_step(theta, delta)`` computed without
-  changing the outer optimizer's state (:func:`proxy_step`): this peer's own pseudo-gradient stands in for the
-  average not known yet, and ``local := p`` at once.
-
-Exactly ``tau`` inner steps after the round started (training waits there if it has not landed yet; with
-``overlap_steps = 0`` the peer lands it as soon as it has arrived, at the latest ``H`` steps after, when its
-parameters are synced again: with fragments several rounds can be in flight, one per fragment) the
-round lands: ``T = theta' = outer_step(theta, avg)`` if it committed (the certified global state, identical
-on every peer), else ``T = theta - delta`` (the local parameters at the round's start: as if the round had not
-run, so the next pseudo-gradient carries this one's progress, as in a blocking round that failed), and
+functions, so a swarm and its simulation follow one rule; ARCHITECTURE.md, "Rounds behind training, and
+streaming fragments", gives the why. For one round of one peer over the parameters it syncs: ``theta`` the
+global parameters at its start, ``local`` the peer's own, ``delta = theta - local``, ``avg`` the group's
+average. The proxy ``p`` is ``local`` (``outer.overlap = "delayed"``) or, for ``"eager"`` (Kale et al. 2025,
+arXiv 2502.12996), ``outer_step(theta, delta)`` without touching the optimizer's state (:func:`proxy_step`),
+and ``local := p`` at once. The round lands ``tau = outer.overlap_steps`` inner steps after its start (0: once
+it arrived), with ``T = outer_step(theta, avg)`` if it committed, else ``T = theta - delta`` (as if it had not
+run), and, with ``alpha = outer.overlap_alpha``,
 
     local := alpha * local + (T - alpha * p)        (= T + alpha * (local - p))
 
-``alpha = 1`` keeps every inner step taken while the round ran (moved by the correction ``T - p``);
-``alpha = 0`` restarts from ``T`` (torchft's ``fragment_update_alpha = 0``; Streaming DiLoCo mixes the new
-global parameters with the local ones, we mix them with the corrected local ones).
-
-**Fragments** (Douillard et al. 2025, Streaming DiLoCo, arXiv 2501.18512): the parameters are cut into
-``F`` fragments of whole layers (:func:`fragment_partition`); round ``s`` syncs fragment ``s mod F``, a round
-starts every ``H / F`` inner steps, so each fragment is synced every ``H`` steps and the peak traffic is
-``1 / F`` of a full round.
+**Fragments** (Streaming DiLoCo, arXiv 2501.18512): ``F`` fragments of whole layers (:func:`fragment_partition`);
+the round of outer step ``s`` syncs fragment ``s mod F`` (:func:`round_fragment`), one every ``H / F`` steps.
 """
 
 from __future__ import annotations

@@ -240,7 +240,6 @@ def test_an_unexpected_error_is_one_line_and_v_shows_the_traceback(files, capsys
     def boom(args):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(cli, "cmd_keygen", boom)
     for verbose, traceback_shown in (([], False), (["-v"], True)):
         parser = cli.build_parser
         monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), "keygen", boom))

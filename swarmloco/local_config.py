@@ -61,6 +61,9 @@ class SwarmConfig:
     """A peer that sent an invalid contribution (NaN/Inf, undecodable, wrong size or weight), whose update was
     clipped in two rounds in a row, or that alone timed out in two failed attempts in a row, is refused at
     matchmaking for this many outer steps. 0: never."""
+    bootstrap_timeout: float = 120.0
+    """Seconds a start keeps trying again, with backoff, while none of initial_peers answers (a bootstrap peer
+    still starting or busy with other newcomers); then it gives up with exit code 1. 0: one try."""
 
     def __post_init__(self) -> None:
         for name, kind in (("initial_peers", "dial"), ("host_maddrs", "listen"), ("announce_maddrs", "")):
@@ -82,6 +85,7 @@ class SwarmConfig:
         check(is_int(self.round_retries) and self.round_retries >= 0, "swarm.round_retries",
               self.round_retries, "must be an integer >= 0")
         check_non_negative("swarm.retry_grace", self.retry_grace)
+        check_non_negative("swarm.bootstrap_timeout", self.bootstrap_timeout)
         check(is_int(self.exclude_rounds) and self.exclude_rounds >= 0, "swarm.exclude_rounds",
               self.exclude_rounds, "must be an integer >= 0")
         check(is_int(self.download_sources) and 1 <= self.download_sources <= 64, "swarm.download_sources",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from swarmloco import __version__
 from swarmloco.app.console import one_line, say
+from swarmloco.protocol.bootstrap import Stopped
 from swarmloco.app.flags import (EXIT_CODES, Refusal, add_peer_flags, add_swarm_flags, check_peer_flags, load,
                                  peer_overrides, start_peer, swarm_overrides)
 
@@ -109,8 +110,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                            "swarm.host_maddrs": args.host_maddrs or ["/ip4/0.0.0.0/tcp/0"]})
         install_stop_handlers(args.stop, NODE_STOP)  # while the DHT starts; the app takes over the signals
         try:
-            dht = DhtClient(cfg.swarm)
+            dht = DhtClient(cfg.swarm, stop=args.stop)
             swarm = SwarmWatcher(dht, args.run, ttl=cfg.swarm.heartbeat_ttl)
+        except Stopped:
+            return 0
         except Exception as e:  # noqa: BLE001
             reason = f"could not join the swarm's DHT: {one_line(e)}"
             if node is None:
@@ -192,7 +195,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise Refusal(str(e)) from None
     try:
-        dht = start_dht_node(cfg.swarm, identity, [joining.join_validator(s) for s in specs])
+        dht = start_dht_node(cfg.swarm, identity, [joining.join_validator(s) for s in specs], stop=args.stop)
+    except Stopped:
+        return 0
     except Exception as e:  # noqa: BLE001
         raise Refusal(f"could not start the bootstrap peer: {one_line(e)}", 1) from None
     try:

@@ -30,6 +30,7 @@ from swarmloco.node.membership import AccessRefused
 from swarmloco.app.peer import Peer, PeerOptions, prepare_config
 from swarmloco.node.status import JsonLinesReporter, StatusBoard, TeeReporter
 from swarmloco.app.stopping import install_stop_handlers
+from swarmloco.protocol.bootstrap import Stopped
 from swarmloco.protocol.identity import Identity, p2pd_key_file
 from swarmloco.protocol.manifest import ManifestMismatch
 from swarmloco.protocol.interface import TransportDied
@@ -80,14 +81,14 @@ def write_maddrs(path: str, maddrs: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def start_dht_node(swarm, identity: Identity, record_validators=()):
+def start_dht_node(swarm, identity: Identity, record_validators=(), stop: threading.Event | None = None):
     """A DHT-only node (join, init-run, bootstrap) running with ``identity``'s key. Like a peer's
     transport, its processes lead their own process group and die with us (they are stopped in order)."""
     from swarmloco.protocol.transport import DhtClient
 
     with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd has read the key once started
         return DhtClient(swarm, identity_path=p2pd_key_file(identity, keydir),
-                         record_validators=list(record_validators))
+                         record_validators=list(record_validators), stop=stop)
 
 
 def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
@@ -147,6 +148,8 @@ def run_peer(cfg: RunConfig, options: PeerOptions, *, json_events: bool = False,
     try:
         try:
             swarm.start(dht=dht)
+        except Stopped:  # a stop signal while waiting for the initial peers: a clean stop
+            return 0
         except Exception as e:  # noqa: BLE001 - cannot reach the swarm or bind: one line, non-zero exit
             say(f"swarmloco: could not start the swarm node: {one_line(e)}")
             return EXIT_ERROR

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from swarmloco.app.console import one_line, say
+from swarmloco.protocol.bootstrap import Stopped
 from swarmloco.app.flags import Refusal, check_peer_flags, load, peer_overrides, start_peer, swarm_overrides
 
 
@@ -39,7 +40,9 @@ def cmd_join(args: argparse.Namespace) -> int:
     route_hivemind_logs()
     validators = [joining.join_validator(spec)] if spec else []
     try:
-        client = start_dht_node(local.swarm, identity, validators)
+        client = start_dht_node(local.swarm, identity, validators, stop=args.stop)
+    except Stopped:
+        return 0
     except Exception as e:  # noqa: BLE001
         raise Refusal(f"could not join the swarm's DHT: {one_line(e)}", 1) from None
     try:
@@ -103,7 +106,9 @@ def cmd_init_run(args: argparse.Namespace) -> int:
     install_stop_handlers(args.stop, NODE_STOP)
     route_hivemind_logs()
     try:  # the node runs with the owner's key: a stable peer id, so a stable address to publish
-        client = start_dht_node(cfg.swarm, owner, [manifest.validator()])
+        client = start_dht_node(cfg.swarm, owner, [manifest.validator()], stop=args.stop)
+    except Stopped:
+        return 0
     except Exception as e:  # noqa: BLE001
         raise Refusal(f"could not start the DHT node: {one_line(e)}", 1) from None
     try:
@@ -162,7 +167,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     install_stop_handlers(args.stop, NODE_STOP)
     route_hivemind_logs()
     try:
-        client = DhtClient(cfg.swarm)
+        client = DhtClient(cfg.swarm, stop=args.stop)
+    except Stopped:
+        return 0
     except Exception as e:  # noqa: BLE001
         raise Refusal(f"could not join the swarm's DHT: {one_line(e)}", 1) from None
     try:

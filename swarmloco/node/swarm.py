@@ -70,7 +70,7 @@ class Swarm:
 
         # (start_dht forks hivemind's processes into process groups of their own, dying with us)
         with tempfile.TemporaryDirectory(prefix="swarmloco-key-") as keydir:  # p2pd reads the key once
-            self.dht = start_dht(self.config, identity_path=p2pd_key_file(self.identity, keydir))
+            self.dht = start_dht(self.config, identity_path=p2pd_key_file(self.identity, keydir), stop=self.stop)
         return self
 
     @property

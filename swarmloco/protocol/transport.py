@@ -28,6 +28,7 @@ import torch
 
 from swarmloco.compression.base import Codec
 from swarmloco.config import SwarmConfig
+from swarmloco.protocol.bootstrap import start_with_retries
 from swarmloco.protocol.interface import DownloadedState, RoundHandle, RoundOutcome
 from swarmloco.protocol.processes import isolated_helpers, reap_helpers, track
 from swarmloco.protocol.rejoin import Rejoiner
@@ -131,14 +132,22 @@ def _sigint_kept():
 
 
 def start_dht(cfg: SwarmConfig, *, identity_path: str | None = None, record_validators: Sequence[Any] = (),
-              client_mode: bool | None = None):
+              client_mode: bool | None = None, stop: threading.Event | None = None):
     """A started hivemind DHT node (and its p2pd) with this peer's libp2p settings and identity key; its
-    processes lead their own process group (see :mod:`swarmloco.protocol.processes`)."""
-    import hivemind
-
+    processes lead their own process group (see :mod:`swarmloco.protocol.processes`). While none of the
+    initial peers answers, the start is tried again for up to ``swarm.bootstrap_timeout`` seconds
+    (:mod:`swarmloco.protocol.bootstrap`; ``stop`` ends the wait)."""
     from swarmloco.protocol import faults
 
     faults.refuse_dht()  # (tests: proves a bad input never got this far)
+    return start_with_retries(lambda: _start_dht_once(cfg, identity_path, record_validators, client_mode),
+                              initial_peers=cfg.initial_peers, timeout=cfg.bootstrap_timeout, stop=stop)
+
+
+def _start_dht_once(cfg: SwarmConfig, identity_path: str | None, record_validators: Sequence[Any],
+                    client_mode: bool | None):
+    import hivemind
+
     kwargs: dict[str, Any] = dict(
         initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.host_maddrs),
         client_mode=cfg.client_mode if client_mode is None else client_mode,
@@ -156,6 +165,9 @@ def start_dht(cfg: SwarmConfig, *, identity_path: str | None = None, record_vali
         track([dht.pid])
         dht.wait_until_ready(timeout=60)
     except BaseException:
+        # a DHT process that reported its error exits by itself: killed meanwhile, it could leave hivemind's
+        # process-shared MPFuture lock held, and the next start in this process would never hear back
+        dht.join(5)
         if dht.is_alive():
             dht.kill()
             dht.join(5)
@@ -179,7 +191,7 @@ class SwarmTransport:
         self.cfg, self.stopping = cfg, stopping
         self.left_a_round = False  # a round left unfinished on a stop: nothing to drain for its group
         if dht is None:
-            dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
+            dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators, stop=stopping)
         elif record_validators:
             dht.add_validators(list(record_validators))
         self.dht, self._own_dht, self._closed = dht, own_dht, False
@@ -352,8 +364,9 @@ def stop_process(part: str, proc: Any) -> None:
 class DhtClient:
     """A DHT-only hivemind node (no averager): for the monitor (client mode) and bootstrap peers."""
 
-    def __init__(self, cfg: SwarmConfig, *, identity_path: str | None = None, record_validators: Sequence[Any] = ()):
-        self.dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators)
+    def __init__(self, cfg: SwarmConfig, *, identity_path: str | None = None, record_validators: Sequence[Any] = (),
+                 stop: threading.Event | None = None):
+        self.dht = start_dht(cfg, identity_path=identity_path, record_validators=record_validators, stop=stop)
         self.peer_id = self.dht.peer_id.to_base58()
         self._rejoiner = Rejoiner(self.dht, cfg.initial_peers)
 

@@ -115,3 +115,37 @@ def test_a_node_that_never_knew_anyone_has_nothing_to_rejoin() -> None:
         assert lone.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=())) == 0
     finally:
         lone.shutdown()
+
+
+def test_islands_that_share_an_initial_peer_become_one_dht_again() -> None:
+    """Newcomers that joined through the first peer while it was too busy to answer know each other but not it,
+    and it knows nobody: every table but one is non-empty, so nobody is "isolated". Their periodic ping of the
+    initial peer missing from their table joins the islands: the first peer then reads what both stored."""
+    first = DhtClient(SwarmConfig(host_maddrs=LOOPBACK))
+    maddrs = first.visible_maddrs()[:1]
+    b = DhtClient(SwarmConfig(host_maddrs=LOOPBACK, initial_peers=tuple(maddrs)))
+    c = DhtClient(SwarmConfig(host_maddrs=LOOPBACK, initial_peers=tuple(maddrs)))
+    try:
+        for client in (first, b, c):
+            client._rejoiner.dht = None  # (only the poller under test acts)
+        assert _until(lambda: b.dht.run_coroutine(partial(_knows, peer_id=c.peer_id))
+                      and c.dht.run_coroutine(partial(_knows, peer_id=b.peer_id)))
+        assert first.dht.run_coroutine(_forget) == 0
+        for newcomer in (b, c):
+            assert newcomer.dht.run_coroutine(partial(_forget, peer_ids={first.peer_id})) >= 1
+        assert b.store("islands", "b", b"1", time.time() + 60) and c.store("islands", "c", b"2", time.time() + 60)
+        assert first.get("islands") == {}  # two islands: the first peer and the newcomers
+        assert b.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=maddrs)) == 0  # not isolated: no rejoin
+
+        rejoiner = Rejoiner(b.dht, maddrs, period=0.2, reach_period=0.2)
+
+        def reached() -> bool:
+            rejoiner.poll()
+            return rejoiner.reached > 0
+
+        assert _until(reached), "the newcomer should have pinged its initial peer missing from its table"
+        assert rejoiner.rejoined == 0
+        assert _until(lambda: first.get("islands") == {"b": b"1", "c": b"2"}), first.get("islands")
+    finally:
+        for client in (c, b, first):
+            client.shutdown()

@@ -11,6 +11,12 @@ heartbeat's DHT reads call it), whether the routing table is empty; if so it dia
 peers again (which puts them in its table and it in theirs) and looks itself up to learn their neighbours,
 as hivemind's bootstrap does. It also pings the last ``KNOWN_PEERS`` peers its table held (p2pd still knows
 their addresses), so the swarm's first peer, which has no initial peers, finds its way back too.
+
+A DHT can also split into islands with every table non-empty: newcomers that joined through the first peer
+while it was too busy to answer know each other but not it, and it knows none of them. So every
+``REACH_PERIOD`` seconds a node also pings those of its initial peers missing from its table
+(:func:`reach_missing_initial_peers`): the ping puts each in the other's table, and the islands that share
+an initial peer become one DHT again.
 """
 
 from __future__ import annotations
@@ -31,15 +37,45 @@ KNOWN_PEERS = 32
 """How many of the peers its routing table held a node remembers, to ping when it finds itself isolated."""
 REJOIN_TIMEOUT = 5.0
 """Bound on each dial, ping and lookup of a rejoin (a dead initial peer's dial would take ~11 s)."""
+REACH_PERIOD = 10.0
+"""Seconds between two pings of the initial peers missing from a routing table that is not empty."""
+
+
+def _multiaddrs(maddrs: Sequence[str]) -> list:
+    from hivemind.utils.multiaddr import Multiaddr
+
+    targets = []
+    for text in maddrs:
+        with contextlib.suppress(Exception):  # (the config validated them; a bad one is skipped)
+            targets.append(Multiaddr(text))
+    return targets
+
+
+async def _ping(node: Any, peer: Any, timeout: float) -> bool:
+    with contextlib.suppress(Exception):
+        return await asyncio.wait_for(node.protocol.call_ping(peer, validate=False), timeout) is not None
+    return False
+
+
+async def _dial(node: Any, maddr: Any, timeout: float) -> bool:
+    from hivemind.p2p import PeerID
+
+    peer = PeerID.from_base58(maddr["p2p"])
+    with contextlib.suppress(Exception):  # an address p2pd still knows is dialled anyway by the ping
+        await asyncio.wait_for(node.p2p._client.connect(peer, [maddr]), timeout)
+    return await _ping(node, peer, timeout)
+
+
+async def _look_around(node: Any, timeout: float) -> None:
+    """Look this node up, as hivemind's bootstrap does: it learns the neighbours of those it reached."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), timeout)
 
 
 async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout: float = REJOIN_TIMEOUT) -> int:
     """Run inside the DHT process (``DHT.run_coroutine``): with an empty routing table, dial and ping the
     initial peers ``maddrs`` and the peers the table held before; otherwise remember those. Returns how many
     answered (0: none did, or the table was not empty)."""
-    from hivemind.p2p import PeerID
-    from hivemind.utils.multiaddr import Multiaddr
-
     known: dict = node.__dict__.setdefault("_swarmloco_known_peers", {})  # peer id -> None, newest last
     table = node.protocol.routing_table.uid_to_peer_id
     if table:
@@ -49,38 +85,51 @@ async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout
         while len(known) > KNOWN_PEERS:
             known.pop(next(iter(known)))
         return 0
-
-    async def ping(peer: Any) -> bool:
-        with contextlib.suppress(Exception):
-            return await asyncio.wait_for(node.protocol.call_ping(peer, validate=False), timeout) is not None
-        return False
-
-    async def dial(maddr: Multiaddr) -> bool:
-        peer = PeerID.from_base58(maddr["p2p"])
-        with contextlib.suppress(Exception):  # an address p2pd still knows is dialled anyway by the ping
-            await asyncio.wait_for(node.p2p._client.connect(peer, [maddr]), timeout)
-        return await ping(peer)
-
-    targets = []
-    for text in maddrs:
-        with contextlib.suppress(Exception):  # (the config validated them; a bad one is skipped)
-            targets.append(Multiaddr(text))
+    targets = _multiaddrs(maddrs)
     dialled = {m["p2p"] for m in targets}
-    answered = sum(await asyncio.gather(*(dial(m) for m in targets),
-                                        *(ping(p) for p in list(known) if p.to_base58() not in dialled)))
+    others = [p for p in list(known) if p.to_base58() not in dialled]
+    answered = sum(await asyncio.gather(*(_dial(node, m, timeout) for m in targets),
+                                        *(_ping(node, p, timeout) for p in others)))
     if answered:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), timeout)
+        await _look_around(node, timeout)
     return answered
+
+
+async def reach_missing_initial_peers(dht: Any, node: Any, maddrs: Sequence[str], timeout: float = REJOIN_TIMEOUT,
+                                      period: float = REACH_PERIOD) -> int:
+    """Run inside the DHT process: at most every ``period`` seconds, with a routing table that is not empty,
+    dial and ping the initial peers missing from it. Returns how many of them answered."""
+    table = node.protocol.routing_table.uid_to_peer_id
+    now = time.monotonic()
+    if not table or now < node.__dict__.get("_swarmloco_next_reach", 0.0):
+        return 0
+    node.__dict__["_swarmloco_next_reach"] = now + period
+    present = {p.to_base58() for p in table.values()}
+    missing = [m for m in _multiaddrs(maddrs) if m["p2p"] not in present]
+    answered = sum(await asyncio.gather(*(_dial(node, m, timeout) for m in missing))) if missing else 0
+    if answered:
+        await _look_around(node, timeout)
+    return answered
+
+
+async def _check(dht: Any, node: Any, maddrs: Sequence[str], reach_period: float) -> tuple[int, int]:
+    """One poll: (peers answered a rejoin of an isolated node, missing initial peers reached)."""
+    rejoined = await rejoin_if_isolated(dht, node, maddrs)
+    reached = 0 if rejoined else await reach_missing_initial_peers(dht, node, maddrs, period=reach_period)
+    return rejoined, reached
 
 
 class Rejoiner:
     """Polled by a DHT user; see the module doc."""
 
-    def __init__(self, dht: Any, initial_peers: Sequence[str], period: float = REJOIN_PERIOD):
+    def __init__(self, dht: Any, initial_peers: Sequence[str], period: float = REJOIN_PERIOD,
+                 reach_period: float = REACH_PERIOD):
         self.dht, self.maddrs, self.period = dht, tuple(str(m) for m in initial_peers), period
+        self.reach_period = reach_period
         self.rejoined = 0
         """How many times the node found itself isolated and rejoined (for logs and tests)."""
+        self.reached = 0
+        """How many times initial peers missing from a non-empty routing table answered (islands joined)."""
         self._next = time.monotonic() + period
         self._pending: Any = None
 
@@ -91,15 +140,18 @@ class Rejoiner:
         if self._pending is not None:
             if not self._pending.done():
                 return
-            answered = 0
+            rejoined = reached = 0
             with contextlib.suppress(Exception):
-                answered = self._pending.result(timeout=0)
-            if answered:
+                rejoined, reached = self._pending.result(timeout=0)
+            if rejoined:
                 self.rejoined += 1
                 logger.warning("this node had dropped out of the DHT (frozen or offline longer than its mates "
-                               "waited): rejoined it through %d peer(s)", answered)
+                               "waited): rejoined it through %d peer(s)", rejoined)
+            if reached:
+                self.reached += 1
+                logger.info("reached %d initial peer(s) missing from the DHT routing table", reached)
         try:
-            self._pending = self.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=self.maddrs),
+            self._pending = self.dht.run_coroutine(partial(_check, maddrs=self.maddrs, reach_period=self.reach_period),
                                                    return_future=True)
         except Exception as e:  # noqa: BLE001 - the DHT process is gone or stopping: nothing to rejoin
             logger.debug("rejoin check failed: %s", e)

@@ -149,3 +149,25 @@ def test_islands_that_share_an_initial_peer_become_one_dht_again() -> None:
     finally:
         for client in (c, b, first):
             client.shutdown()
+
+
+def test_the_first_peer_whose_table_never_held_anyone_rejoins_through_the_peers_connected_to_it(pair) -> None:
+    """The swarm's first peer, too busy to answer the newcomers' first requests, may never have had them in its
+    table: with no initial peers and nobody remembered, it pings the peers p2pd is connected to (they joined
+    through it) and reads the swarm again."""
+    a, b, _ = pair
+    a._rejoiner.dht = b._rejoiner.dht = None  # (only the poller under test acts)
+    assert _until(lambda: b.dht.run_coroutine(partial(_knows, peer_id=a.peer_id)))
+    assert a.dht.run_coroutine(_forget) == 0  # before any check noted whom its table held
+    b.dht.run_coroutine(partial(_forget, peer_ids={a.peer_id}))
+    assert b.store("after", "b", b"4", time.time() + 60)
+    assert a.get("after") == {}  # isolated, and it remembers nobody
+
+    rejoiner = Rejoiner(a.dht, (), period=0.2)
+
+    def rejoined() -> bool:
+        rejoiner.poll()
+        return rejoiner.rejoined > 0
+
+    assert _until(rejoined), "the first peer should have rejoined through the peer connected to it"
+    assert _until(lambda: a.get("after")) == {"b": b"4"}

@@ -9,8 +9,9 @@ request, so it would train alone for good.
 :class:`Rejoiner` checks, at most every ``REJOIN_PERIOD`` seconds and without blocking its caller (the
 heartbeat's DHT reads call it), whether the routing table is empty; if so it dials and pings the initial
 peers again (which puts them in its table and it in theirs) and looks itself up to learn their neighbours,
-as hivemind's bootstrap does. It also pings the last ``KNOWN_PEERS`` peers its table held (p2pd still knows
-their addresses), so the swarm's first peer, which has no initial peers, finds its way back too.
+as hivemind's bootstrap does. It also pings the last ``KNOWN_PEERS`` peers its table held and the peers
+p2pd is connected to (those that joined through it), so the swarm's first peer, which has no initial peers,
+finds its way back too, even when its table never held anyone.
 
 A DHT can also split into islands with every table non-empty: newcomers that joined through the first peer
 while it was too busy to answer know each other but not it, and it knows none of them. So every
@@ -87,7 +88,10 @@ async def rejoin_if_isolated(dht: Any, node: Any, maddrs: Sequence[str], timeout
         return 0
     targets = _multiaddrs(maddrs)
     dialled = {m["p2p"] for m in targets}
-    others = [p for p in list(known) if p.to_base58() not in dialled]
+    others = list(known)
+    with contextlib.suppress(Exception):  # peers p2pd is connected to: those that joined through this node
+        others += [info.peer_id for info in await asyncio.wait_for(node.p2p.list_peers(), timeout)]
+    others = [p for p in dict.fromkeys(others) if p.to_base58() not in dialled and p != node.p2p.peer_id]
     answered = sum(await asyncio.gather(*(_dial(node, m, timeout) for m in targets),
                                         *(_ping(node, p, timeout) for p in others)))
     if answered:

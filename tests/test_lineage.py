@@ -99,6 +99,15 @@ def test_excluded_or_unadmitted_signers_do_not_count() -> None:
     assert compare(honest, sybils, everyone).theirs_heavier  # in an open run, keys are cheap: see docs/lineage.md
 
 
+def test_a_chain_no_counted_member_signed_since_the_fork_is_never_heavier() -> None:
+    """A staller this peer excluded keeps committing alone: its chain since the fork proves nothing, however
+    long, against this peer's (whose failed round left it nothing since the fork either)."""
+    shared = grow(genesis(), 2, KEYS[:4], "shared")
+    staller = grow(shared, 5, KEYS[3:4], "staller")
+    assert not compare(shared, staller, lambda key: key != KEYS[3].public_bytes).theirs_heavier
+    assert compare(shared, staller, everyone).theirs_heavier  # counted, its one signer is a contributor
+
+
 def test_a_chain_survives_a_checkpoint_and_a_tampered_one_is_refused() -> None:
     chain = grow(genesis(), 3, KEYS[:2], "c")
     again = Chain.from_state(MANIFEST, chain.to_state())

@@ -166,7 +166,9 @@ class Comparison:
 
     @property
     def theirs_heavier(self) -> bool:
-        return self.theirs > self.mine
+        """Theirs outweighs ours; a chain whose rounds since the fork no counted member signed (only excluded or
+        unadmitted peers: a staller committing alone) proves nothing and never does, however long."""
+        return self.theirs.contributors > 0 and self.theirs > self.mine
 
     @property
     def dropped_rounds(self) -> int:

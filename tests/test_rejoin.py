@@ -53,6 +53,15 @@ def pair():
         a.shutdown()
 
 
+def _polled(rejoiner: Rejoiner, counter: str):
+    """A predicate for ``_until``: poll ``rejoiner`` once, then whether its ``counter`` moved."""
+    def moved() -> bool:
+        rejoiner.poll()
+        return getattr(rejoiner, counter) > 0
+
+    return moved
+
+
 def _isolate(a: DhtClient, b: DhtClient) -> None:
     assert b.dht.run_coroutine(_forget) == 0
     a.dht.run_coroutine(partial(_forget, peer_ids={b.peer_id}))
@@ -79,12 +88,7 @@ def test_the_poller_notices_isolation_by_itself(pair) -> None:
     assert _until(lambda: b.dht.run_coroutine(partial(_knows, peer_id=a.peer_id)))
     _isolate(a, b)
     rejoiner = Rejoiner(b.dht, maddrs, period=0.2)
-
-    def rejoined() -> bool:
-        rejoiner.poll()
-        return rejoiner.rejoined > 0
-
-    assert _until(rejoined), "the poller should have found the node isolated and rejoined"
+    assert _until(_polled(rejoiner, "rejoined")), "the poller should have found the node isolated and rejoined"
     assert a.dht.run_coroutine(partial(_knows, peer_id=b.peer_id))
 
 
@@ -99,12 +103,7 @@ def test_the_first_peer_without_initial_peers_rejoins_through_the_peers_it_knew(
     assert a.get("after") == {}  # isolated
 
     rejoiner = Rejoiner(a.dht, (), period=0.2)
-
-    def rejoined() -> bool:
-        rejoiner.poll()
-        return rejoiner.rejoined > 0
-
-    assert _until(rejoined), "the first peer should have rejoined through the peer it knew"
+    assert _until(_polled(rejoiner, "rejoined")), "the first peer should have rejoined through the peer it knew"
     assert _until(lambda: a.get("after")) == {"b": b"3"}
     assert b.dht.run_coroutine(partial(_knows, peer_id=a.peer_id)), "its mate should know it again"
 
@@ -138,12 +137,8 @@ def test_islands_that_share_an_initial_peer_become_one_dht_again() -> None:
         assert b.dht.run_coroutine(partial(rejoin_if_isolated, maddrs=maddrs)) == 0  # not isolated: no rejoin
 
         rejoiner = Rejoiner(b.dht, maddrs, period=0.2, reach_period=0.2)
-
-        def reached() -> bool:
-            rejoiner.poll()
-            return rejoiner.reached > 0
-
-        assert _until(reached), "the newcomer should have pinged its initial peer missing from its table"
+        assert _until(_polled(rejoiner, "reached")), \
+            "the newcomer should have pinged its initial peer missing from its table"
         assert rejoiner.rejoined == 0
         assert _until(lambda: first.get("islands") == {"b": b"1", "c": b"2"}), first.get("islands")
     finally:
@@ -164,10 +159,6 @@ def test_the_first_peer_whose_table_never_held_anyone_rejoins_through_the_peers_
     assert a.get("after") == {}  # isolated, and it remembers nobody
 
     rejoiner = Rejoiner(a.dht, (), period=0.2)
-
-    def rejoined() -> bool:
-        rejoiner.poll()
-        return rejoiner.rejoined > 0
-
-    assert _until(rejoined), "the first peer should have rejoined through the peer connected to it"
+    assert _until(_polled(rejoiner, "rejoined")), \
+        "the first peer should have rejoined through the peer connected to it"
     assert _until(lambda: a.get("after")) == {"b": b"4"}
